@@ -1,0 +1,3 @@
+"""carv-pyro: cheaper gradients from frozen diffusion teachers, as a Pyro plugin."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Frozen diffusion teachers."""
