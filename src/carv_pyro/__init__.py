@@ -1,3 +1,31 @@
-"""carv-pyro: cheaper gradients from frozen diffusion teachers, as a Pyro plugin."""
+"""carv-pyro: cheaper gradients from frozen diffusion teachers, as a Pyro plugin.
+
+The teacher objective is a Pyro model with nested plates (outer: upstream samples; inner: cheap
+``(t, eps)`` resamples), :class:`~carv_pyro.guides.TimestepGuide` proposes timesteps by importance
+sampling and stratified inverse CDF, and :class:`CARVLoss` turns it all into an unbiased gradient
+estimate for ``pyro.infer.SVI``.
+"""
+
+from . import guides, objectives, proposals, schedules, teachers
+from .guides import TimestepGuide
+from .loss import CARVLoss, NonFiniteTeacherError
+from .objectives import SDS, DenoisingLoss, ScoreDifference, TeacherObjective
+from .primitives import teacher_term
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CARVLoss",
+    "NonFiniteTeacherError",
+    "SDS",
+    "DenoisingLoss",
+    "ScoreDifference",
+    "TeacherObjective",
+    "TimestepGuide",
+    "guides",
+    "objectives",
+    "proposals",
+    "schedules",
+    "teachers",
+    "teacher_term",
+]

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .proposals import AbstractTimestepDistribution
+
 __all__ = ["DiscreteSchedule", "UniformTimesteps"]
 
 
@@ -108,7 +110,7 @@ class DiscreteSchedule:
         return f"DiscreteSchedule(num_timesteps={self.num_timesteps})"
 
 
-class UniformTimesteps:
+class UniformTimesteps(AbstractTimestepDistribution):
     """The uniform timestep prior over the integer steps ``int(lo T) .. int(hi T)`` inclusive.
 
     This is the ``p(t)`` of DreamFusion-style SDS with ``t_range=(0.02, 0.98)``.

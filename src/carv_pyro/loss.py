@@ -1,0 +1,280 @@
+"""``CARVLoss``: the importance-weighted, plate-averaged gradient estimator for ``SVI``."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.elbo import ELBO
+from pyro.infer.util import torch_item
+from torch import Tensor
+
+from .guides import LOG_Q_KEY, TimestepGuide
+from .primitives import ROLE_KEY, TERM_KEY, TermRecord
+
+__all__ = ["CARVLoss", "TermDiagnostics", "NonFiniteTeacherError", "NONFINITE"]
+
+NONFINITE = ("raise", "zero")
+
+
+class NonFiniteTeacherError(FloatingPointError):
+    """A teacher term produced NaN or infinite values (raised before any gradient is formed)."""
+
+
+@dataclass
+class TermDiagnostics:
+    """Diagnostics of one teacher term in the last step.
+
+    Attributes:
+        name: the term's site name.
+        batch_shape: the draws' batch shape, e.g. ``(R, K)``.
+        ess: effective sample size ``(sum w)^2 / sum w^2`` of the importance weights.
+        max_weight: the largest importance weight.
+        min_weight: the smallest importance weight.
+        mean_weight: the average weight (about 1 under a valid proposal).
+        n_nonfinite: draws with NaN/Inf teacher output (dropped under ``nonfinite="zero"``).
+        value: the term's importance-weighted mean value.
+    """
+
+    name: str
+    batch_shape: tuple[int, ...]
+    ess: float
+    max_weight: float
+    min_weight: float
+    mean_weight: float
+    n_nonfinite: int
+    value: float
+
+
+@dataclass
+class _Particle:
+    loss: Tensor
+    surrogate: Tensor
+    records: list[TermRecord] = field(default_factory=list)
+    weights: dict[str, Tensor] = field(default_factory=dict)
+
+
+class CARVLoss(ELBO):
+    """The CARV gradient estimator as a Pyro loss for ``SVI``.
+
+    For every :func:`~carv_pyro.teacher_term` in the model it forms
+
+        surrogate = mean over the enclosing plates of  w * s,    w = p(t) / q(t)
+
+    where ``s`` is the term's per-draw surrogate (``<x, h.detach()>`` for residual objectives),
+    so that after :meth:`loss_and_grads` every parameter's ``.grad`` holds an unbiased estimate of
+    ``E[J^T h]`` (threestudio's sign: the direction SGD descends). The returned value is the real
+    quantity (the weighted mean of the terms' values); the gradient comes from the surrogate.
+
+    Other sites of the model follow Pyro's conventions: observed sites and ``pyro.factor``
+    contribute ``-log p`` (as in ``Trace_ELBO``); latent sites are upstream randomness drawn from
+    the prior, or from the user's guide with importance weight ``p / q`` on every term they
+    enclose. Timesteps proposed by a :class:`~carv_pyro.guides.TimestepGuide` carry weight
+    ``p(t) / q(t)``; its noise proposals keep ``N(0, I)`` marginals and carry none.
+
+    Args:
+        num_particles: independent estimates averaged per step.
+        nonfinite: ``"raise"`` (default) raises :class:`NonFiniteTeacherError` naming the term and
+            the timesteps before any gradient exists; ``"zero"`` drops such draws (biased, so
+            opt-in) and reports how many in :attr:`diagnostics`.
+        max_plate_nesting: as in Pyro's ELBOs.
+
+    Attributes:
+        diagnostics: per-term :class:`TermDiagnostics` of the last call.
+        last_records: the :class:`~carv_pyro.primitives.TermRecord` objects of the last particle.
+
+    Note:
+        Checking teacher outputs for NaN reads one boolean back from the device per term and
+        step; that is the only host synchronisation inside a step.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        *,
+        nonfinite: str = "raise",
+        max_plate_nesting: float = float("inf"),
+    ):
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"unknown nonfinite {nonfinite!r}; expected one of {NONFINITE}")
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        self.nonfinite = nonfinite
+        self.diagnostics: dict[str, TermDiagnostics] = {}
+        self.last_records: list[TermRecord] = []
+        self.hooks: list = []
+
+    # -- traces ----------------------------------------------------------------------------
+    def _get_trace(self, model, guide, args, kwargs):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        propose = getattr(guide, "propose", None)
+        proposer = propose() if callable(propose) else contextlib.nullcontext()
+        with proposer:
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+        if isinstance(guide, TimestepGuide) and not proposer.proposed:
+            raise ValueError(
+                "the guide is a TimestepGuide but the model has no teacher_term it could propose "
+                f"for (sites={guide.sites}); add carv_pyro.teacher_term(...) to the model"
+            )
+        return model_trace, guide_trace
+
+    def _get_traces(self, model, guide, args, kwargs):
+        for _ in range(self.num_particles):
+            yield self._get_trace(model, guide, args, kwargs)
+
+    # -- the estimator ---------------------------------------------------------------------
+    def _particle(self, model_trace, guide_trace) -> _Particle:
+        records: list[TermRecord] = []
+        loss = torch.zeros(())
+        surrogate = torch.zeros(())
+        guide_log_w: list[tuple[str, Tensor]] = []
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or name not in model_trace:
+                continue
+            msite = model_trace.nodes[name]
+            with torch.no_grad():
+                lw = msite["fn"].log_prob(msite["value"]) - site["fn"].log_prob(site["value"])
+            guide_log_w.append((name, lw.to(torch.float64)))
+
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if TERM_KEY in site["infer"]:
+                records.append(site["infer"][TERM_KEY])
+            elif site["is_observed"]:
+                lp = site["fn"].log_prob(site["value"])
+                lp = scale_and_mask(lp, site["scale"], site["mask"])
+                term = -lp.sum()
+                loss = loss + term.detach()
+                surrogate = surrogate + term
+            elif site["infer"].get(ROLE_KEY) is None and name not in guide_trace:
+                _check_prior_site(name, site)
+
+        particle = _Particle(loss=loss, surrogate=surrogate, records=records)
+        for record in records:
+            log_w = self._log_weight(record, model_trace, guide_log_w)
+            w = log_w.exp()
+            if record.nonfinite.any():
+                if self.nonfinite == "raise":
+                    bad_t = record.t[record.nonfinite]
+                    raise NonFiniteTeacherError(
+                        f"teacher term {record.name!r} produced NaN/Inf at "
+                        f"{int(record.nonfinite.sum())} of {record.nonfinite.numel()} draws "
+                        f"(timesteps {bad_t[:10].tolist()}); fix the teacher or its input, or pass "
+                        f"CARVLoss(nonfinite='zero') to drop such draws"
+                    )
+                w = torch.where(record.nonfinite, torch.zeros((), dtype=w.dtype), w)
+            n = record.t.numel()
+            wt = w.to(record.surrogate.dtype)
+            particle.surrogate = particle.surrogate + (wt * record.surrogate).sum() / n
+            particle.loss = particle.loss + ((wt * record.value).sum() / n).detach()
+            particle.weights[record.name] = w
+        return particle
+
+    def _log_weight(self, record: TermRecord, model_trace, guide_log_w) -> Tensor:
+        """``log p - log q`` of every proposed site enclosing the term, ``batch_shape`` float64."""
+        t_site = model_trace.nodes[f"{record.name}.t"]
+        log_w = torch.zeros(record.batch_shape, dtype=torch.float64, device=record.t.device)
+        log_q = t_site["infer"].get(LOG_Q_KEY)
+        if log_q is not None:
+            log_p = t_site["fn"].log_prob(t_site["value"]).to(torch.float64)
+            log_w = log_w + (log_p - log_q.to(log_p.device))
+        for name, lw in guide_log_w:
+            try:
+                log_w = log_w + lw.to(log_w.device)
+            except RuntimeError:
+                raise ValueError(
+                    f"guide site {name!r} has batch shape {tuple(lw.shape)}, which does not "
+                    f"enclose teacher term {record.name!r} (batch shape "
+                    f"{tuple(record.batch_shape)}); its importance weight cannot be applied"
+                ) from None
+            if log_w.shape != record.batch_shape:
+                raise ValueError(
+                    f"guide site {name!r} with batch shape {tuple(lw.shape)} is not inside the "
+                    f"plates of teacher term {record.name!r} ({tuple(record.batch_shape)})"
+                )
+        return log_w
+
+    def _diagnose(self, particle: _Particle) -> None:
+        self.last_records = particle.records
+        self.diagnostics = {}
+        for record in particle.records:
+            w = particle.weights[record.name].detach()
+            s1, s2 = float(w.sum()), float((w * w).sum())
+            n = w.numel()
+            self.diagnostics[record.name] = TermDiagnostics(
+                name=record.name,
+                batch_shape=tuple(record.batch_shape),
+                ess=(s1 * s1 / s2) if s2 > 0 else 0.0,
+                max_weight=float(w.max()),
+                min_weight=float(w.min()),
+                mean_weight=s1 / n,
+                n_nonfinite=int(record.nonfinite.sum()),
+                value=float((w.to(record.value.dtype) * record.value).sum() / n),
+            )
+
+    def _run(self, model, guide, args, kwargs, backward: bool):
+        loss = 0.0
+        surrogate = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            particle = self._particle(model_trace, guide_trace)
+            self._diagnose(particle)
+            if hasattr(guide, "update"):
+                guide.update(particle.records)
+            for hook in self.hooks:
+                hook(self, particle.records, model_trace, guide_trace)
+            part = particle.surrogate / self.num_particles
+            if backward and part.requires_grad:
+                part.backward()
+            elif not backward:
+                surrogate = surrogate + part
+            loss = loss + torch_item(particle.loss) / self.num_particles
+        return loss, surrogate
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The importance-weighted mean of the teacher terms' values (no gradients).
+
+        Returns:
+            float: the loss estimate.
+        """
+        with torch.no_grad():
+            loss, _ = self._run(model, guide, args, kwargs, backward=False)
+        return loss
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Estimate the loss and accumulate the CARV gradient estimate into ``.grad``.
+
+        Returns:
+            float: the loss estimate.
+        """
+        loss, _ = self._run(model, guide, args, kwargs, backward=True)
+        return loss
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        """``loss + (surrogate - surrogate.detach())``: the value is the loss, the gradient CARV's."""
+        loss, surrogate = self._run(model, guide, args, kwargs, backward=False)
+        if not isinstance(surrogate, Tensor):
+            surrogate = torch.zeros(())
+        return loss + (surrogate - surrogate.detach())
+
+
+def _check_prior_site(name: str, site) -> None:
+    """A latent site drawn from its prior must not depend on parameters except by rsample."""
+    fn = site["fn"]
+    if getattr(fn, "has_rsample", False):
+        return
+    with torch.enable_grad():
+        lp = fn.log_prob(site["value"])
+    if lp.requires_grad:
+        raise ValueError(
+            f"latent site {name!r} is not reparameterizable but its distribution depends on "
+            f"parameters; CARVLoss has no score-function term for it, so its gradient would be "
+            f"silently dropped. Make it reparameterizable, or move the dependence into the "
+            f"upstream computation"
+        )

@@ -1,0 +1,392 @@
+"""Declarative teacher objectives.
+
+A teacher objective is the integrand of a diffusion-teacher expectation, declared from parts:
+
+- a timestep prior ``p(t)`` (by default uniform over ``int(lo T) .. int(hi T)``),
+- a weighting ``w(t)`` (``"sds"``, ``"uniform"``, ``"fantasia3d"`` or a callable),
+- either a *residual* ``r(batch)`` in x-space (the gradient w.r.t. ``x`` is ``w(t) r``, as in
+  SDS, VSD and DMD) or a per-draw *loss* ``l(batch)`` whose own gradient is wanted (as in the
+  denoising loss behind data attribution).
+
+The estimator code (plates, proposals, importance weights, stratification) never changes: a
+new objective is a new set of parts. For example, SDS with its residual declared by hand:
+
+```python
+def eps_residual(batch):
+    return batch.eps_hat() - batch.eps
+
+my_sds = TeacherObjective(teacher, residual=eps_residual, weighting="sds", guidance_scale=7.5)
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .proposals import AbstractTimestepDistribution
+from .schedules import DiscreteSchedule, UniformTimesteps
+from .teachers.base import AbstractTeacher
+
+__all__ = [
+    "NoisedBatch",
+    "TermOutput",
+    "TeacherObjective",
+    "SDS",
+    "ScoreDifference",
+    "DenoisingLoss",
+    "WEIGHTINGS",
+    "eps_residual",
+]
+
+
+def _w_sds(schedule: DiscreteSchedule, t: Tensor) -> Tensor:
+    return schedule.sigma(t, like=torch.empty((), dtype=torch.float64)) ** 2
+
+
+def _w_uniform(schedule: DiscreteSchedule, t: Tensor) -> Tensor:
+    return torch.ones(t.shape, dtype=torch.float64, device=t.device)
+
+
+def _w_fantasia3d(schedule: DiscreteSchedule, t: Tensor) -> Tensor:
+    f64 = torch.empty((), dtype=torch.float64)
+    return schedule.alpha(t, like=f64) * schedule.sigma(t, like=f64) ** 2
+
+
+#: Named weightings ``w(t)`` as in threestudio: ``sds`` is ``1 - alphabar_t`` (DreamFusion),
+#: ``uniform`` is 1, ``fantasia3d`` is ``sqrt(alphabar_t) (1 - alphabar_t)``.
+WEIGHTINGS: dict[str, Callable[[DiscreteSchedule, Tensor], Tensor]] = {
+    "sds": _w_sds,
+    "uniform": _w_uniform,
+    "fantasia3d": _w_fantasia3d,
+}
+
+
+@dataclass
+class NoisedBatch:
+    """What a residual or loss sees: a flat batch of ``N`` noised draws.
+
+    Attributes:
+        x: ``(N, *event)`` clean samples (detached for residual objectives).
+        t: ``(N,)`` integer timesteps.
+        eps: ``(N, *event)`` standard normal noise.
+        x_t: ``(N, *event)`` noised samples ``alpha_t x + sigma_t eps``.
+        alpha: ``(N, 1, ..., 1)`` signal scales, broadcastable against ``x``.
+        sigma: ``(N, 1, ..., 1)`` noise scales.
+        cond: ``(N, *cond_event)`` teacher conditioning or ``None``.
+        teacher: the objective's teacher.
+        guidance_scale: the classifier-free guidance scale.
+    """
+
+    x: Tensor
+    t: Tensor
+    eps: Tensor
+    x_t: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    cond: Tensor | None
+    teacher: AbstractTeacher
+    guidance_scale: float
+    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def eps_hat(
+        self,
+        teacher: AbstractTeacher | None = None,
+        cond: Any = None,
+        guidance_scale: float | None = None,
+    ) -> Tensor:
+        """The teacher's noise prediction at ``(x_t, t)``: ``(N, *event)``, cached.
+
+        Args:
+            teacher: another teacher to ask (e.g. a "fake" score network); default the
+                objective's teacher.
+            cond: conditioning for that teacher (default: the batch's).
+            guidance_scale: default: the objective's for its own teacher, 1 for another.
+        """
+        other = teacher is not None and teacher is not self.teacher
+        teacher = self.teacher if teacher is None else teacher
+        cond = self.cond if cond is None else cond
+        scale = (
+            (1.0 if other else self.guidance_scale) if guidance_scale is None else guidance_scale
+        )
+        key = f"{id(teacher)}:{id(cond)}:{scale}"
+        if key not in self._cache:
+            self._cache[key] = teacher.predict_eps(self.x_t, self.t, cond, guidance_scale=scale)
+        return self._cache[key]
+
+
+@dataclass
+class TermOutput:
+    """Per-draw output of an objective on a flat batch.
+
+    Attributes:
+        value: ``(N,)`` the reported per-draw loss (``0.5 ||w r||^2`` for residual objectives,
+            as threestudio reports SDS).
+        surrogate: ``(N,)`` a differentiable per-draw surrogate whose gradient is the per-draw
+            gradient estimate (``<x, (w r).detach()>`` for residual objectives).
+        residual: ``(N, *event)`` the weighted residual ``w(t) r`` (detached), or ``None`` for
+            loss objectives.
+        nonfinite: ``(N,)`` bool, draws whose residual or loss is NaN or infinite. Their
+            residual, value and surrogate are zeroed so that the gradient of the others stays
+            finite; the loss decides whether to raise or to drop them.
+    """
+
+    value: Tensor
+    surrogate: Tensor
+    residual: Tensor | None
+    nonfinite: Tensor
+
+
+def eps_residual(batch: NoisedBatch) -> Tensor:
+    """The SDS residual ``eps_hat(x_t, t, y) - eps``."""
+    return batch.eps_hat() - batch.eps
+
+
+class TeacherObjective:
+    """A teacher objective declared from a prior, a weighting and a residual (or a loss).
+
+    Args:
+        teacher: the frozen teacher.
+        residual: ``callable(NoisedBatch) -> (N, *event)`` residual in x-space; the per-draw
+            gradient w.r.t. ``x`` is ``w(t) * residual``. Give this or ``loss``.
+        loss: ``callable(NoisedBatch) -> (N,)`` differentiable per-draw loss (gradients flow
+            wherever it depends on parameters, e.g. the teacher's weights for attribution).
+        weighting: ``"sds"``, ``"uniform"``, ``"fantasia3d"`` or ``callable(schedule, t) -> w``.
+        prior: a timestep prior; default ``UniformTimesteps(T, t_range)``.
+        t_range: ``(lo, hi)`` in ``[0, 1)`` for the default prior.
+        guidance_scale: classifier-free guidance scale passed to the teacher.
+
+    Raises:
+        ValueError: on an unknown weighting, both or neither of ``residual`` / ``loss``, or a
+            bad ``t_range``.
+    """
+
+    def __init__(
+        self,
+        teacher: AbstractTeacher,
+        *,
+        residual: Callable[[NoisedBatch], Tensor] | None = None,
+        loss: Callable[[NoisedBatch], Tensor] | None = None,
+        weighting: str | Callable[[DiscreteSchedule, Tensor], Tensor] = "uniform",
+        prior: AbstractTimestepDistribution | None = None,
+        t_range: tuple[float, float] = (0.02, 0.98),
+        guidance_scale: float = 1.0,
+    ):
+        if not isinstance(teacher, AbstractTeacher):
+            raise TypeError(f"teacher must be an AbstractTeacher, got {type(teacher).__name__}")
+        if (residual is None) == (loss is None):
+            raise ValueError("give exactly one of `residual` (x-space) or `loss` (per draw)")
+        if isinstance(weighting, str):
+            if weighting not in WEIGHTINGS:
+                raise ValueError(
+                    f"unknown weighting {weighting!r}; expected one of {sorted(WEIGHTINGS)} "
+                    f"or a callable (schedule, t) -> w"
+                )
+            self.weighting_name = weighting
+            self._weighting = WEIGHTINGS[weighting]
+        elif callable(weighting):
+            self.weighting_name = getattr(weighting, "__name__", "custom")
+            self._weighting = weighting
+        else:
+            raise ValueError(f"weighting must be a name or a callable, got {weighting!r}")
+        guidance_scale = float(guidance_scale)
+        if not guidance_scale > 0 or guidance_scale != guidance_scale:
+            raise ValueError(f"guidance_scale must be positive, got {guidance_scale}")
+        self.teacher = teacher
+        self.schedule = teacher.schedule
+        self.prior = (
+            prior if prior is not None else UniformTimesteps(self.schedule.num_timesteps, t_range)
+        )
+        if self.prior.num_timesteps != self.schedule.num_timesteps:
+            raise ValueError(
+                f"prior has {self.prior.num_timesteps} timesteps but the teacher's schedule "
+                f"{self.schedule.num_timesteps}"
+            )
+        self.residual_fn = residual
+        self.loss_fn = loss
+        self.guidance_scale = guidance_scale
+
+    @property
+    def event_shape(self) -> torch.Size:
+        """Shape of one clean sample ``x`` the teacher takes."""
+        return torch.Size(self.teacher.event_shape)
+
+    @property
+    def is_residual(self) -> bool:
+        """Whether the objective is declared by an x-space residual (else by a loss)."""
+        return self.residual_fn is not None
+
+    def weight(self, t: Tensor) -> Tensor:
+        """``w(t)`` as float64 with the shape of ``t``."""
+        return torch.as_tensor(self._weighting(self.schedule, t), dtype=torch.float64)
+
+    def noised(self, x: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None) -> NoisedBatch:
+        """Noise a flat batch: ``x_t = alpha_t x + sigma_t eps``.
+
+        Args:
+            x: ``(N, *event)``; t: ``(N,)``; eps: ``(N, *event)``; cond: ``(N, ...)`` or None.
+        """
+        view = (-1,) + (1,) * (x.dim() - 1)
+        alpha = self.schedule.alpha(t, like=x).reshape(view)
+        sigma = self.schedule.sigma(t, like=x).reshape(view)
+        return NoisedBatch(
+            x=x,
+            t=t,
+            eps=eps,
+            x_t=alpha * x + sigma * eps,
+            alpha=alpha,
+            sigma=sigma,
+            cond=cond,
+            teacher=self.teacher,
+            guidance_scale=self.guidance_scale,
+        )
+
+    def evaluate(self, x: Tensor, t: Tensor, eps: Tensor, cond: Tensor | None = None) -> TermOutput:
+        """Per-draw value and surrogate on a flat batch (one batched teacher call).
+
+        Args:
+            x: ``(N, *event)`` clean samples (may require grad).
+            t: ``(N,)`` integer timesteps.
+            eps: ``(N, *event)`` noise.
+            cond: ``(N, *cond_event)`` conditioning or ``None``.
+        """
+        view = (-1,) + (1,) * (x.dim() - 1)
+        w = self.weight(t).to(x.dtype).to(x.device)
+        if self.residual_fn is not None:
+            with torch.no_grad():
+                batch = self.noised(x.detach(), t, eps, cond)
+                h = w.reshape(view) * self.residual_fn(batch)
+            if h.shape != x.shape:
+                raise ValueError(
+                    f"the residual returned shape {tuple(h.shape)}; expected {tuple(x.shape)}"
+                )
+            nonfinite = ~torch.isfinite(h.flatten(1)).all(1)
+            h = torch.where(nonfinite.reshape(view), torch.zeros((), dtype=h.dtype), h)
+            flat = h.flatten(1)
+            value = 0.5 * (flat * flat).sum(1)
+            surrogate = (x.flatten(1) * flat).sum(1)
+            return TermOutput(value=value, surrogate=surrogate, residual=h, nonfinite=nonfinite)
+        batch = self.noised(x, t, eps, cond)
+        loss = w * self.loss_fn(batch)
+        if loss.shape != t.shape:
+            raise ValueError(
+                f"the loss returned shape {tuple(loss.shape)}; expected {tuple(t.shape)}"
+            )
+        nonfinite = ~torch.isfinite(loss.detach())
+        loss = torch.where(nonfinite, torch.zeros((), dtype=loss.dtype), loss)
+        return TermOutput(value=loss.detach(), surrogate=loss, residual=None, nonfinite=nonfinite)
+
+    def __repr__(self) -> str:
+        kind = "residual" if self.is_residual else "loss"
+        return (
+            f"{type(self).__name__}({kind}, weighting={self.weighting_name!r}, "
+            f"prior={self.prior!r}, guidance_scale={self.guidance_scale})"
+        )
+
+
+class SDS(TeacherObjective):
+    """Score distillation sampling (DreamFusion): residual ``w(t) (eps_hat - eps)``.
+
+    Args:
+        teacher: the frozen teacher.
+        weighting: ``"sds"`` (``1 - alphabar_t``), ``"uniform"`` or ``"fantasia3d"``.
+        t_range: ``p(t)`` is uniform over the integer steps ``int(lo T) .. int(hi T)``.
+        guidance_scale: classifier-free guidance scale (DreamFusion uses 100).
+    """
+
+    def __init__(
+        self,
+        teacher: AbstractTeacher,
+        weighting: str | Callable[[DiscreteSchedule, Tensor], Tensor] = "sds",
+        t_range: tuple[float, float] = (0.02, 0.98),
+        guidance_scale: float = 1.0,
+        prior: AbstractTimestepDistribution | None = None,
+    ):
+        super().__init__(
+            teacher,
+            residual=eps_residual,
+            weighting=weighting,
+            prior=prior,
+            t_range=t_range,
+            guidance_scale=guidance_scale,
+        )
+
+
+class ScoreDifference(TeacherObjective):
+    """Score difference of a real and a fake teacher: residual ``w(t) (eps_fake - eps_real)``.
+
+    The VSD (ProlificDreamer) and DMD distribution-matching gradient; ``fake`` is a score model of
+    the student's own samples, trained alongside.
+
+    Args:
+        real: the frozen teacher of the data.
+        fake: the score network of the generated distribution (may change between steps).
+        weighting, t_range, guidance_scale: as in :class:`SDS` (guidance applies to ``real``).
+        fake_cond: conditioning for ``fake`` if it differs from the term's.
+    """
+
+    def __init__(
+        self,
+        real: AbstractTeacher,
+        fake: AbstractTeacher,
+        weighting: str | Callable[[DiscreteSchedule, Tensor], Tensor] = "sds",
+        t_range: tuple[float, float] = (0.02, 0.98),
+        guidance_scale: float = 1.0,
+        prior: AbstractTimestepDistribution | None = None,
+    ):
+        if tuple(fake.event_shape) != tuple(real.event_shape):
+            raise ValueError(
+                f"fake teacher takes {tuple(fake.event_shape)} but real takes "
+                f"{tuple(real.event_shape)}"
+            )
+        self.fake = fake
+
+        def score_difference(batch: NoisedBatch) -> Tensor:
+            return batch.eps_hat(self.fake, guidance_scale=1.0) - batch.eps_hat()
+
+        super().__init__(
+            real,
+            residual=score_difference,
+            weighting=weighting,
+            prior=prior,
+            t_range=t_range,
+            guidance_scale=guidance_scale,
+        )
+
+
+class DenoisingLoss(TeacherObjective):
+    """The teacher's own denoising loss ``w(t) ||eps_hat(x_t, t) - eps||^2`` per draw.
+
+    Its gradient w.r.t. the teacher's weights (set ``teacher.requires_grad = True``) is the
+    per-example feature behind TRAK-style data attribution (D-TRAK).
+
+    Args:
+        teacher: the teacher whose loss is taken.
+        weighting: as in :class:`TeacherObjective` (default ``"uniform"``).
+        t_range: the prior's range.
+        reduction: ``"sum"`` or ``"mean"`` over the event dimensions.
+    """
+
+    def __init__(
+        self,
+        teacher: AbstractTeacher,
+        weighting: str | Callable[[DiscreteSchedule, Tensor], Tensor] = "uniform",
+        t_range: tuple[float, float] = (0.0, 0.999),
+        reduction: str = "mean",
+        prior: AbstractTimestepDistribution | None = None,
+    ):
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.reduction = reduction
+
+        def denoising_loss(batch: NoisedBatch) -> Tensor:
+            sq = (batch.eps_hat() - batch.eps).flatten(1) ** 2
+            return sq.sum(1) if self.reduction == "sum" else sq.mean(1)
+
+        super().__init__(
+            teacher, loss=denoising_loss, weighting=weighting, prior=prior, t_range=t_range
+        )
