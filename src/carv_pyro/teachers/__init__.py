@@ -1,1 +1,37 @@
-"""Frozen diffusion teachers."""
+"""Frozen diffusion teachers: predict the noise ``eps`` in ``x_t = alpha_t x + sigma_t eps``.
+
+- :class:`AbstractTeacher`: the interface (shape checks, classifier-free guidance, chunking).
+- :class:`GaussianTeacher`, :class:`GaussianMixtureTeacher`: exact analytic denoisers.
+- :class:`DiffusersTeacher`: any local diffusers ``UNet2DModel`` / ``UNet2DConditionModel``.
+- :func:`load_default`: the small teacher shipped inside the package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import AbstractTeacher
+from .diffusers_teacher import DiffusersTeacher
+from .gaussian import GaussianMixtureTeacher, GaussianTeacher
+
+__all__ = [
+    "AbstractTeacher",
+    "DiffusersTeacher",
+    "GaussianMixtureTeacher",
+    "GaussianTeacher",
+    "load_default",
+]
+
+
+def load_default(*args: Any, **kwargs: Any) -> DiffusersTeacher:
+    """Load the embedded default teacher shipped with the package (nothing is downloaded).
+
+    Imported lazily from :mod:`carv_pyro.teachers.embedded`; see
+    :func:`carv_pyro.teachers.embedded.load_default` for the arguments.
+
+    Returns:
+        a :class:`DiffusersTeacher`.
+    """
+    from .embedded import load_default as _load_default
+
+    return _load_default(*args, **kwargs)

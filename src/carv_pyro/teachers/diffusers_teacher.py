@@ -1,0 +1,457 @@
+"""A teacher backed by a diffusers UNet and scheduler, loaded from a local folder."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from torch import Tensor
+
+from ..schedules import DiscreteSchedule
+from .base import AbstractTeacher
+
+__all__ = ["DiffusersTeacher"]
+
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+_TEACHER_CONFIG = "carv_teacher.json"
+_NULL_EHS_FILE = "null_encoder_hidden_states.safetensors"
+
+
+def _is_integer(x: Tensor) -> bool:
+    return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+
+
+class DiffusersTeacher(AbstractTeacher):
+    """A frozen diffusers UNet as a teacher, with the scheduler's noise schedule.
+
+    Supported networks:
+
+    - :class:`diffusers.UNet2DModel`: unconditional, or class-conditional when
+      ``unet.config.num_class_embeds`` is set (``cond``: ``(N,)`` long labels,
+      ``cond_event_shape == ()``; the null class for guidance defaults to the last label,
+      ``num_class_embeds - 1``).
+    - :class:`diffusers.UNet2DConditionModel`: cross-attention conditioning (``cond``:
+      ``encoder_hidden_states`` of shape ``(N, L, D)``, ``cond_event_shape == (L, D)``).
+      Guidance needs ``null_encoder_hidden_states`` (e.g. the text encoder's output for the
+      empty prompt). ``L`` is taken from ``null_encoder_hidden_states`` or ``cond_length``;
+      without either it is ``-1`` (any length).
+
+    ``cond=None`` on a conditional teacher means the unconditional prediction (the null class,
+    or ``null_encoder_hidden_states``), and raises if there is none.
+
+    The prediction type is read from ``scheduler.config.prediction_type`` and converted to
+    ``eps``: ``"epsilon"`` as is, ``"v_prediction"``: ``eps = alpha_t v + sigma_t x_t``,
+    ``"sample"``: ``eps = (x_t - alpha_t x0_hat) / sigma_t``. The conversion runs in
+    ``x_t``'s dtype.
+
+    The network is frozen (``requires_grad_(False)``, ``eval()``) and held as a plain
+    attribute, never registered as a Pyro parameter. When the input's device or compute dtype
+    differs from the network's, a cast copy is made lazily and cached (one at a time; it is
+    rebuilt if the network's weights change in place). ``teacher.unet`` itself is never cast;
+    use :meth:`to` to move it.
+
+    Args:
+        unet: a ``UNet2DModel`` or ``UNet2DConditionModel``.
+        scheduler: a diffusers scheduler with ``alphas_cumprod`` (DDPM, DDIM, PNDM, ...).
+        dtype: compute dtype, e.g. ``torch.bfloat16`` on a GPU; the result is returned in
+            ``x_t``'s dtype. ``None`` (default): compute in ``x_t``'s dtype.
+        max_batch: evaluate at most this many rows per network call (``None``: one call).
+        null_class: the unconditional class label for guidance (class-conditional
+            ``UNet2DModel`` only); default ``num_class_embeds - 1``.
+        null_encoder_hidden_states: ``(L, D)`` unconditional ``encoder_hidden_states`` for
+            guidance (``UNet2DConditionModel`` only).
+        cond_length: the sequence length ``L`` of ``encoder_hidden_states`` when
+            ``null_encoder_hidden_states`` is not given (``UNet2DConditionModel`` only).
+
+    Raises:
+        TypeError: if ``unet`` is not one of the supported classes, or the scheduler has no
+            ``alphas_cumprod``.
+        ValueError: on an unsupported prediction type or configuration, or inconsistent
+            arguments.
+
+    Example:
+        >>> from diffusers import DDPMScheduler, UNet2DModel
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
+        ...     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        ...     down_block_types=("DownBlock2D", "DownBlock2D"),
+        ...     up_block_types=("UpBlock2D", "UpBlock2D"))
+        >>> teacher = DiffusersTeacher(unet, DDPMScheduler(num_train_timesteps=100))
+        >>> teacher.predict_eps(torch.randn(2, 1, 8, 8), torch.tensor([3, 70])).shape
+        torch.Size([2, 1, 8, 8])
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DModel | UNet2DConditionModel,
+        scheduler: Any,
+        *,
+        dtype: torch.dtype | None = None,
+        max_batch: int | None = None,
+        null_class: int | None = None,
+        null_encoder_hidden_states: Tensor | None = None,
+        cond_length: int | None = None,
+    ):
+        if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
+            raise TypeError(
+                f"unet must be a diffusers UNet2DModel or UNet2DConditionModel, got "
+                f"{type(unet).__name__}"
+            )
+        config = unet.config
+        prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+        if prediction_type not in _PREDICTION_TYPES:
+            raise ValueError(
+                f"scheduler.config.prediction_type must be one of {_PREDICTION_TYPES}, got "
+                f"{prediction_type!r}"
+            )
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if max_batch is not None and (
+            isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+        ):
+            raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
+
+        size = config.sample_size
+        if size is None:
+            raise ValueError(
+                "unet.config.sample_size must be set: the teacher's event_shape is "
+                "(in_channels, *sample_size)"
+            )
+        hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+        if len(hw) != 2:
+            raise ValueError(f"unet.config.sample_size must be an int or (H, W), got {size!r}")
+
+        self.schedule = DiscreteSchedule.from_diffusers(scheduler)
+        self.scheduler = scheduler
+        self.prediction_type: str = prediction_type
+        self.event_shape = torch.Size([int(config.in_channels), *hw])
+        self.dtype = dtype
+        self.max_batch = max_batch
+        self.null_class: int | None = None
+        self.null_encoder_hidden_states: Tensor | None = None
+
+        if isinstance(unet, UNet2DConditionModel):
+            self._cond_kind: str | None = "encoder_hidden_states"
+            self._init_cross_attention(config, null_class, null_encoder_hidden_states, cond_length)
+        else:
+            if config.class_embed_type is not None:
+                raise ValueError(
+                    f"UNet2DModel with class_embed_type={config.class_embed_type!r} is not "
+                    f"supported (only num_class_embeds with class_embed_type=None)"
+                )
+            if null_encoder_hidden_states is not None or cond_length is not None:
+                raise ValueError(
+                    "null_encoder_hidden_states and cond_length apply to UNet2DConditionModel only"
+                )
+            self._init_class_labels(config, null_class)
+
+        unet.requires_grad_(False)
+        unet.eval()
+        self.unet = unet
+        self._requires_grad = False
+        self._cast: torch.nn.Module | None = None
+        self._cast_key: tuple[Any, ...] | None = None
+
+    def _init_class_labels(self, config: Any, null_class: int | None) -> None:
+        n_classes = config.num_class_embeds
+        if n_classes is None:
+            if null_class is not None:
+                raise ValueError("null_class given, but the UNet2DModel is unconditional")
+            self._cond_kind = None
+            self.num_class_embeds: int | None = None
+            self.cond_event_shape = None
+            return
+        self._cond_kind = "class_labels"
+        self.num_class_embeds = int(n_classes)
+        self.cond_event_shape = torch.Size([])
+        null = n_classes - 1 if null_class is None else null_class
+        if isinstance(null, bool) or not isinstance(null, int) or not 0 <= null < n_classes:
+            raise ValueError(f"null_class must be an int in [0, {n_classes - 1}], got {null!r}")
+        self.null_class = int(null)
+
+    def _init_cross_attention(
+        self,
+        config: Any,
+        null_class: int | None,
+        null_ehs: Tensor | None,
+        cond_length: int | None,
+    ) -> None:
+        self.num_class_embeds = None
+        if null_class is not None:
+            raise ValueError("null_class applies to a class-conditional UNet2DModel only")
+        for key in ("class_embed_type", "num_class_embeds", "addition_embed_type"):
+            if getattr(config, key, None) is not None:
+                raise ValueError(
+                    f"UNet2DConditionModel with {key}={getattr(config, key)!r} is not supported "
+                    f"(only encoder_hidden_states conditioning)"
+                )
+        if getattr(config, "encoder_hid_dim_type", None) not in (None, "text_proj"):
+            raise ValueError(
+                f"UNet2DConditionModel with encoder_hid_dim_type="
+                f"{config.encoder_hid_dim_type!r} is not supported"
+            )
+        dim = getattr(config, "encoder_hid_dim", None) or config.cross_attention_dim
+        if not isinstance(dim, int):
+            dims = set(dim)
+            if len(dims) != 1:
+                raise ValueError(
+                    f"per-block cross_attention_dim {tuple(dim)} is not supported; the "
+                    f"encoder_hidden_states width must be one number"
+                )
+            dim = dims.pop()
+        if cond_length is not None and (
+            isinstance(cond_length, bool) or not isinstance(cond_length, int) or cond_length < 1
+        ):
+            raise ValueError(f"cond_length must be a positive int or None, got {cond_length!r}")
+        length = -1 if cond_length is None else cond_length
+        if null_ehs is not None:
+            null_ehs = torch.as_tensor(null_ehs)
+            if (
+                not null_ehs.dtype.is_floating_point
+                or null_ehs.dim() != 2
+                or null_ehs.shape[1] != dim
+                or (cond_length is not None and null_ehs.shape[0] != cond_length)
+            ):
+                want = f"({'L' if cond_length is None else cond_length}, {dim})"
+                raise ValueError(
+                    f"null_encoder_hidden_states must be a floating tensor of shape {want}, got "
+                    f"{tuple(null_ehs.shape)} ({null_ehs.dtype})"
+                )
+            length = null_ehs.shape[0]
+            self.null_encoder_hidden_states = null_ehs.detach().clone()
+        self.cond_event_shape = torch.Size([length, int(dim)])
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        subfolder_unet: str | None = "unet",
+        subfolder_scheduler: str | None = "scheduler",
+        **kwargs: Any,
+    ) -> DiffusersTeacher:
+        """Load a teacher from a LOCAL folder (nothing is downloaded).
+
+        The folder holds ``unet/`` (``config.json`` and weights) and ``scheduler/``
+        (``scheduler_config.json``), as written by :meth:`save_pretrained` or by a diffusers
+        pipeline's ``save_pretrained``. The UNet and scheduler classes are read from the
+        configs' ``_class_name`` (an unknown scheduler class falls back to ``DDPMScheduler``).
+        Guidance settings saved by :meth:`save_pretrained` (``null_class``,
+        ``null_encoder_hidden_states``) are restored unless overridden in ``kwargs``.
+
+        Args:
+            path: the folder.
+            subfolder_unet: the UNet's subfolder (``None``: ``path`` itself).
+            subfolder_scheduler: the scheduler's subfolder (``None``: ``path`` itself).
+            **kwargs: passed to the constructor (``dtype``, ``max_batch``, ``null_class``, ...).
+
+        Raises:
+            FileNotFoundError: if the folder or a config file is missing.
+            ValueError: if the UNet class is not supported.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"no teacher folder at {str(root)!r} (expected a local folder with unet/ and "
+                f"scheduler/ subfolders; nothing is downloaded)"
+            )
+        unet_dir = root / subfolder_unet if subfolder_unet else root
+        sched_dir = root / subfolder_scheduler if subfolder_scheduler else root
+        unet_cfg = unet_dir / "config.json"
+        sched_cfg = sched_dir / "scheduler_config.json"
+        for f, what in ((unet_cfg, "UNet config"), (sched_cfg, "scheduler config")):
+            if not f.is_file():
+                raise FileNotFoundError(f"{what} not found: {str(f)!r}")
+
+        unet_name = json.loads(unet_cfg.read_text()).get("_class_name")
+        unet_cls = _UNET_CLASSES.get(unet_name)
+        if unet_cls is None:
+            raise ValueError(
+                f"unsupported UNet class {unet_name!r} in {str(unet_cfg)!r}; expected one of "
+                f"{sorted(_UNET_CLASSES)}"
+            )
+        unet = unet_cls.from_pretrained(str(unet_dir), local_files_only=True)
+        scheduler = _load_scheduler(sched_dir, sched_cfg)
+
+        extra = root / _TEACHER_CONFIG
+        if extra.is_file():
+            saved = json.loads(extra.read_text())
+            if saved.get("null_class") is not None:
+                kwargs.setdefault("null_class", saved["null_class"])
+            if saved.get("null_encoder_hidden_states"):
+                from safetensors.torch import load_file
+
+                tensors = load_file(str(root / _NULL_EHS_FILE))
+                kwargs.setdefault(
+                    "null_encoder_hidden_states", tensors["null_encoder_hidden_states"]
+                )
+        return cls(unet, scheduler, **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``unet/``, ``scheduler/`` and the guidance settings under ``path``.
+
+        The result loads back with :meth:`from_pretrained`.
+        """
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(str(root / "unet"))
+        self.scheduler.save_pretrained(str(root / "scheduler"))
+        has_null_ehs = self.null_encoder_hidden_states is not None
+        if has_null_ehs:
+            from safetensors.torch import save_file
+
+            save_file(
+                {"null_encoder_hidden_states": self.null_encoder_hidden_states.contiguous()},
+                str(root / _NULL_EHS_FILE),
+            )
+        settings = {"null_class": self.null_class, "null_encoder_hidden_states": has_null_ehs}
+        (root / _TEACHER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def requires_grad(self) -> bool:  # type: ignore[override]
+        """Keep the autograd graph in :meth:`predict_eps`; setting it also (un)freezes the UNet.
+
+        With ``requires_grad = True`` the computation runs on ``teacher.unet`` itself, so it
+        must already be on the input's device and in the compute dtype (see :meth:`to`).
+        """
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        self._requires_grad = bool(value)
+        self.unet.requires_grad_(self._requires_grad)
+        self.clear_cache()
+
+    def to(self, *args: Any, **kwargs: Any) -> DiffusersTeacher:
+        """Move ``teacher.unet`` in place (``torch.nn.Module.to`` arguments); returns ``self``."""
+        self.unet.to(*args, **kwargs)
+        self.clear_cache()
+        return self
+
+    def clear_cache(self) -> None:
+        """Drop the cached cast copy of the UNet."""
+        self._cast = None
+        self._cast_key = None
+
+    def null_cond(self, n: int) -> Tensor | None:
+        """``(n,)`` null class labels, or ``(n, L, D)`` null ``encoder_hidden_states``, or None."""
+        if self.null_class is not None:
+            return torch.full((n,), self.null_class, dtype=torch.long)
+        if self.null_encoder_hidden_states is not None:
+            return self.null_encoder_hidden_states.expand(n, *self.null_encoder_hidden_states.shape)
+        return None
+
+    # ------------------------------------------------------------------ compute
+
+    def _module_for(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        master = self.unet
+        param = next(master.parameters())
+        if (param.device, param.dtype) == (device, dtype):
+            return master
+        if self._requires_grad:
+            raise ValueError(
+                f"requires_grad=True computes with teacher.unet itself, which is on "
+                f"{param.device} in {param.dtype}, but the input needs {device} in {dtype}; "
+                f"move it first with teacher.to({str(device)!r}, {dtype})"
+            )
+        version = sum(p._version for p in master.parameters())
+        key = (device, dtype, version)
+        if self._cast_key != key:
+            self.clear_cache()
+            self._cast = _cast_module(copy.deepcopy(master), device, dtype)
+            self._cast_key = key
+        return self._cast
+
+    def _predict_eps(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        n = x_t.shape[0]
+        if cond is None and self._cond_kind is not None:
+            cond = self.null_cond(n)
+            if cond is None:
+                raise ValueError(
+                    "cond is required: this teacher is conditional on encoder_hidden_states and "
+                    "has no null_encoder_hidden_states for an unconditional prediction"
+                )
+            cond = cond.to(x_t.device)
+        compute = self.dtype or x_t.dtype
+        unet = self._module_for(x_t.device, compute)
+        kwargs: dict[str, Tensor] = {}
+        if self._cond_kind == "class_labels":
+            if not _is_integer(cond):
+                raise TypeError(f"cond must hold integer class labels, got dtype {cond.dtype}")
+            lo, hi = int(cond.min()), int(cond.max())
+            if lo < 0 or hi >= self.num_class_embeds:
+                raise ValueError(
+                    f"cond must hold class labels in [0, {self.num_class_embeds - 1}], got "
+                    f"range [{lo}, {hi}]"
+                )
+            kwargs["class_labels"] = cond.long()
+        elif self._cond_kind == "encoder_hidden_states":
+            if not cond.dtype.is_floating_point:
+                raise TypeError(
+                    f"cond must be floating-point encoder_hidden_states, got dtype {cond.dtype}"
+                )
+            kwargs["encoder_hidden_states"] = cond.to(compute)
+        out = unet(x_t.to(compute), t, return_dict=False, **kwargs)[0].to(x_t.dtype)
+        if out.shape != x_t.shape:
+            raise RuntimeError(
+                f"the UNet returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; its "
+                f"out_channels must equal in_channels"
+            )
+        if self.prediction_type == "epsilon":
+            return out
+        shape = (n,) + (1,) * (x_t.dim() - 1)
+        alpha = self.schedule.alpha(t, like=x_t).reshape(shape)
+        sigma = self.schedule.sigma(t, like=x_t).reshape(shape)
+        if self.prediction_type == "v_prediction":
+            return alpha * out + sigma * x_t
+        return (x_t - alpha * out) / sigma  # "sample"
+
+    def __repr__(self) -> str:
+        cond = None if self.cond_event_shape is None else tuple(self.cond_event_shape)
+        return (
+            f"DiffusersTeacher({type(self.unet).__name__}, "
+            f"prediction_type={self.prediction_type!r}, event_shape={tuple(self.event_shape)}, "
+            f"cond_event_shape={cond}, schedule={self.schedule!r})"
+        )
+
+
+def _cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Any:
+    """Cast a (copied) diffusers model, keeping its ``_keep_in_fp32_modules`` in float32.
+
+    ``torch.nn.Module.to`` is used directly: diffusers' ``ModelMixin.to`` logs a warning on
+    every dtype cast, even for models without float32-only modules.
+    """
+    torch.nn.Module.to(module, device=device, dtype=dtype)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    if keep and dtype != torch.float32:
+        for name, sub in module.named_modules():
+            if any(k in name.split(".") for k in keep):
+                torch.nn.Module.to(sub, dtype=torch.float32)
+    return module
+
+
+def _load_scheduler(folder: Path, config_file: Path) -> Any:
+    """The scheduler class named in ``scheduler_config.json``, loaded locally."""
+    import diffusers
+
+    name = json.loads(config_file.read_text()).get("_class_name")
+    sched_cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(sched_cls, type) and issubclass(sched_cls, SchedulerMixin)):
+        if name is not None:
+            warnings.warn(
+                f"unknown scheduler class {name!r} in {str(config_file)!r}; loading it as "
+                f"DDPMScheduler",
+                stacklevel=3,
+            )
+        sched_cls = diffusers.DDPMScheduler
+    return sched_cls.from_pretrained(str(folder), local_files_only=True)

@@ -1,0 +1,80 @@
+"""Analytic set-ups with closed-form expected gradients, shared by the tests.
+
+Gaussian teacher of ``N(m, s^2 I)`` data and a linear upstream ``x = theta + xi * d``. The SDS
+residual ``h = w(t) (eps_hat(alpha x + sigma eps, t) - eps)`` is affine in ``eps`` with
+
+    E_eps[h | x, t] = w(t) alpha_t sigma_t (x - m) / (alpha_t^2 s^2 + sigma_t^2),
+
+so the expected gradient w.r.t. ``theta`` for fixed upstream samples ``x_r`` is
+``c * mean_r (x_r - m)`` with ``c = sum_t p(t) w(t) alpha_t sigma_t / (alpha_t^2 s^2 + sigma_t^2)``.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+import carv_pyro as carv
+from carv_pyro.schedules import DiscreteSchedule
+from carv_pyro.teachers import GaussianTeacher
+
+T = 60
+D = 2
+MEAN = torch.tensor([0.5, -0.25], dtype=torch.float64)
+STD = 0.7
+DIRECTION = torch.tensor([0.3, 0.1], dtype=torch.float64)
+THETA0 = torch.tensor([1.0, 0.2], dtype=torch.float64)
+
+
+def schedule() -> DiscreteSchedule:
+    return DiscreteSchedule.linear(T, 1e-3, 0.2)
+
+
+def sds(weighting: str = "sds", t_range=(0.1, 0.9)) -> carv.SDS:
+    teacher = GaussianTeacher(MEAN.clone(), STD, schedule())
+    return carv.SDS(teacher, weighting=weighting, t_range=t_range)
+
+
+def sds_constant(objective: carv.TeacherObjective) -> float:
+    """``c = E_p[w alpha sigma / (alpha^2 s^2 + sigma^2)]``."""
+    t = torch.arange(T)
+    f64 = torch.empty((), dtype=torch.float64)
+    a = objective.schedule.alpha(t, like=f64)
+    s = objective.schedule.sigma(t, like=f64)
+    w = objective.weight(t)
+    return float((objective.prior.probs() * w * a * s / (a * a * STD**2 + s * s)).sum())
+
+
+def make_model(objective, R: int, K: int, xi: torch.Tensor | None = None):
+    """``x_r = theta + xi_r d`` at plates views (dim -2, R) and noise (dim -1, K).
+
+    With ``xi`` given the upstream samples are fixed data; else ``xi_r ~ N(0, 1)``.
+    """
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", R, dim=-2):
+            if xi is None:
+                z = pyro.sample("xi", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0))
+            else:
+                z = xi.reshape(R, 1)
+            x = theta + z.unsqueeze(-1) * DIRECTION  # (R, 1, D)
+            with pyro.plate("noise", K, dim=-1):
+                carv.teacher_term("sds", objective, x)
+
+    return model
+
+
+def expected_grad(objective, xi: torch.Tensor | None) -> torch.Tensor:
+    """Exact ``E[grad]`` at ``THETA0`` for fixed ``xi`` (or ``E_xi`` when ``xi`` is None)."""
+    mean_xi = 0.0 if xi is None else float(xi.mean())
+    return sds_constant(objective) * (THETA0 + mean_xi * DIRECTION - MEAN)
+
+
+def grad_of(loss, model, guide) -> torch.Tensor:
+    """One gradient estimate w.r.t. ``theta``."""
+    theta = pyro.param("theta", THETA0.clone()).unconstrained()
+    theta.grad = None
+    loss.loss_and_grads(model, guide)
+    return theta.grad.detach().clone()
