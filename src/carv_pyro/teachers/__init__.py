@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import AbstractTeacher
-from .diffusers_teacher import DiffusersTeacher
 from .gaussian import GaussianMixtureTeacher, GaussianTeacher
+
+if TYPE_CHECKING:
+    from .diffusers_teacher import DiffusersTeacher
 
 __all__ = [
     "AbstractTeacher",
@@ -21,6 +23,15 @@ __all__ = [
     "GaussianTeacher",
     "load_default",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # diffusers takes seconds to import: load it only when a diffusers teacher is asked for.
+    if name == "DiffusersTeacher":
+        from .diffusers_teacher import DiffusersTeacher
+
+        return DiffusersTeacher
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_default(*args: Any, **kwargs: Any) -> DiffusersTeacher:
