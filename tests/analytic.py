@@ -78,3 +78,31 @@ def grad_of(loss, model, guide) -> torch.Tensor:
     theta.grad = None
     loss.loss_and_grads(model, guide)
     return theta.grad.detach().clone()
+
+
+def closed_form_components(objective, proposal_probs=None) -> tuple[float, float]:
+    """``(V_b, V_w)`` at ``THETA0`` for ``xi ~ N(0, 1)`` and i.i.d. draws from ``q``.
+
+    Per draw ``g = rho(t) (A(t) (x - m) + B(t) eps)`` with ``A = w alpha sigma / Den``,
+    ``B = w (sigma^2 / Den - 1)``, ``rho = p / q``, so ``E[g | x] = c (x - m)`` and
+    ``E[||g||^2 | x] = E_p[rho A^2] ||x - m||^2 + E_p[rho B^2] D``. Hence
+    ``V_b = c^2 ||d||^2`` and ``V_w = (E_p[rho A^2] - c^2)(||theta - m||^2 + ||d||^2)
+    + E_p[rho B^2] D``.
+    """
+    t = torch.arange(T)
+    f64 = torch.empty((), dtype=torch.float64)
+    a = objective.schedule.alpha(t, like=f64)
+    s = objective.schedule.sigma(t, like=f64)
+    w = objective.weight(t)
+    den = a * a * STD**2 + s * s
+    p = objective.prior.probs()
+    q = p if proposal_probs is None else proposal_probs
+    rho = torch.where(q > 0, p / q, torch.zeros_like(p))
+    A = w * s * a / den
+    B = w * (s * s / den - 1)
+    c = (p * A).sum()
+    d2 = (DIRECTION**2).sum()
+    m2 = ((THETA0 - MEAN) ** 2).sum()
+    vb = c * c * d2
+    vw = ((p * rho * A * A).sum() - c * c) * (m2 + d2) + (p * rho * B * B).sum() * D
+    return float(vb), float(vw)

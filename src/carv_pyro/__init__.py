@@ -6,7 +6,8 @@ sampling and stratified inverse CDF, and :class:`CARVLoss` turns it all into an 
 estimate for ``pyro.infer.SVI``.
 """
 
-from . import guides, objectives, proposals, schedules, teachers
+from . import accounting, guides, objectives, proposals, schedules, teachers
+from .accounting import Accountant
 from .guides import TimestepGuide
 from .loss import CARVLoss, NonFiniteTeacherError
 from .objectives import SDS, DenoisingLoss, ScoreDifference, TeacherObjective
@@ -15,6 +16,7 @@ from .primitives import teacher_term
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accountant",
     "CARVLoss",
     "NonFiniteTeacherError",
     "SDS",
@@ -22,6 +24,7 @@ __all__ = [
     "ScoreDifference",
     "TeacherObjective",
     "TimestepGuide",
+    "accounting",
     "guides",
     "objectives",
     "proposals",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from .guides import LOG_Q_KEY, TimestepGuide
 from .primitives import ROLE_KEY, TERM_KEY, TermRecord
+from .timing import Stopwatch
 
 __all__ = ["CARVLoss", "TermDiagnostics", "NonFiniteTeacherError", "NONFINITE"]
 
@@ -55,6 +57,7 @@ class _Particle:
     surrogate: Tensor
     records: list[TermRecord] = field(default_factory=list)
     weights: dict[str, Tensor] = field(default_factory=dict)
+    term_surrogates: dict[str, Tensor] = field(default_factory=dict)
 
 
 class CARVLoss(ELBO):
@@ -80,6 +83,8 @@ class CARVLoss(ELBO):
         nonfinite: ``"raise"`` (default) raises :class:`NonFiniteTeacherError` naming the term and
             the timesteps before any gradient exists; ``"zero"`` drops such draws (biased, so
             opt-in) and reports how many in :attr:`diagnostics`.
+        accountant: an :class:`~carv_pyro.accounting.Accountant` that keeps running variance
+            components and costs, and can set the inner plate's size to ``K*``.
         max_plate_nesting: as in Pyro's ELBOs.
 
     Attributes:
@@ -96,6 +101,7 @@ class CARVLoss(ELBO):
         num_particles: int = 1,
         *,
         nonfinite: str = "raise",
+        accountant=None,
         max_plate_nesting: float = float("inf"),
     ):
         if not isinstance(num_particles, int) or num_particles < 1:
@@ -104,19 +110,23 @@ class CARVLoss(ELBO):
             raise ValueError(f"unknown nonfinite {nonfinite!r}; expected one of {NONFINITE}")
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.nonfinite = nonfinite
+        self.accountant = accountant
+        self._trace_seconds = 0.0
         self.diagnostics: dict[str, TermDiagnostics] = {}
         self.last_records: list[TermRecord] = []
         self.hooks: list = []
 
     # -- traces ----------------------------------------------------------------------------
     def _get_trace(self, model, guide, args, kwargs):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        propose = getattr(guide, "propose", None)
-        proposer = propose() if callable(propose) else contextlib.nullcontext()
-        with proposer:
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
+        resize = self.accountant.resizer() if self.accountant is not None else None
+        with resize if resize is not None else contextlib.nullcontext():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            propose = getattr(guide, "propose", None)
+            proposer = propose() if callable(propose) else contextlib.nullcontext()
+            with proposer:
+                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                    *args, **kwargs
+                )
         if isinstance(guide, TimestepGuide) and not proposer.proposed:
             raise ValueError(
                 "the guide is a TimestepGuide but the model has no teacher_term it could propose "
@@ -126,7 +136,11 @@ class CARVLoss(ELBO):
 
     def _get_traces(self, model, guide, args, kwargs):
         for _ in range(self.num_particles):
-            yield self._get_trace(model, guide, args, kwargs)
+            watch = Stopwatch()
+            traces = self._get_trace(model, guide, args, kwargs)
+            # the model's forward (upstream + teacher) counts towards the step's cost
+            self._trace_seconds = watch.stop().seconds()
+            yield traces
 
     # -- the estimator ---------------------------------------------------------------------
     def _particle(self, model_trace, guide_trace) -> _Particle:
@@ -172,7 +186,8 @@ class CARVLoss(ELBO):
                 w = torch.where(record.nonfinite, torch.zeros((), dtype=w.dtype), w)
             n = record.t.numel()
             wt = w.to(record.surrogate.dtype)
-            particle.surrogate = particle.surrogate + (wt * record.surrogate).sum() / n
+            particle.term_surrogates[record.name] = (wt * record.surrogate).sum() / n
+            particle.surrogate = particle.surrogate + particle.term_surrogates[record.name]
             particle.loss = particle.loss + ((wt * record.value).sum() / n).detach()
             particle.weights[record.name] = w
         return particle
@@ -222,7 +237,9 @@ class CARVLoss(ELBO):
     def _run(self, model, guide, args, kwargs, backward: bool):
         loss = 0.0
         surrogate = 0.0
+        acc = self.accountant
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            watch = Stopwatch(_device_of(model_trace))
             particle = self._particle(model_trace, guide_trace)
             self._diagnose(particle)
             if hasattr(guide, "update"):
@@ -230,12 +247,65 @@ class CARVLoss(ELBO):
             for hook in self.hooks:
                 hook(self, particle.records, model_trace, guide_trace)
             part = particle.surrogate / self.num_particles
+            record = acc.select(particle.records) if acc is not None else None
             if backward and part.requires_grad:
-                part.backward()
+                if record is not None and acc.measuring():
+                    self._measured_backward(particle, record, model_trace, guide_trace)
+                else:
+                    part.backward()
             elif not backward:
                 surrogate = surrogate + part
             loss = loss + torch_item(particle.loss) / self.num_particles
+            if record is not None:
+                acc.detect_plate(model_trace, record)
+                watch.stop()
+                teacher = record.teacher_time.seconds() if record.teacher_time else 0.0
+                acc.observe_step(record, self._trace_seconds + watch.seconds(), teacher)
+        if acc is not None and backward:
+            acc.end_step()
         return loss, surrogate
+
+    def _measured_backward(self, particle, record, model_trace, guide_trace) -> None:
+        from .accounting import _params_of, anova_estimates, quadrant_backward
+
+        rest = particle.surrogate - particle.term_surrogates[record.name]
+        quadrants, sizes = quadrant_backward(
+            record,
+            particle.weights[record.name],
+            rest,
+            _params_of(model_trace, guide_trace),
+            1.0 / self.num_particles,
+        )
+        self.accountant.observe_measurement(*anova_estimates(quadrants, sizes))
+
+    def summary(self) -> dict[str, float]:
+        """A flat, loggable dict of the last step's diagnostics.
+
+        Keys: ``{term}/ess``, ``{term}/max_weight``, ``{term}/n_nonfinite``, ``{term}/value``,
+        ``{term}/K`` (inner draws per upstream sample), and with an accountant ``K``,
+        ``k_star``, ``ecm_predicted``, ``v_between``, ``v_within``, ``c_outer``, ``c_inner``.
+        """
+        out: dict[str, float] = {}
+        for record in self.last_records:
+            d = self.diagnostics[record.name]
+            out[f"{d.name}/ess"] = d.ess
+            out[f"{d.name}/max_weight"] = d.max_weight
+            out[f"{d.name}/n_nonfinite"] = float(d.n_nonfinite)
+            out[f"{d.name}/value"] = d.value
+            out[f"{d.name}/K"] = float(record.n_inner)
+        acc = self.accountant
+        if acc is not None:
+            c_outer, c_inner = acc.cost_estimates()
+            out.update(
+                K=float(acc.k if acc.k is not None else (acc.last_K or math.nan)),
+                k_star=acc.k_star,
+                ecm_predicted=acc.predicted_ecm,
+                v_between=acc.components.v_between,
+                v_within=acc.components.v_within,
+                c_outer=c_outer,
+                c_inner=c_inner,
+            )
+        return out
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The importance-weighted mean of the teacher terms' values (no gradients).
@@ -262,6 +332,13 @@ class CARVLoss(ELBO):
         if not isinstance(surrogate, Tensor):
             surrogate = torch.zeros(())
         return loss + (surrogate - surrogate.detach())
+
+
+def _device_of(trace) -> torch.device:
+    for site in trace.nodes.values():
+        if TERM_KEY in site.get("infer", {}):
+            return site["infer"][TERM_KEY].t.device
+    return torch.device("cpu")
 
 
 def _check_prior_site(name: str, site) -> None:

@@ -26,6 +26,7 @@ from einops import pack, unpack
 from torch import Tensor
 
 from .objectives import TeacherObjective
+from .timing import Stopwatch
 
 __all__ = ["teacher_term", "TermRecord", "ROLE_KEY", "TERM_KEY"]
 
@@ -52,6 +53,7 @@ class TermRecord:
         surrogate: ``batch_shape`` differentiable per-draw surrogates.
         residual: ``(*batch_shape, *event)`` weighted residuals (detached) or ``None``.
         nonfinite: ``batch_shape`` bool, draws whose value or residual was NaN/Inf (zeroed).
+        teacher_time: a stopped :class:`~carv_pyro.timing.Stopwatch` around the teacher call.
     """
 
     name: str
@@ -63,6 +65,21 @@ class TermRecord:
     surrogate: Tensor
     residual: Tensor | None
     nonfinite: Tensor
+    teacher_time: Stopwatch | None = None
+
+    @property
+    def n_inner(self) -> int:
+        """Inner draws per upstream sample (``K`` in the usual layout)."""
+        return self.t.numel() // self.n_outer
+
+    @property
+    def n_outer(self) -> int:
+        """Upstream samples (``R`` in the usual layout)."""
+        full = torch.Size((1,) * (len(self.batch_shape) - len(self.outer_shape))) + self.outer_shape
+        n = 1
+        for b, o in zip(self.batch_shape, full):
+            n *= b if o != 1 else 1
+        return n
 
 
 def _event_pattern(event_ndim: int) -> str:
@@ -167,7 +184,9 @@ def teacher_term(
     eps_flat, _ = flatten_draws(eps, event_ndim)
     t_flat = t.reshape(-1)
     cond_flat = _broadcast_cond(objective, cond, batch_shape, x.device)
+    watch = Stopwatch(x.device)
     out = objective.evaluate(x_flat, t_flat, eps_flat, cond_flat)
+    watch.stop()
 
     value = out.value.reshape(batch_shape)
     surrogate = out.surrogate.reshape(batch_shape)
@@ -184,6 +203,7 @@ def teacher_term(
         surrogate=surrogate,
         residual=residual,
         nonfinite=out.nonfinite.reshape(batch_shape),
+        teacher_time=watch,
     )
     log_factor = -(value + surrogate - surrogate.detach())
     site_infer = {TERM_KEY: record}

@@ -1,0 +1,50 @@
+"""Stopwatches for the cost meter: CUDA events on GPUs, ``perf_counter`` on CPUs.
+
+A CUDA stopwatch records events on the current stream and reads them only when
+:meth:`Stopwatch.seconds` is called, so timing a step adds no host synchronisation until the
+accountant reads its costs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+__all__ = ["Stopwatch"]
+
+
+class Stopwatch:
+    """Times one interval on ``device``.
+
+    Args:
+        device: where the timed work runs; CUDA devices use CUDA events.
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.cuda = device.type == "cuda" and torch.cuda.is_available()
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+            self._t1: float | None = None
+
+    def stop(self) -> Stopwatch:
+        """End the interval (records an event on CUDA; reads the clock on CPU)."""
+        if self.cuda:
+            self._end.record()
+        else:
+            self._t1 = time.perf_counter()
+        return self
+
+    def seconds(self) -> float:
+        """Elapsed seconds (synchronises on the end event for CUDA)."""
+        if self.cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1e3
+        if self._t1 is None:
+            raise RuntimeError("Stopwatch.seconds() called before stop()")
+        return self._t1 - self._t0
