@@ -1,0 +1,130 @@
+"""Overhead of CARVLoss against a hand-written torch loop of the same math.
+
+Both compute the SDS gradient of an upstream ``x = tanh(theta + xi * basis)`` with ``R`` upstream
+samples and ``K`` uniform ``(t, eps)`` draws each, one batched teacher call of ``R * K`` draws, and
+one backward pass. The teacher is a class-conditional diffusers ``UNet2DModel`` at 16x16 (the
+embedded teacher's architecture, random weights). The two are timed interleaved (A, B, A, B, ...)
+so that machine load hits both alike; the table reports medians.
+
+    python examples/overhead.py --R 4 --K 8 --repeats 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+import carv_pyro as carv
+from carv_pyro.teachers import DiffusersTeacher
+
+
+def build_teacher(seed: int = 0) -> DiffusersTeacher:
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        num_class_embeds=11,
+        norm_num_groups=8,
+    )
+    return DiffusersTeacher(unet, DDPMScheduler(num_train_timesteps=1000))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--R", type=int, default=4)
+    parser.add_argument("--K", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    R, K = args.R, args.K
+
+    teacher = build_teacher()
+    n_params = sum(p.numel() for p in teacher.unet.parameters())
+    objective = carv.SDS(teacher, weighting="sds")
+    label = torch.tensor(3)
+    basis = torch.randn(1, 16, 16) * 0.3
+
+    # -- the Pyro way ---------------------------------------------------------------------
+    def model():
+        theta = pyro.param("theta", torch.zeros(1, 16, 16))
+        with pyro.plate("views", R, dim=-2):
+            xi = pyro.sample("xi", dist.Normal(0.0, 1.0))
+            x = torch.tanh(theta + xi[..., None, None, None] * basis)  # (R, 1, 1, 16, 16)
+            with pyro.plate("noise", K, dim=-1):
+                carv.teacher_term("sds", objective, x, cond=label)
+
+    guide = carv.TimestepGuide(model)
+    loss = carv.CARVLoss()
+    theta = pyro.param("theta", torch.zeros(1, 16, 16)).unconstrained()
+
+    def carv_step():
+        theta.grad = None
+        loss.loss_and_grads(model, guide)
+
+    # -- by hand ---------------------------------------------------------------------------
+    prior = objective.prior
+    schedule = teacher.schedule
+    theta_h = torch.zeros(1, 16, 16, requires_grad=True)
+
+    def hand_step():
+        theta_h.grad = None
+        xi = torch.randn(R, 1)
+        x = torch.tanh(theta_h + xi[..., None, None, None] * basis)  # (R, 1, 1, 16, 16)
+        t = torch.randint(prior.low, prior.high + 1, (R, K))
+        eps = torch.randn(R, K, 1, 16, 16)
+        xr = x.expand(R, K, 1, 16, 16).reshape(R * K, 1, 16, 16)
+        tf = t.reshape(-1)
+        a = schedule.alpha(tf).reshape(-1, 1, 1, 1)
+        s = schedule.sigma(tf).reshape(-1, 1, 1, 1)
+        with torch.no_grad():
+            x_t = a * xr + s * eps.reshape(R * K, 1, 16, 16)
+            eps_hat = teacher.unet(x_t, tf, class_labels=label.expand(R * K)).sample
+            h = (s * s) * (eps_hat - eps.reshape(R * K, 1, 16, 16))
+        ((xr * h).sum() / (R * K)).backward()
+
+    # the teacher call alone, for scale
+    x_t = torch.randn(R * K, 1, 16, 16)
+    tt = torch.randint(0, 1000, (R * K,))
+
+    def teacher_only():
+        with torch.no_grad():
+            teacher.unet(x_t, tt, class_labels=label.expand(R * K))
+
+    for _ in range(5):
+        carv_step()
+        hand_step()
+    times = {"carv": [], "hand": [], "teacher": []}
+    for _ in range(args.repeats):
+        for name, fn in (("carv", carv_step), ("hand", hand_step), ("teacher", teacher_only)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(
+        f"teacher: UNet2DModel, {n_params / 1e3:.0f}k parameters, 1x16x16; R={R}, K={K}; "
+        f"torch threads={args.threads}; {args.repeats} interleaved repeats (medians)"
+    )
+    print(f"{'':<24}{'ms/step':>10}")
+    print(f"{'teacher forward alone':<24}{med['teacher']:>10.2f}")
+    print(f"{'hand-written torch':<24}{med['hand']:>10.2f}")
+    print(f"{'CARVLoss (Pyro)':<24}{med['carv']:>10.2f}")
+    print(
+        f"overhead ratio CARV / hand = {med['carv'] / med['hand']:.3f}; "
+        f"tracing + bookkeeping = {med['carv'] - med['hand']:.2f} ms per step"
+    )
+
+
+if __name__ == "__main__":
+    main()

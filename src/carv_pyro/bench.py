@@ -1,0 +1,522 @@
+"""``carv-pyro bench``: the paper's variance/cost protocol, side by side with the baseline.
+
+Protocol (DESIGN.md §2), for one pipeline at a fixed checkpoint ``theta``:
+
+1. a high-sample reference gradient ``g_ref`` (many independent high-``R K`` estimates, averaged);
+2. for every configuration (method, ``R``, ``K``): ``n`` independent estimates ``g_i``;
+   ``Var = mean_i ||g_i - g_ref||^2`` (the trace of the covariance against the reference) and
+   ``cost_s`` = median wall-clock seconds per estimate, both measured in this run;
+3. ``RE = Var(plain reuse at the same R, K) / Var(method)`` and
+   ``ECM = Var_base cost_base / (Var_method cost_method)`` against the baseline
+   (uniform ``t``, ``K = 1``, same ``R``);
+4. next to the measured ECM, the accountant's prediction from ``V_b``, ``V_w`` and costs
+   measured at the same checkpoint (:func:`carv_pyro.accounting.measure`).
+
+A pipeline plugs in with a small adapter: ``configs()``, ``estimate(config) -> (P,)`` gradient,
+``reference(n) -> (P,)``, ``extras() -> dict`` (end-to-end comparisons) and, optionally,
+``accounting(R) -> AccountingReport``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["BenchRow", "BenchPipeline", "run_protocol", "TextTo3DBench", "PIPELINES", "main"]
+
+
+@dataclass
+class BenchRow:
+    """One configuration's measured numbers.
+
+    Attributes:
+        method: e.g. ``"baseline"``, ``"reuse"``, ``"IS+strat"``.
+        R, K: upstream samples and inner draws per estimate.
+        var: ``mean ||g - g_ref||^2`` over the repeats.
+        cost_s: median seconds per estimate.
+        re: relative efficiency against plain reuse at the same ``(R, K)``.
+        ecm: effective compute multiplier against the baseline ``(R, 1)``.
+        ecm_predicted: the accountant's predicted ECM (plain reuse rows and adaptive rows).
+        var_se: standard error of ``var``.
+        proposal, stratify, noise: the guide's options.
+    """
+
+    method: str
+    R: int
+    K: int
+    var: float
+    cost_s: float
+    re: float = math.nan
+    ecm: float = math.nan
+    ecm_predicted: float | None = None
+    var_se: float = math.nan
+    proposal: str = "prior"
+    stratify: str | None = None
+    noise: str = "iid"
+
+
+class BenchPipeline(Protocol):
+    """What a pipeline provides to the protocol."""
+
+    name: str
+
+    def configs(self) -> list[dict]: ...
+
+    def estimate(self, config: dict) -> Tensor: ...
+
+    def reference(self, n: int) -> Tensor: ...
+
+    def extras(self) -> dict: ...
+
+
+def _is_plain(config: dict) -> bool:
+    return (
+        config.get("proposal", "prior") == "prior"
+        and config.get("stratify") is None
+        and config.get("noise", "iid") == "iid"
+    )
+
+
+def run_protocol(
+    pipeline: BenchPipeline,
+    n_repeats: int,
+    n_reference: int,
+    progress: bool = True,
+    predicted: Callable[[dict], float | None] | None = None,
+) -> tuple[list[BenchRow], Tensor]:
+    """Measure every configuration of ``pipeline`` against its reference.
+
+    Args:
+        pipeline: the adapter.
+        n_repeats: independent estimates per configuration.
+        n_reference: estimates averaged into the reference.
+        progress: show progress bars.
+        predicted: optional ``config -> predicted ECM``.
+
+    Returns:
+        ``(rows, reference)``.
+    """
+    from tqdm.auto import tqdm
+
+    if n_repeats < 2:
+        raise ValueError(f"n_repeats must be >= 2, got {n_repeats}")
+    ref = pipeline.reference(n_reference).to(torch.float64)
+    rows: list[BenchRow] = []
+    configs = pipeline.configs()
+    for config in tqdm(configs, desc=f"bench {pipeline.name}", disable=not progress):
+        pipeline.estimate(config)  # warm-up (first call builds and caches)
+        sq, times = [], []
+        for _ in range(n_repeats):
+            t0 = time.perf_counter()
+            g = pipeline.estimate(config).to(torch.float64)
+            times.append(time.perf_counter() - t0)
+            sq.append(float(((g - ref) ** 2).sum()))
+        var = statistics.fmean(sq)
+        rows.append(
+            BenchRow(
+                method=config["method"],
+                R=int(config["R"]),
+                K=int(config["K"]),
+                var=var,
+                var_se=statistics.stdev(sq) / math.sqrt(len(sq)),
+                cost_s=statistics.median(times),
+                proposal=config.get("proposal", "prior"),
+                stratify=config.get("stratify"),
+                noise=config.get("noise", "iid"),
+                ecm_predicted=predicted(config) if predicted else None,
+            )
+        )
+    _relative(rows)
+    return rows, ref
+
+
+def _relative(rows: list[BenchRow]) -> None:
+    """Fill ``re`` and ``ecm`` from the baseline and plain-reuse rows."""
+    plain = {(r.R, r.K): r for r in rows if _is_plain(asdict(r))}
+    for r in rows:
+        base = plain.get((r.R, 1))
+        same = plain.get((r.R, r.K))
+        if same is not None and r.var > 0:
+            r.re = same.var / r.var
+        if base is not None and r.var > 0 and r.cost_s > 0:
+            r.ecm = (base.var * base.cost_s) / (r.var * r.cost_s)
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """A readable table of the rows."""
+    head = f"{'method':<22}{'R':>3}{'K':>4}{'Var':>12}{'cost (ms)':>11}{'RE':>7}{'ECM':>7}{'ECM pred':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        pred = f"{r.ecm_predicted:.2f}" if r.ecm_predicted is not None else "-"
+        lines.append(
+            f"{r.method:<22}{r.R:>3}{r.K:>4}{r.var:>12.4g}{r.cost_s * 1e3:>11.3g}"
+            f"{r.re:>7.2f}{r.ecm:>7.2f}{pred:>9}"
+        )
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[BenchRow], path: str, title: str) -> str:
+    """PNG of variance against cost per estimate, one point per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    groups: dict[str, list[BenchRow]] = {}
+    for r in rows:
+        groups.setdefault(r.method.split(" ")[0], []).append(r)
+    for name, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r.cost_s)
+        ax.plot([r.cost_s * 1e3 for r in rs], [r.var for r in rs], "o-", label=name)
+        for r in rs:
+            ax.annotate(
+                f"K={r.K}",
+                (r.cost_s * 1e3, r.var),
+                textcoords="offset points",
+                xytext=(3, 3),
+                fontsize=7,
+            )
+    base = next((r for r in rows if r.method == "baseline"), None)
+    if base is not None:
+        xs = torch.logspace(
+            math.log10(min(r.cost_s for r in rows) * 1e3),
+            math.log10(max(r.cost_s for r in rows) * 1e3),
+            50,
+        )
+        ax.plot(xs, base.var * base.cost_s * 1e3 / xs, ":", color="gray", label="ECM = 1")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("cost per estimate (ms, measured)")
+    ax.set_ylabel("Var = E||g - g_ref||^2")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# -- text-to-3D ---------------------------------------------------------------------------------
+
+
+class TextTo3DBench:
+    """The text-to-3D SDS pipeline on the embedded teacher, at a fixed checkpoint.
+
+    The checkpoint is a voxel field trained for a few baseline SDS steps from its seeded
+    initialisation, so that ``theta`` is a realistic mid-training state.
+
+    Args:
+        quick: small sizes (minutes on a laptop CPU).
+        seed: seeds everything.
+        device: ``"cpu"`` or ``"cuda"``.
+        prompt: the digit to distil.
+    """
+
+    name = "text-to-3d"
+
+    def __init__(self, quick: bool, seed: int = 0, device: str = "cpu", prompt: str = "3"):
+        import pyro
+
+        from .data import parse_prompt
+        from .objectives import SDS
+        from .pipelines.render import VoxelField
+        from .pipelines.text_to_3d import TextTo3DConfig, make_model
+        from .teachers import load_default
+
+        self.quick = quick
+        self.seed = seed
+        self.device = torch.device(device)
+        self.R = 2 if quick else 4
+        cfg = TextTo3DConfig(prompt=prompt)
+        self.teacher = load_default()
+        self.objective = SDS(
+            self.teacher,
+            weighting=cfg.weighting,
+            t_range=cfg.t_range,
+            guidance_scale=cfg.guidance_scale,
+        )
+        self.label = parse_prompt(prompt)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        self.field = VoxelField(cfg.resolution, 1, seed=seed).to(self.device)
+        self._make_model = lambda R, K, gen: make_model(
+            self.field,
+            self.objective,
+            torch.tensor(self.label, device=self.device),
+            R,
+            K,
+            gen,
+            image_size=cfg.image_size,
+            n_samples=cfg.n_samples,
+        )
+        self._pretrain(steps=20 if quick else 100, lr=cfg.lr)
+        self._cache: dict[tuple, Any] = {}
+        self.k_adaptive: int | None = None
+
+    def _pretrain(self, steps: int, lr: float) -> None:
+        import pyro
+        from pyro.infer import SVI
+
+        from .guides import TimestepGuide
+        from .loss import CARVLoss
+
+        gen = torch.Generator().manual_seed(self.seed + 11)
+        model = self._make_model(self.R, 1, gen)
+        svi = SVI(model, TimestepGuide(model), pyro.optim.Adam({"lr": lr}), loss=CARVLoss())
+        for _ in range(steps):
+            svi.step()
+
+    def params(self) -> list[Tensor]:
+        return [p for p in self.field.parameters()]
+
+    def _setup(self, config: dict):
+        from .guides import TimestepGuide
+        from .loss import CARVLoss
+
+        key = (
+            config["method"],
+            config["R"],
+            config["K"],
+            config.get("proposal", "prior"),
+            config.get("stratify"),
+            config.get("noise", "iid"),
+        )
+        if key not in self._cache:
+            gen = torch.Generator().manual_seed(self.seed + 100 + len(self._cache))
+            model = self._make_model(config["R"], config["K"], gen)
+            guide = TimestepGuide(
+                model,
+                proposal=config.get("proposal", "prior"),
+                stratify=config.get("stratify"),
+                noise=config.get("noise", "iid"),
+            )
+            self._cache[key] = (model, guide, CARVLoss())
+            if config.get("proposal") == "adaptive":
+                self._warm_adaptive(*self._cache[key])
+        return self._cache[key]
+
+    def _warm_adaptive(self, model, guide, loss, steps: int = 30) -> None:
+        """Let the adaptive proposal learn q(t) at the fixed checkpoint (no parameter steps)."""
+        for _ in range(steps):
+            self._grad(model, guide, loss)
+
+    def _grad(self, model, guide, loss) -> Tensor:
+        for p in self.params():
+            p.grad = None
+        loss.loss_and_grads(model, guide)
+        return torch.cat([p.grad.reshape(-1) for p in self.params()]).detach().cpu()
+
+    def estimate(self, config: dict) -> Tensor:
+        return self._grad(*self._setup(config))
+
+    def reference(self, n: int) -> Tensor:
+        config = dict(method="reference", R=8, K=16, proposal="weighted", stratify="per_outer")
+        return torch.stack([self.estimate(config) for _ in range(n)]).mean(0)
+
+    def accounting(self, R: int, n_repeats: int):
+        """V_b, V_w and measured costs at the checkpoint (plain reuse draws)."""
+        from .accounting import measure
+
+        model, guide, loss = self._setup(dict(method="accounting", R=R, K=8))
+        for p in self.params():
+            p.grad = None
+        return measure(model, guide, loss=loss, n_repeats=n_repeats, candidate_ks=(1, 2, 4, 8, 16))
+
+    def configs(self) -> list[dict]:
+        R = self.R
+        rows = [dict(method="baseline", R=R, K=1)]
+        rows += [dict(method="reuse", R=R, K=k) for k in (2, 4, 8, 16)]
+        rows += [
+            dict(method="IS", R=R, K=8, proposal="weighted"),
+            dict(method="strat", R=R, K=8, stratify="per_outer"),
+            dict(method="strat global K=1", R=R, K=1, stratify="global"),
+        ]
+        rows += [
+            dict(method="IS+strat", R=R, K=k, proposal="weighted", stratify="per_outer")
+            for k in (2, 4, 8)
+        ]
+        rows += [
+            dict(
+                method="IS+strat+antithetic",
+                R=R,
+                K=8,
+                proposal="weighted",
+                stratify="per_outer",
+                noise="antithetic",
+            ),
+            dict(
+                method="IS+strat+QMC",
+                R=R,
+                K=8,
+                proposal="weighted",
+                stratify="per_outer",
+                noise="sobol",
+            ),
+        ]
+        if self.k_adaptive is not None:
+            rows.append(
+                dict(
+                    method="adaptive K*",
+                    R=R,
+                    K=self.k_adaptive,
+                    proposal="adaptive",
+                    stratify="per_outer",
+                )
+            )
+        return rows
+
+    def extras(self) -> dict:
+        """Quality against wall-clock for the baseline and CARV at equal compute."""
+        import tempfile
+
+        from .pipelines.text_to_3d import TextTo3DConfig, dream
+
+        steps = 30 if self.quick else 200
+        out: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            base = dream(
+                TextTo3DConfig.from_estimator("baseline", steps=steps, seed=self.seed),
+                os.path.join(tmp, "baseline"),
+                progress=False,
+            )
+            budget = base["wall_s"]
+            carv_cfg = TextTo3DConfig.from_estimator("carv", steps=steps, seed=self.seed)
+            probe = dream(
+                TextTo3DConfig.from_estimator("carv", steps=3, seed=self.seed),
+                os.path.join(tmp, "probe"),
+                progress=False,
+            )
+            per_step = probe["wall_s"] / 3
+            carv_steps = max(1, int(budget / per_step))
+            carv_cfg = TextTo3DConfig.from_estimator("carv", steps=carv_steps, seed=self.seed)
+            carv = dream(carv_cfg, os.path.join(tmp, "carv"), progress=False)
+        out["end_to_end"] = {
+            "baseline": {
+                "steps": steps,
+                "wall_s": base["wall_s"],
+                "quality": base["final"]["accuracy"],
+                "history": base["history"],
+            },
+            "carv": {
+                "steps": carv_steps,
+                "wall_s": carv["wall_s"],
+                "quality": carv["final"]["accuracy"],
+                "history": carv["history"],
+            },
+        }
+        return out
+
+
+def _lazy(module: str, cls: str) -> Callable[..., Any]:
+    def build(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), cls)(*args, **kwargs)
+
+    return build
+
+
+#: The pipelines ``carv-pyro bench --pipeline`` knows.
+PIPELINES: dict[str, Callable[..., Any]] = {
+    "text-to-3d": TextTo3DBench,
+    "distillation": _lazy(".pipelines.distillation", "DistillationBench"),
+    "attribution": _lazy(".pipelines.attribution", "AttributionBench"),
+}
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def main(args: Any) -> int:
+    """Run the bench for ``args.pipeline`` (an argparse namespace from :mod:`carv_pyro.cli`).
+
+    Expected attributes: ``pipeline``, ``quick``, ``json``, ``plot``, ``device``, ``seed``,
+    ``repeats`` (``None``: 20 quick, 100 full).
+    """
+    if args.pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline {args.pipeline!r}; expected one of {sorted(PIPELINES)}")
+    quick = bool(args.quick)
+    repeats = args.repeats or (20 if quick else 100)
+    n_reference = 10 if quick else 50
+    progress = not getattr(args, "quiet", False)
+    t0 = time.perf_counter()
+    bench = PIPELINES[args.pipeline](quick=quick, seed=args.seed, device=args.device)
+
+    report = None
+    predicted = None
+    if hasattr(bench, "accounting"):
+        report = bench.accounting(bench.R, n_repeats=20 if quick else 60)
+        bench.k_adaptive = max(1, min(32, report.best_k((1, 2, 4, 8, 16))))
+
+        def predicted(config: dict) -> float | None:
+            if _is_plain(config) or config.get("proposal") == "adaptive":
+                return report.ecm(int(config["K"]))
+            return None
+
+    rows, _ = run_protocol(bench, repeats, n_reference, progress=progress, predicted=predicted)
+    extras = bench.extras()
+    result = {
+        "pipeline": args.pipeline,
+        "device": _device_name(args.device),
+        "quick": quick,
+        "repeats": repeats,
+        "seed": args.seed,
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_s": None,
+        "rows": [asdict(r) for r in rows],
+        "extras": extras,
+    }
+    if report is not None:
+        result["accounting"] = {
+            "v_between": report.v_between,
+            "v_within": report.v_within,
+            "c_outer": report.c_outer,
+            "c_inner": report.c_inner,
+            "k_star": report.k_star,
+            "best_k": bench.k_adaptive,
+            "teacher_seconds": report.teacher_seconds,
+        }
+    result["wall_s"] = time.perf_counter() - t0
+    print(format_table(rows))
+    if report is not None:
+        print()
+        print(report.table((1, 2, 4, 8, 16)))
+    for key, value in extras.items():
+        if key != "end_to_end":
+            print(f"{key}: {value}")
+    if "end_to_end" in extras:
+        for name, e in extras["end_to_end"].items():
+            print(
+                f"end-to-end {name}: {e['steps']} steps in {e['wall_s']:.1f} s -> quality "
+                f"{e['quality']:.2f}"
+            )
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=_jsonable)
+    if args.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        plot_rows(rows, args.plot, f"{args.pipeline}: variance against cost ({result['device']})")
+    return 0
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
