@@ -664,7 +664,9 @@ def measure(
     The parameters are not changed (gradients are restored afterwards).
 
     Args:
-        model, guide, args, kwargs: as for ``SVI``.
+        model: the Pyro model.
+        guide: its guide (e.g. a :class:`~carv_pyro.guides.TimestepGuide`).
+        *args: the model's positional arguments.
         loss: a :class:`~carv_pyro.CARVLoss` (default: a new one).
         n_repeats: independent steps pooled for the variance components.
         costs: a declared cost model ``(c_outer, c_inner)``; default: measured.
@@ -674,6 +676,7 @@ def measure(
         n_timing: timed steps (after ``warmup``) for the costs.
         warmup: untimed steps first.
         progress: show a progress bar.
+        **kwargs: the model's keyword arguments.
 
     Returns:
         An :class:`AccountingReport`.

@@ -325,8 +325,10 @@ class ScoreDifference(TeacherObjective):
     Args:
         real: the frozen teacher of the data.
         fake: the score network of the generated distribution (may change between steps).
-        weighting, t_range, guidance_scale: as in :class:`SDS` (guidance applies to ``real``).
-        fake_cond: conditioning for ``fake`` if it differs from the term's.
+        weighting: as in :class:`SDS`.
+        t_range: as in :class:`SDS`.
+        guidance_scale: classifier-free guidance scale for ``real`` (``fake`` runs unguided).
+        prior: an explicit timestep prior instead of ``t_range``.
     """
 
     def __init__(
