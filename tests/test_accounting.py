@@ -90,6 +90,23 @@ def test_measure_agrees_with_closed_forms(proposal):
     assert pyro.param("theta").unconstrained().grad is None
 
 
+def test_measure_with_one_upstream_sample_per_step():
+    """R = 1: V_b comes from the step-to-step spread of the estimates.
+
+    The spread's trace has a relative standard error of about sqrt(2 / (2 * 300)) = 6% of
+    V_b + V_w / K = 0.0085, i.e. 0.0005 or 10% of V_b; 35% is 3.5 of those.
+    """
+    objective = sds("sds")
+    model = make_model(objective, R=1, K=8)
+    pyro.param("theta", THETA0.clone())
+    report = measure(model, carv.TimestepGuide(model), n_repeats=300, costs=(1.0, 0.1))
+    v_b, v_w = closed_form_components(objective)
+    se_w, _ = report.stderr
+    assert abs(report.v_within - v_w) <= Z * se_w
+    assert report.v_between == pytest.approx(v_b, rel=0.35)
+    assert report.teacher_seconds == {}  # declared costs: nothing timed
+
+
 @pytest.mark.parametrize("R,K", [(1, 1), (2, 8), (4, 2), (3, 16)])
 def test_variance_formula_predicts_the_estimator(R, K):
     """tr Cov of the real estimator matches (V_b + V_w / K) / R from the closed forms.

@@ -53,7 +53,7 @@ def model(R=4, K=8):
 
 guide = carv.TimestepGuide(model, proposal="weighted", stratify="per_outer")
 svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), loss=carv.CARVLoss())
-for step in range(STEPS):
+for _ in range(STEPS):
     svi.step()
 print("theta after training:", pyro.param("theta").detach().numpy().round(3))
 

@@ -708,12 +708,28 @@ def measure(
         accountant.every = 1
         accountant.step = 0
         bar = tqdm(range(n_repeats), desc="measure", disable=not progress)
+        estimates = []
         for _ in bar:
+            for _, p in store.named_parameters():
+                p.grad = None
             loss.loss_and_grads(model, guide, *args, **kwargs)
             accountant.step = 0
+            grads = [p.grad.reshape(-1) for _, p in store.named_parameters() if p.grad is not None]
+            estimates.append(torch.cat(grads).to(torch.float64) if grads else torch.zeros(1))
         record = accountant.select(loss.last_records)
         report = accountant.report()
         report.linear_cost = False
+        if record is not None:
+            # The step-to-step spread of the estimates at fixed parameters is
+            # Var(R, K) = (V_b + V_w / K) / R: a second unbiased estimate of V_b, the only one
+            # when R = 1, averaged with the within-step one otherwise.
+            total = float(torch.stack(estimates).var(0, unbiased=True).sum()) * record.n_outer
+            v_w = report.v_within if math.isfinite(report.v_within) else 0.0
+            across = total - v_w / record.n_inner
+            if accountant.components.n_outer == 0:
+                report.v_between = max(across, 0.0)
+            else:
+                report.v_between = max(0.5 * (accountant.components.mean_between + across), 0.0)
         if candidate_ks and costs is None and record is not None:
             report.teacher_seconds = _time_teacher(record, candidate_ks, n_timing)
         return report
