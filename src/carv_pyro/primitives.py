@@ -152,7 +152,8 @@ def teacher_term(
     prior_probs = objective.prior.probs().to(x.device)
     t = pyro.sample(
         f"{name}.t",
-        dist.Categorical(probs=prior_probs),
+        # our own draws are valid by construction: skip torch's argument validation (hot path)
+        dist.Categorical(probs=prior_probs, validate_args=False),
         infer={ROLE_KEY: "timestep", "carv_outer_shape": outer_shape, "carv_objective": objective},
     )
     batch_shape = t.shape
@@ -171,7 +172,7 @@ def teacher_term(
     zeros = torch.zeros(event_shape, dtype=x.dtype, device=x.device)
     eps = pyro.sample(
         f"{name}.eps",
-        dist.Normal(zeros, 1.0).to_event(event_ndim),
+        dist.Normal(zeros, 1.0, validate_args=False).to_event(event_ndim),
         infer={ROLE_KEY: "noise", "carv_outer_shape": outer_shape},
     )
     if eps.shape != batch_shape + event_shape:
@@ -210,7 +211,7 @@ def teacher_term(
     site_infer.update(infer or {})
     pyro.sample(
         name,
-        dist.Unit(log_factor, has_rsample=True),
+        dist.Unit(log_factor, has_rsample=True, validate_args=False),
         obs=log_factor.new_empty(batch_shape + (0,)),
         infer=site_infer,
     )

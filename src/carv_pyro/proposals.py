@@ -57,6 +57,16 @@ class AbstractTimestepDistribution:
         """``(T,)`` float64 probabilities summing to one (the hook subclasses implement)."""
         raise NotImplementedError
 
+    def _tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(probs, log_probs, cdf)``, cached while :meth:`probs` returns the same tensor."""
+        probs = self.probs()
+        cache = getattr(self, "_table_cache", None)
+        if cache is not None and cache[0] is probs and cache[1] == probs._version:
+            return cache[2]
+        tables = (probs, probs.log(), self._cdf_table(probs))
+        self._table_cache = (probs, probs._version, tables)
+        return tables
+
     def _cdf_table(self, probs: Tensor) -> Tensor:
         cdf = probs.cumsum(0)
         # Pin the CDF to exactly 1 from the last positive mass on, so that rounding never lets
@@ -68,14 +78,12 @@ class AbstractTimestepDistribution:
     def log_prob(self, t: Tensor) -> Tensor:
         """``log q(t)`` (float64) with the shape of ``t``; ``-inf`` off the support."""
         t = torch.as_tensor(t)
-        probs = self.probs().to(t.device)
-        return probs.log()[t.long()]
+        return self._tables()[1].to(t.device)[t.long()]
 
     def cdf(self, t: Tensor) -> Tensor:
         """``F(t) = P(T <= t)`` (float64) with the shape of ``t``."""
         t = torch.as_tensor(t)
-        cdf = self._cdf_table(self.probs()).to(t.device)
-        return cdf[t.long()]
+        return self._tables()[2].to(t.device)[t.long()]
 
     def icdf(self, u: Tensor) -> Tensor:
         """Inverse CDF: the smallest ``t`` with ``F(t) > u``.
@@ -87,7 +95,7 @@ class AbstractTimestepDistribution:
             Long tensor of timesteps with the shape of ``u``.
         """
         u = torch.as_tensor(u).to(torch.float64)
-        cdf = self._cdf_table(self.probs()).to(u.device)
+        cdf = self._tables()[2].to(u.device)
         # A float32 uniform can round up to exactly 1.0: keep u in [0, 1) so the result stays on
         # the support (the CDF is pinned to 1 from the last positive mass on).
         u = u.clamp(0.0, 1.0 - 2.0**-53).contiguous()

@@ -135,12 +135,13 @@ class UniformTimesteps(AbstractTimestepDistribution):
         self.high = int(hi * num_timesteps)
         if self.high >= num_timesteps:
             self.high = num_timesteps - 1
+        p = torch.zeros(num_timesteps, dtype=torch.float64)
+        p[self.low : self.high + 1] = 1.0 / (self.high - self.low + 1)
+        self._probs = p
 
     def probs(self) -> Tensor:
         """``(T,)`` float64 probabilities, uniform on ``[low, high]`` and zero elsewhere."""
-        p = torch.zeros(self.num_timesteps, dtype=torch.float64)
-        p[self.low : self.high + 1] = 1.0 / (self.high - self.low + 1)
-        return p
+        return self._probs
 
     def __repr__(self) -> str:
         return f"UniformTimesteps(low={self.low}, high={self.high}, T={self.num_timesteps})"
