@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import carv_pyro as carv
@@ -91,6 +91,7 @@ def _proposal(kind: str, objective, seed: int):
     return DefensiveMixture(HistogramProposal(prior, bins), prior, weight=0.2)
 
 
+@settings(max_examples=40)
 @given(
     kind=st.sampled_from(["prior", "weighted", "histogram", "defensive"]),
     stratify=st.sampled_from([None, "per_outer", "global"]),
