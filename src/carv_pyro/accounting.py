@@ -757,7 +757,7 @@ def _time_teacher(
         x = torch.zeros((n,) + event, dtype=dtype, device=device)
         t = objective.prior.sample((n,)).to(device)
         eps = torch.randn_like(x)
-        cond = objective.teacher.null_cond(n) if objective.teacher.cond_event_shape else None
+        cond = objective.teacher.null_cond(n) if objective.teacher.cond_event_shape is not None else None
         times = []
         for i in range(n_timing + 1):
             watch = Stopwatch(device)
