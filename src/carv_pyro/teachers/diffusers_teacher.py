@@ -278,7 +278,10 @@ class DiffusersTeacher(AbstractTeacher):
                 f"unsupported UNet class {unet_name!r} in {str(unet_cfg)!r}; expected one of "
                 f"{sorted(_UNET_CLASSES)}"
             )
-        unet = unet_cls.from_pretrained(str(unet_dir), local_files_only=True)
+        # low_cpu_mem_usage=False: the plain loader, with no nag about the optional `accelerate`
+        unet = unet_cls.from_pretrained(
+            str(unet_dir), local_files_only=True, low_cpu_mem_usage=False
+        )
         scheduler = _load_scheduler(sched_dir, sched_cfg)
 
         extra = root / _TEACHER_CONFIG
