@@ -531,7 +531,10 @@ class Accountant:
         """Handler applied around the model and guide for this step."""
         if self.k is None or self.plate is None:
             return PlateResizer({})
-        return PlateResizer({self.plate: self.k})
+        # V_w needs two inner draws: a measuring step at K = 1 probes with K = 2 (any K is
+        # unbiased), so that an accountant that chose K = 1 can still change its mind.
+        k = max(self.k, 2) if self.measuring() else self.k
+        return PlateResizer({self.plate: k})
 
     def measuring(self) -> bool:
         """Whether this step estimates the variance components."""
