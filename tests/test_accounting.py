@@ -290,3 +290,19 @@ def test_adaptive_state_round_trips_through_the_param_store(tmp_path):
     after = pyro.get_param_store()["carv.adaptive.sds.sum_sq"].detach()
     decay = fresh.proposal_for("sds", objective).decay
     assert (after >= decay * sums_before - 1e-12).all()  # only decayed and added to, never stepped
+
+
+def test_accountant_at_k_one_keeps_measuring_within_variance():
+    """With K* < 1 the accountant picks K = 1 but probes K = 2 on measuring steps."""
+    objective = sds("sds")
+    model = make_model(objective, R=4, K=4)
+    acc = Accountant(adapt=True, every=2, window=10, costs=(1e-6, 1.0), min_measurements=1)
+    loss = carv.CARVLoss(accountant=acc)
+    svi = SVI(model, carv.TimestepGuide(model), pyro.optim.SGD({"lr": 0.0}), loss=loss)
+    sizes = []
+    for _ in range(12):
+        svi.step()
+        sizes.append(loss.last_records[0].n_inner)
+    assert acc.k == 1
+    assert 1 in sizes and 2 in sizes  # plain steps at K = 1, measuring steps at K = 2
+    assert all(math.isfinite(h["k_star"]) for h in acc.history)
