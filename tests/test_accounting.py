@@ -306,3 +306,17 @@ def test_accountant_at_k_one_keeps_measuring_within_variance():
     assert acc.k == 1
     assert 1 in sizes and 2 in sizes  # plain steps at K = 1, measuring steps at K = 2
     assert all(math.isfinite(h["k_star"]) for h in acc.history)
+
+
+def test_measuring_steps_do_not_count_as_step_costs():
+    """A measuring step runs four backward passes through the upstream; its time is not a step's."""
+    from types import SimpleNamespace
+
+    record = SimpleNamespace(n_outer=2, n_inner=4, t=torch.zeros(2, 4))
+    acc = Accountant()
+    acc.observe_step(record, 4.0, 0.2, measured=True)  # nothing else known yet: kept
+    assert acc.cost_estimates() == pytest.approx((1.9, 0.025))
+    acc.observe_step(record, 1.0, 0.2)  # a plain step
+    acc.observe_step(record, 1.0, 0.2)
+    acc.observe_step(record, 4.0, 0.2, measured=True)  # now ignored
+    assert acc.cost_estimates() == pytest.approx((0.4, 0.025))

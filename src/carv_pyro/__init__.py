@@ -6,7 +6,7 @@ sampling and stratified inverse CDF, and :class:`CARVLoss` turns it all into an 
 estimate for ``pyro.infer.SVI``.
 """
 
-from . import accounting, guides, objectives, proposals, schedules, teachers
+from . import accounting, distributed, guides, objectives, proposals, schedules, teachers
 from .accounting import Accountant
 from .guides import TimestepGuide
 from .loss import CARVLoss, NonFiniteTeacherError
@@ -25,6 +25,7 @@ __all__ = [
     "TeacherObjective",
     "TimestepGuide",
     "accounting",
+    "distributed",
     "guides",
     "objectives",
     "proposals",

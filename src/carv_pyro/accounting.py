@@ -572,9 +572,26 @@ class Accountant:
                 f"(candidates {names}); pass Accountant(plate=...)"
             )
 
-    def observe_step(self, record: TermRecord, step_seconds: float, teacher_seconds: float) -> None:
-        """Record one step's timing."""
+    def observe_step(
+        self,
+        record: TermRecord,
+        step_seconds: float,
+        teacher_seconds: float,
+        measured: bool = False,
+    ) -> None:
+        """Record one step's timing.
+
+        Args:
+            record: the accounted term's record.
+            step_seconds: the whole step (forward, backward).
+            teacher_seconds: the teacher call inside it.
+            measured: whether the step estimated the variance components. Such a step runs
+                four backward passes through the upstream (one per quadrant), so its time is
+                not what a step costs: it is recorded only while no other timing is known.
+        """
         self.last_R, self.last_K = record.n_outer, record.n_inner
+        if measured and self._outer_times:
+            return
         self._outer_times.append(max(step_seconds - teacher_seconds, 0.0) / record.n_outer)
         self._inner_times.append(teacher_seconds / record.t.numel())
 
@@ -760,7 +777,11 @@ def _time_teacher(
         x = torch.zeros((n,) + event, dtype=dtype, device=device)
         t = objective.prior.sample((n,)).to(device)
         eps = torch.randn_like(x)
-        cond = objective.teacher.null_cond(n) if objective.teacher.cond_event_shape is not None else None
+        cond = (
+            objective.teacher.null_cond(n)
+            if objective.teacher.cond_event_shape is not None
+            else None
+        )
         times = []
         for i in range(n_timing + 1):
             watch = Stopwatch(device)

@@ -28,7 +28,7 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from .objectives import TeacherObjective
-from .primitives import ROLE_KEY
+from .primitives import ROLE_KEY, to_device
 from .proposals import AbstractTimestepDistribution, PriorProposal, WeightedProposal, check_support
 
 __all__ = [
@@ -214,7 +214,7 @@ class SobolNoise(AbstractNoiseGuide):
         eps64 = torch.finfo(torch.float64).eps
         u = 0.5 + (1.0 - eps64) * (u - 0.5)
         z = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
-        z = z.reshape((n_outer, n_inner) + tuple(event_shape)).to(dtype=dtype, device=device)
+        z = to_device(z.reshape((n_outer, n_inner) + tuple(event_shape)).to(dtype), device)
         ev = " ".join(f"e{i}" for i in range(len(event_shape)))
         return rearrange(z, f"{dst} {ev} -> {src} {ev}", **sizes)
 
@@ -334,7 +334,7 @@ class TimestepGuide:
         u = stratified_uniforms(
             batch_shape, inner, self.stratify, self._uniform, self._permutation_keys
         )
-        t = q.icdf(u).to(device)
+        t = to_device(q.icdf(u), torch.device(device))
         return t, q.log_prob(t)
 
     def sample_noise(self, batch_shape, outer_shape, event_shape, dtype, device) -> Tensor:

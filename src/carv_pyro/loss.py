@@ -111,7 +111,7 @@ class CARVLoss(ELBO):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.nonfinite = nonfinite
         self.accountant = accountant
-        self._trace_seconds = 0.0
+        self._trace_watch: Stopwatch | None = None
         self.diagnostics: dict[str, TermDiagnostics] = {}
         self.last_records: list[TermRecord] = []
         self.hooks: list = []
@@ -136,10 +136,18 @@ class CARVLoss(ELBO):
 
     def _get_traces(self, model, guide, args, kwargs):
         for _ in range(self.num_particles):
-            watch = Stopwatch()
+            # The model's forward (upstream + teacher) counts towards the step's cost. On a GPU
+            # the host returns before the forward has run, so time it with CUDA events (read
+            # only when the accountant asks), and with the host clock on CPUs.
+            gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
+            device_watch = Stopwatch("cuda") if gpu else None
+            host_watch = Stopwatch()
             traces = self._get_trace(model, guide, args, kwargs)
-            # the model's forward (upstream + teacher) counts towards the step's cost
-            self._trace_seconds = watch.stop().seconds()
+            host_watch.stop()
+            if device_watch is not None and _device_of(traces[0]).type == "cuda":
+                self._trace_watch = device_watch.stop()
+            else:
+                self._trace_watch = host_watch
             yield traces
 
     # -- the estimator ---------------------------------------------------------------------
@@ -183,7 +191,7 @@ class CARVLoss(ELBO):
                         f"(timesteps {bad_t[:10].tolist()}); fix the teacher or its input, or pass "
                         f"CARVLoss(nonfinite='zero') to drop such draws"
                     )
-                w = torch.where(record.nonfinite, torch.zeros((), dtype=w.dtype), w)
+                w = torch.where(record.nonfinite, w.new_zeros(()), w)
             n = record.t.numel()
             wt = w.to(record.surrogate.dtype)
             particle.term_surrogates[record.name] = (wt * record.surrogate).sum() / n
@@ -221,17 +229,27 @@ class CARVLoss(ELBO):
         self.diagnostics = {}
         for record in particle.records:
             w = particle.weights[record.name].detach()
-            s1, s2 = float(w.sum()), float((w * w).sum())
             n = w.numel()
+            # one device-to-host read for all of a term's diagnostics
+            s1, s2, w_max, w_min, n_bad, value = torch.stack(
+                [
+                    w.sum(),
+                    (w * w).sum(),
+                    w.max(),
+                    w.min(),
+                    record.nonfinite.sum().to(w.dtype),
+                    (w.to(record.value.dtype) * record.value).sum().to(w.dtype) / n,
+                ]
+            ).tolist()
             self.diagnostics[record.name] = TermDiagnostics(
                 name=record.name,
                 batch_shape=tuple(record.batch_shape),
                 ess=(s1 * s1 / s2) if s2 > 0 else 0.0,
-                max_weight=float(w.max()),
-                min_weight=float(w.min()),
+                max_weight=w_max,
+                min_weight=w_min,
                 mean_weight=s1 / n,
-                n_nonfinite=int(record.nonfinite.sum()),
-                value=float((w.to(record.value.dtype) * record.value).sum() / n),
+                n_nonfinite=int(n_bad),
+                value=value,
             )
 
     def _run(self, model, guide, args, kwargs, backward: bool):
@@ -248,9 +266,11 @@ class CARVLoss(ELBO):
                 hook(self, particle.records, model_trace, guide_trace)
             part = particle.surrogate / self.num_particles
             record = acc.select(particle.records) if acc is not None else None
+            measured = False
             if backward and part.requires_grad:
                 if record is not None and acc.measuring():
                     self._measured_backward(particle, record, model_trace, guide_trace)
+                    measured = True
                 else:
                     part.backward()
             elif not backward:
@@ -260,7 +280,8 @@ class CARVLoss(ELBO):
                 acc.detect_plate(model_trace, record)
                 watch.stop()
                 teacher = record.teacher_time.seconds() if record.teacher_time else 0.0
-                acc.observe_step(record, self._trace_seconds + watch.seconds(), teacher)
+                step_seconds = self._trace_watch.seconds() + watch.seconds()
+                acc.observe_step(record, step_seconds, teacher, measured=measured)
         if acc is not None and backward:
             acc.end_step()
         return loss, surrogate

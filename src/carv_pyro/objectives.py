@@ -265,7 +265,7 @@ class TeacherObjective:
                     f"the residual returned shape {tuple(h.shape)}; expected {tuple(x.shape)}"
                 )
             nonfinite = ~torch.isfinite(h.flatten(1)).all(1)
-            h = torch.where(nonfinite.reshape(view), torch.zeros((), dtype=h.dtype), h)
+            h = torch.where(nonfinite.reshape(view), h.new_zeros(()), h)
             flat = h.flatten(1)
             value = 0.5 * (flat * flat).sum(1)
             surrogate = (x.flatten(1) * flat).sum(1)
@@ -277,7 +277,7 @@ class TeacherObjective:
                 f"the loss returned shape {tuple(loss.shape)}; expected {tuple(t.shape)}"
             )
         nonfinite = ~torch.isfinite(loss.detach())
-        loss = torch.where(nonfinite, torch.zeros((), dtype=loss.dtype), loss)
+        loss = torch.where(nonfinite, loss.new_zeros(()), loss)
         return TermOutput(value=loss.detach(), surrogate=loss, residual=None, nonfinite=nonfinite)
 
     def __repr__(self) -> str:

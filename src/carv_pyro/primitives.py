@@ -28,7 +28,7 @@ from torch import Tensor
 from .objectives import TeacherObjective
 from .timing import Stopwatch
 
-__all__ = ["teacher_term", "TermRecord", "ROLE_KEY", "TERM_KEY"]
+__all__ = ["teacher_term", "TermRecord", "ROLE_KEY", "TERM_KEY", "to_device"]
 
 #: ``infer`` key marking the timestep and noise sites of a teacher term, with their role.
 ROLE_KEY = "carv_role"
@@ -80,6 +80,17 @@ class TermRecord:
         for b, o in zip(self.batch_shape, full):
             n *= b if o != 1 else 1
         return n
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Move a (small) host tensor to ``device`` without synchronising the host with the GPU.
+
+    A plain ``.to("cuda")`` from pageable memory waits for all queued GPU work; copying from
+    pinned memory with ``non_blocking=True`` is queued on the current stream instead.
+    """
+    if tensor.device == device or device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _event_pattern(event_ndim: int) -> str:
@@ -149,7 +160,7 @@ def teacher_term(
         )
     outer_shape = x.shape[: x.dim() - event_ndim]
 
-    prior_probs = objective.prior.probs().to(x.device)
+    prior_probs = to_device(objective.prior.probs(), x.device)
     t = pyro.sample(
         f"{name}.t",
         # our own draws are valid by construction: skip torch's argument validation (hot path)
@@ -172,7 +183,7 @@ def teacher_term(
     zeros = torch.zeros(event_shape, dtype=x.dtype, device=x.device)
     eps = pyro.sample(
         f"{name}.eps",
-        dist.Normal(zeros, 1.0, validate_args=False).to_event(event_ndim),
+        dist.Normal(zeros, zeros.new_ones(()), validate_args=False).to_event(event_ndim),
         infer={ROLE_KEY: "noise", "carv_outer_shape": outer_shape},
     )
     if eps.shape != batch_shape + event_shape:

@@ -75,15 +75,27 @@ class AbstractTimestepDistribution:
         cdf[last:] = 1.0
         return cdf
 
+    def _table_on(self, index: int, device: torch.device) -> Tensor:
+        """Table ``index`` of :meth:`_tables` on ``device``, copied once per device and version."""
+        table = self._tables()[index]
+        if table.device == device:
+            return table
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (index, device)
+        hit = cache.get(key)
+        if hit is None or not (hit[0] is table or torch.equal(hit[0], table)):
+            hit = cache[key] = (table, table.to(device))
+        return hit[1]
+
     def log_prob(self, t: Tensor) -> Tensor:
         """``log q(t)`` (float64) with the shape of ``t``; ``-inf`` off the support."""
         t = torch.as_tensor(t)
-        return self._tables()[1].to(t.device)[t.long()]
+        return self._table_on(1, t.device)[t.long()]
 
     def cdf(self, t: Tensor) -> Tensor:
         """``F(t) = P(T <= t)`` (float64) with the shape of ``t``."""
         t = torch.as_tensor(t)
-        return self._tables()[2].to(t.device)[t.long()]
+        return self._table_on(2, t.device)[t.long()]
 
     def icdf(self, u: Tensor) -> Tensor:
         """Inverse CDF: the smallest ``t`` with ``F(t) > u``.

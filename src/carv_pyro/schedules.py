@@ -84,14 +84,31 @@ class DiscreteSchedule:
         t = torch.as_tensor(t)
         if t.dtype.is_floating_point or t.dtype == torch.bool:
             raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
-            raise ValueError(
-                f"t must lie in [0, {self.num_timesteps - 1}], got range "
-                f"[{int(t.min())}, {int(t.max())}]"
+        if t.device.type == "cpu":
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+                raise ValueError(
+                    f"t must lie in [0, {self.num_timesteps - 1}], got range "
+                    f"[{int(t.min())}, {int(t.max())}]"
+                )
+        elif t.numel():
+            # no host round trip on an accelerator: a device-side assert instead of ValueError
+            torch._assert_async(
+                ((t >= 0) & (t < self.num_timesteps)).all(),
+                f"t must lie in [0, {self.num_timesteps - 1}]",
             )
-        out = table.to(t.device)[t.long()]
+        out = self._table_on(table, t.device)[t.long()]
         dtype = like.dtype if like is not None else torch.get_default_dtype()
         return out.to(dtype)
+
+    def _table_on(self, table: Tensor, device: torch.device) -> Tensor:
+        """``table`` on ``device``, copied once per device (no host-to-device copy per call)."""
+        if table.device == device:
+            return table
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (id(table), device)
+        if key not in cache:
+            cache[key] = table.to(device)
+        return cache[key]
 
     def alpha(self, t: Tensor | int, like: Tensor | None = None) -> Tensor:
         """``alpha_t = sqrt(alphas_cumprod[t])`` with the shape of ``t``.

@@ -569,7 +569,11 @@ def render_rays(
                 pieces.append(shade(*args))
         color, weights, transmittance = (torch.cat(p, dim=0) for p in zip(*pieces, strict=True))
 
-    bg = torch.as_tensor(background, dtype=color.dtype, device=color.device)
+    if isinstance(background, (int, float)):
+        # a fill on the device: no host-to-device copy (and no host synchronisation) per render
+        bg = torch.full((), float(background), dtype=color.dtype, device=color.device)
+    else:
+        bg = torch.as_tensor(background, dtype=color.dtype, device=color.device)
     if bg.dim() > 1 or (bg.dim() == 1 and bg.shape[0] not in (1, color.shape[-1])):
         raise ValueError(
             f"background must be a number or a ({color.shape[-1]},) tensor, got shape "

@@ -3,6 +3,8 @@
 - :class:`AbstractTeacher`: the interface (shape checks, classifier-free guidance, chunking).
 - :class:`GaussianTeacher`, :class:`GaussianMixtureTeacher`: exact analytic denoisers.
 - :class:`DiffusersTeacher`: any local diffusers ``UNet2DModel`` / ``UNet2DConditionModel``.
+- :class:`PipelineTeacher` (:func:`teacher_from_pipeline`): a Stable-Diffusion-like pipeline's
+  latent space, text prompts and VAE encoder.
 - :func:`load_default`: the small teacher shipped inside the package.
 """
 
@@ -15,13 +17,16 @@ from .gaussian import GaussianMixtureTeacher, GaussianTeacher
 
 if TYPE_CHECKING:
     from .diffusers_teacher import DiffusersTeacher
+    from .pipeline import PipelineTeacher, teacher_from_pipeline
 
 __all__ = [
     "AbstractTeacher",
     "DiffusersTeacher",
     "GaussianMixtureTeacher",
     "GaussianTeacher",
+    "PipelineTeacher",
     "load_default",
+    "teacher_from_pipeline",
 ]
 
 
@@ -31,6 +36,10 @@ def __getattr__(name: str) -> Any:
         from .diffusers_teacher import DiffusersTeacher
 
         return DiffusersTeacher
+    if name in ("PipelineTeacher", "teacher_from_pipeline"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

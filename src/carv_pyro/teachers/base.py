@@ -241,10 +241,14 @@ class AbstractTeacher:
                 f"t must have shape ({n},) to match x_t (or be a scalar), got {tuple(t.shape)}"
             )
         num_t = self.schedule.num_timesteps
-        if n and (int(t.min()) < 0 or int(t.max()) >= num_t):
-            raise ValueError(
-                f"t must lie in [0, {num_t - 1}], got range [{int(t.min())}, {int(t.max())}]"
-            )
+        if n and t.device.type == "cpu":
+            if int(t.min()) < 0 or int(t.max()) >= num_t:
+                raise ValueError(
+                    f"t must lie in [0, {num_t - 1}], got range [{int(t.min())}, {int(t.max())}]"
+                )
+        elif n:
+            # no host round trip on an accelerator: a device-side assert instead of ValueError
+            torch._assert_async(((t >= 0) & (t < num_t)).all(), f"t must lie in [0, {num_t - 1}]")
         t = t.long()
 
         if cond is None:

@@ -298,6 +298,18 @@ class DiffusersTeacher(AbstractTeacher):
                 )
         return cls(unet, scheduler, **kwargs)
 
+    @classmethod
+    def from_pipeline(cls, pipe: Any, **kwargs: Any) -> DiffusersTeacher:
+        """A latent-space teacher of a Stable-Diffusion-like pipeline, with text prompts.
+
+        See :func:`carv_pyro.teachers.pipeline.teacher_from_pipeline` (``dtype``,
+        ``max_batch``, ``guidance_prompt``); returns a
+        :class:`~carv_pyro.teachers.pipeline.PipelineTeacher`.
+        """
+        from .pipeline import teacher_from_pipeline
+
+        return teacher_from_pipeline(pipe, **kwargs)
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``unet/``, ``scheduler/`` and the guidance settings under ``path``.
 
@@ -336,8 +348,15 @@ class DiffusersTeacher(AbstractTeacher):
         self.clear_cache()
 
     def to(self, *args: Any, **kwargs: Any) -> DiffusersTeacher:
-        """Move ``teacher.unet`` in place (``torch.nn.Module.to`` arguments); returns ``self``."""
+        """Move ``teacher.unet`` in place (``torch.nn.Module.to`` arguments); returns ``self``.
+
+        ``null_encoder_hidden_states`` moves to the new device too (keeping its dtype), so that
+        guidance copies nothing from the host inside a step.
+        """
         self.unet.to(*args, **kwargs)
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None and self.null_encoder_hidden_states is not None:
+            self.null_encoder_hidden_states = self.null_encoder_hidden_states.to(device)
         self.clear_cache()
         return self
 
