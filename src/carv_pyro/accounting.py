@@ -771,23 +771,23 @@ def _time_teacher(
     event = tuple(objective.event_shape)
     device = record.t.device
     dtype = record.surrogate.dtype
-    out = {}
+    inputs = {}
     for K in candidate_ks:
         n = record.n_outer * int(K)
         x = torch.zeros((n,) + event, dtype=dtype, device=device)
         t = objective.prior.sample((n,)).to(device)
-        eps = torch.randn_like(x)
         cond = (
             objective.teacher.null_cond(n)
             if objective.teacher.cond_event_shape is not None
             else None
         )
-        times = []
-        for i in range(n_timing + 1):
+        inputs[int(K)] = (x, t, torch.randn_like(x), cond)
+        objective.evaluate(*inputs[int(K)])  # warm-up
+    # round-robin over K, so that load changes during the timing hit every K alike
+    times: dict[int, list[float]] = {k: [] for k in inputs}
+    for _ in range(n_timing):
+        for k, args in inputs.items():
             watch = Stopwatch(device)
-            objective.evaluate(x, t, eps, cond)
-            watch.stop()
-            if i:  # the first call warms up
-                times.append(watch.seconds())
-        out[int(K)] = statistics.median(times)
-    return out
+            objective.evaluate(*args)
+            times[k].append(watch.stop().seconds())
+    return {k: statistics.median(v) for k, v in times.items()}
