@@ -185,7 +185,7 @@ def plot_rows(rows: list[BenchRow], path: str, title: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 5))
     groups: dict[str, list[BenchRow]] = {}
     for r in rows:
-        groups.setdefault(r.method.split(" ")[0], []).append(r)
+        groups.setdefault(r.method, []).append(r)
     for name, rs in groups.items():
         rs = sorted(rs, key=lambda r: r.cost_s)
         ax.plot([r.cost_s * 1e3 for r in rs], [r.var for r in rs], "o-", label=name)
