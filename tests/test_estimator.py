@@ -218,3 +218,24 @@ def test_svi_with_class_label_conditioning_on_mixture_teacher():
     assert (final[1.0] - means[0]).norm() < 0.2
     # ...and guidance pushes further away from the other component
     assert final[3.0][0] > final[1.0][0] + 0.2
+
+
+def test_score_difference_descends_towards_the_real_distribution():
+    """VSD/DMD sign: SGD along w (eps_real - eps_fake) moves samples from fake to real."""
+    from carv_pyro.teachers import GaussianTeacher
+
+    from .analytic import schedule
+
+    real = GaussianTeacher(torch.tensor([0.0, 0.0], dtype=torch.float64), 1.0, schedule())
+    fake = GaussianTeacher(torch.tensor([1.0, 1.0], dtype=torch.float64), 1.0, schedule())
+    objective = carv.ScoreDifference(real, fake, weighting="uniform")
+
+    def model():
+        theta = pyro.param("theta", torch.ones(2, dtype=torch.float64))
+        with pyro.plate("views", 1, dim=-2), pyro.plate("noise", 16, dim=-1):
+            carv.teacher_term("dmd", objective, theta.expand(1, 1, 2))
+
+    theta = pyro.param("theta", torch.ones(2, dtype=torch.float64)).unconstrained()
+    carv.CARVLoss().loss_and_grads(model, carv.TimestepGuide(model, stratify="per_outer"))
+    # the gradient points from the real mean (0) towards the fake one (1): SGD descends to 0
+    assert (theta.grad > 0).all()

@@ -317,7 +317,11 @@ class SDS(TeacherObjective):
 
 
 class ScoreDifference(TeacherObjective):
-    """Score difference of a real and a fake teacher: residual ``w(t) (eps_fake - eps_real)``.
+    """Score difference of a real and a fake teacher: residual ``w(t) (eps_real - eps_fake)``.
+
+    The sign is the descent direction, as for SDS (``eps_hat - eps``): the fake score is the
+    student's own, so ``s_fake - s_real = (eps_real - eps_fake) / sigma_t`` is the gradient of
+    ``KL(p_fake || p_real)`` w.r.t. the sample.
 
     The VSD (ProlificDreamer) and DMD distribution-matching gradient; ``fake`` is a score model of
     the student's own samples, trained alongside.
@@ -348,7 +352,7 @@ class ScoreDifference(TeacherObjective):
         self.fake = fake
 
         def score_difference(batch: NoisedBatch) -> Tensor:
-            return batch.eps_hat(self.fake, guidance_scale=1.0) - batch.eps_hat()
+            return batch.eps_hat() - batch.eps_hat(self.fake, guidance_scale=1.0)
 
         super().__init__(
             real,
