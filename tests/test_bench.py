@@ -26,15 +26,31 @@ def test_relative_efficiency_and_ecm_formulas():
 
 def test_text_to_3d_bench_writes_every_configuration(tmp_path):
     args = SimpleNamespace(
-        pipeline="text-to-3d", quick=True, smoke=True, json=str(tmp_path / "b.json"),
-        plot=str(tmp_path / "b.png"), device="cpu", seed=0, repeats=None, quiet=True,
+        pipeline="text-to-3d",
+        quick=True,
+        smoke=True,
+        json=str(tmp_path / "b.json"),
+        plot=str(tmp_path / "b.png"),
+        device="cpu",
+        seed=0,
+        repeats=None,
+        quiet=True,
     )
     assert main(args) == 0
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["pipeline"] == "text-to-3d" and result["device"]
     methods = {r["method"] for r in result["rows"]}
-    for m in ("baseline", "reuse", "IS", "strat", "IS+strat", "IS+strat+antithetic",
-              "IS+strat+QMC", "adaptive K*", "strat global"):
+    for m in (
+        "baseline",
+        "reuse",
+        "IS",
+        "strat",
+        "IS+strat",
+        "IS+strat+antithetic",
+        "IS+strat+QMC",
+        "adaptive K*",
+        "strat global",
+    ):
         assert m in methods, m
     assert {r["K"] for r in result["rows"] if r["method"] == "reuse"} == {2, 4, 8, 16}
     for r in result["rows"]:

@@ -237,7 +237,11 @@ class TextTo3DBench:
     name = "text-to-3d"
 
     def __init__(
-        self, quick: bool, seed: int = 0, device: str = "cpu", prompt: str = "3",
+        self,
+        quick: bool,
+        seed: int = 0,
+        device: str = "cpu",
+        prompt: str = "3",
         smoke: bool = False,
     ):
         import pyro
