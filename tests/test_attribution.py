@@ -1,0 +1,451 @@
+"""Tests for the D-TRAK-style attribution pipeline (``carv_pyro.pipelines.attribution``).
+
+Unbiasedness is checked two ways: on an analytic teacher whose denoising-loss gradient w.r.t. a
+learnable mean has a closed form, and on a tiny diffusers UNet against a reference that
+enumerates every timestep of a short schedule exactly with many noise draws per timestep.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
+
+from carv_pyro.pipelines.attribution import (
+    AttributionBench,
+    AttributionFeaturizer,
+    RandomProjection,
+    VAEEncoder,
+    attribution_scores,
+    geometric_bins,
+    pilot_proposal,
+    rank_correlation,
+    select_parameters,
+)
+from carv_pyro.schedules import DiscreteSchedule
+from carv_pyro.teachers import AbstractTeacher, DiffusersTeacher
+
+# z-tests at 4.5 standard errors per coordinate: 3 coordinates x 2 examples x 6 set-ups (analytic)
+# + 6 coordinates x 2 examples (UNet) = 48 tests; a Bonferroni bound puts a false alarm below
+# 48 * 6.8e-6 = 3.3e-4, and every seed is fixed, so the outcome is deterministic.
+Z = 4.5
+
+ESTIMATORS = [
+    ("prior", None, "iid"),
+    ("prior", "per_outer", "iid"),
+    ("weighted", None, "iid"),
+    ("weighted", "per_outer", "iid"),
+    ("weighted", "per_outer", "antithetic"),
+    ("pilot", "per_outer", "iid"),  # pilot_proposal's q*, estimated on other examples
+]
+
+
+# --------------------------------------------------------------------- analytic teacher
+
+T_ANALYTIC = 20
+STD = 0.6
+D = 3
+
+
+class LearnableGaussianTeacher(AbstractTeacher):
+    """Exact denoiser of ``N(m, STD^2 I)`` with a learnable ``m``: ``eps_hat`` is affine in ``m``.
+
+    ``eps_hat - eps = A_t (x - m) + B_t eps`` with ``A = sigma alpha / den`` and
+    ``B = sigma^2 / den - 1`` (``den = alpha^2 STD^2 + sigma^2``), so the per-draw loss
+    ``w ||.||^2 / D`` has ``E_eps grad_m = -(2 / D) w A^2 (x - m)`` and the feature is
+    ``g(x) = -(2 / D) E_p[w A^2] (x - m)``.
+    """
+
+    def __init__(self, schedule: DiscreteSchedule):
+        self.schedule = schedule
+        self.event_shape = torch.Size([D])
+        self.cond_event_shape = None
+        self.net = nn.Module()
+        self.net.mean = nn.Parameter(torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
+        self.net.requires_grad_(False)
+
+    def _predict_eps(self, x_t, t, cond):
+        f64 = x_t
+        a = self.schedule.alpha(t, like=f64)[:, None]
+        s = self.schedule.sigma(t, like=f64)[:, None]
+        return s * (x_t - a * self.net.mean) / (a * a * STD**2 + s * s)
+
+
+def _analytic():
+    teacher = LearnableGaussianTeacher(DiscreteSchedule.linear(T_ANALYTIC, 1e-3, 0.3))
+    featurizer = AttributionFeaturizer(teacher, module=teacher.net, dim=None)
+    return teacher, featurizer
+
+
+def _analytic_feature(featurizer, teacher, x: torch.Tensor) -> torch.Tensor:
+    obj = featurizer.objective
+    t = torch.arange(T_ANALYTIC)
+    f64 = torch.empty((), dtype=torch.float64)
+    a, s = obj.schedule.alpha(t, like=f64), obj.schedule.sigma(t, like=f64)
+    A = s * a / (a * a * STD**2 + s * s)
+    c = (obj.prior.probs() * obj.weight(t) * A * A).sum()
+    return -(2.0 / D) * c * (x - teacher.net.mean.detach())
+
+
+@pytest.mark.parametrize("proposal,stratify,noise", ESTIMATORS)
+def test_analytic_feature_is_unbiased(proposal, stratify, noise):
+    teacher, featurizer = _analytic()
+    x = torch.tensor([[1.0, 0.5, -1.0], [-0.4, 0.8, 0.2]], dtype=torch.float64)
+    if proposal == "pilot":
+        other = torch.tensor([[0.0, -1.0, 0.5]], dtype=torch.float64)
+        proposal = pilot_proposal(featurizer, other, n_draws=24, n_bins=6, seed=3)
+    n = 100
+    est = torch.stack(
+        [
+            featurizer.features(
+                x,
+                K=4,
+                proposal=proposal,
+                stratify=stratify,
+                noise=noise,
+                shared_draws=False,
+                seed=i,
+            ).features
+            for i in range(n)
+        ]
+    )
+    mean, se = est.mean(0), est.std(0) / n**0.5
+    want = _analytic_feature(featurizer, teacher, x)
+    assert ((mean - want).abs() <= Z * se).all(), (mean, want, se)
+
+
+def test_pilot_proposal_is_a_defensive_q_star():
+    teacher, featurizer = _analytic()
+    x = torch.tensor([[1.0, 0.5, -1.0], [0.0, -1.0, 0.5]], dtype=torch.float64)
+    q = pilot_proposal(featurizer, x, n_draws=32, n_bins=6, defensive=0.2, seed=0)
+    p = featurizer.objective.prior.probs()
+    assert abs(float(q.probs().sum()) - 1.0) < 1e-12
+    assert ((q.probs() > 0) == (p > 0)).all()
+    assert float((p / q.probs()).max()) <= 1 / 0.2 + 1e-9  # weights bounded by 1 / a
+    # the exact q* on the same bins, from E||g||^2 | t known in closed form: per draw
+    # g = -(2 / D) w A (A (x - m) + B eps), so E||g||^2 = (2 / D)^2 w^2 A^2 (A^2 ||x - m||^2 + B^2 D)
+    obj = featurizer.objective
+    t = torch.arange(T_ANALYTIC)
+    f64 = torch.empty((), dtype=torch.float64)
+    a, s = obj.schedule.alpha(t, like=f64), obj.schedule.sigma(t, like=f64)
+    den = a * a * STD**2 + s * s
+    A, B = s * a / den, s * s / den - 1
+    r2 = ((x - teacher.net.mean.detach()) ** 2).sum(1)
+    m2 = ((2 / D) ** 2 * obj.weight(t) ** 2 * A**2 * (A**2 * r2[:, None] + B**2 * D)).mean(0)
+    bins = geometric_bins(obj.prior, 6)
+    per_bin = torch.zeros(int(bins.max()) + 1, dtype=torch.float64)
+    m2_bin = per_bin.index_add(0, bins, p * m2) / per_bin.index_add(0, bins, p)
+    exact = p * m2_bin.sqrt()[bins]
+    exact = 0.8 * exact / exact.sum() + 0.2 * p
+
+    def tv(u, v):
+        return 0.5 * float((u - v).abs().sum())
+
+    # 64 pilot draws land it at least 3x closer (total variation) to q* than the prior is
+    assert tv(q.probs(), exact) < tv(p, exact) / 3
+    with pytest.raises(ValueError, match="defensive"):
+        pilot_proposal(featurizer, x, defensive=0.0)
+
+
+def test_geometric_bins_are_contiguous_and_finest_at_small_t():
+    from carv_pyro.schedules import UniformTimesteps
+
+    bins = geometric_bins(UniformTimesteps(1000, (0.0, 0.999)), 12)
+    sizes = torch.bincount(bins)
+    assert (bins.diff() >= 0).all() and (bins.diff() <= 1).all()
+    assert sizes[0] == 1 and sizes[1] == 1 and (sizes.diff() >= 0).all()
+    assert int(bins.max()) + 1 == 12
+
+
+# ------------------------------------------------------------------------- tiny UNet
+
+T_UNET = 10
+
+
+def _tiny_teacher(seed: int = 0, channels: int = 1, size: int = 8) -> DiffusersTeacher:
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=4,
+    )
+    return DiffusersTeacher(unet, DDPMScheduler(num_train_timesteps=T_UNET))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    teacher = _tiny_teacher()
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(3, 1, 8, 8, generator=g) * 2 - 1
+    labels = torch.tensor([0, 2, 1])
+    return teacher, images, labels
+
+
+def _exact_reference(featurizer, images, labels, m: int = 64, chunk: int = 32):
+    """Every timestep enumerated with ``m`` noise draws each: (mean, standard error), projected."""
+    obj = featurizer.objective
+    p = obj.prior.probs()
+    params = featurizer.params
+    teacher = featurizer.teacher
+    means, variances = [], []
+    g = torch.Generator().manual_seed(99)
+    teacher.requires_grad = True
+    try:
+        for x, y in zip(images, labels):
+            mean = torch.zeros(featurizer.dim, dtype=torch.float64)
+            var = torch.zeros(featurizer.dim, dtype=torch.float64)
+            for t in range(T_UNET):
+                chunks = []
+                for _ in range(m // chunk):
+                    eps = torch.randn((chunk, 1, 8, 8), generator=g)
+                    out = obj.evaluate(
+                        x.expand(chunk, 1, 8, 8),
+                        torch.full((chunk,), t),
+                        eps,
+                        y.expand(chunk),
+                    )
+                    grads = torch.autograd.grad(out.surrogate.mean(), params)
+                    flat = torch.cat([gr.reshape(-1) for gr in grads])
+                    chunks.append(featurizer.projection(flat[None])[0].to(torch.float64))
+                c = torch.stack(chunks)
+                mean += p[t] * c.mean(0)
+                var += p[t] ** 2 * c.var(0) / c.shape[0]
+            means.append(mean)
+            variances.append(var)
+    finally:
+        teacher.requires_grad = False
+    return torch.stack(means), torch.stack(variances).sqrt()
+
+
+def test_unet_feature_is_unbiased_against_exact_timestep_enumeration(tiny):
+    """IS + stratification on a real UNet (the other estimators are checked analytically)."""
+    teacher, images, labels = tiny
+    featurizer = AttributionFeaturizer(
+        teacher, params=("up_blocks.1", "conv_out"), dim=6, projection_seed=3
+    )
+    images, labels = images[:2], labels[:2]
+    ref, ref_se = _exact_reference(featurizer, images, labels)
+    n = 60
+    est = torch.stack(
+        [
+            featurizer.features(
+                images, labels, K=4, proposal="weighted", stratify="per_outer", seed=1000 + i
+            ).features.to(torch.float64)
+            for i in range(n)
+        ]
+    )
+    mean, se = est.mean(0), est.std(0) / n**0.5
+    total_se = (se**2 + ref_se**2).sqrt()
+    assert ((mean - ref).abs() <= Z * total_se).all(), (mean - ref) / total_se
+
+
+def test_feature_is_exactly_that_examples_weighted_gradient(tiny):
+    """One estimate equals (1/K) sum_k w_k grad loss_k of that example alone, by hand."""
+    teacher, images, labels = tiny
+    featurizer = AttributionFeaturizer(teacher, dim=None)
+    res = featurizer.features(
+        images,
+        labels,
+        K=3,
+        proposal="weighted",
+        stratify="per_outer",
+        shared_draws=False,
+        seed=4,
+        record_draws=True,
+    )
+    assert res.weights is not None and not torch.equal(res.weights, torch.ones_like(res.weights))
+    teacher.requires_grad = True
+    try:
+        for i in range(images.shape[0]):
+            out = featurizer.objective.evaluate(
+                images[i].expand(3, 1, 8, 8), res.timesteps[i], res.noise[i], labels[i].expand(3)
+            )
+            surrogate = (res.weights[i].to(out.surrogate.dtype) * out.surrogate).mean()
+            grads = torch.autograd.grad(surrogate, featurizer.params)
+            want = torch.cat([g.reshape(-1) for g in grads])
+            torch.testing.assert_close(res.features[i], want, rtol=1e-4, atol=1e-6)
+    finally:
+        teacher.requires_grad = False
+
+
+def test_shared_draws_are_identical_across_examples(tiny):
+    teacher, images, labels = tiny
+    featurizer = AttributionFeaturizer(teacher, params="conv_out", dim=4)
+    for stratify in (None, "per_outer"):
+        shared = featurizer.features(
+            images, labels, K=5, stratify=stratify, shared_draws=True, seed=1, record_draws=True
+        )
+        assert torch.equal(shared.timesteps, shared.timesteps[:1].expand_as(shared.timesteps))
+        assert torch.equal(shared.noise, shared.noise[:1].expand_as(shared.noise))
+        # the same draws for a subset: each example's feature is its own term's gradient only
+        alone = featurizer.features(images[1:2], labels[1:2], K=5, stratify=stratify, seed=1)
+        torch.testing.assert_close(alone.features[0], shared.features[1])
+    own = featurizer.features(images, labels, K=5, shared_draws=False, seed=1, record_draws=True)
+    assert not torch.equal(own.timesteps[0], own.timesteps[1])
+    assert not torch.equal(own.noise[0], own.noise[1])
+
+
+def test_same_seed_same_features_and_teacher_state_restored(tiny):
+    teacher, images, labels = tiny
+    featurizer = AttributionFeaturizer(teacher, params=("up_blocks.1",), dim=8)
+    a = featurizer.features(images, labels, K=2, seed=7).features
+    b = featurizer.features(images, labels, K=2, seed=7).features
+    c = featurizer.features(images, labels, K=2, seed=8).features
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert teacher.requires_grad is False
+    assert all(not p.requires_grad and p.grad is None for p in teacher.unet.parameters())
+
+
+def test_latent_teacher_with_vae_encoder_upstream():
+    encoder = VAEEncoder(seed=0)
+    teacher = _tiny_teacher(channels=4, size=8)
+    featurizer = AttributionFeaturizer(teacher, upstream=encoder, dim=8)
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    res = featurizer.features(images, torch.tensor([0, 1]), K=2, seed=0)
+    assert res.features.shape == (2, 8) and torch.isfinite(res.features).all()
+    assert res.seconds_upstream > 0
+    pixel = AttributionFeaturizer(teacher, dim=8)
+    with pytest.raises(ValueError, match="images must have shape"):
+        pixel.features(images, torch.tensor([0, 1]), K=2)
+
+
+# ------------------------------------------------------------------------ projection
+
+
+def test_projection_is_deterministic_under_a_seed_and_differs_across_seeds():
+    a = RandomProjection(1000, 16, seed=0, chunk_size=300).matrix()
+    b = RandomProjection(1000, 16, seed=0, chunk_size=300, max_cache_bytes=0).matrix()
+    c = RandomProjection(1000, 16, seed=1, chunk_size=300).matrix()
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    r = RandomProjection(1000, 16, seed=0, kind="rademacher").matrix()
+    assert set(torch.unique(r * 4).tolist()) == {-1.0, 1.0}
+
+
+def test_projection_applies_the_matrix_chunk_by_chunk():
+    proj = RandomProjection(1000, 16, seed=2, chunk_size=300, max_cache_bytes=0)
+    g = torch.randn(3, 1000, dtype=torch.float64)
+    torch.testing.assert_close(proj(g), g @ proj.matrix().to(torch.float64).T)
+    torch.testing.assert_close(proj(g[0]), proj(g)[0])
+
+
+def test_projection_preserves_squared_norms_in_expectation():
+    # E||P g||^2 = ||g||^2: over 200 projections the relative error of the mean is about
+    # sqrt(2 / k) / sqrt(200) = 0.025 for k = 16; allow 4.5 of those.
+    g = torch.randn(500, dtype=torch.float64)
+    ratios = torch.stack(
+        [RandomProjection(500, 16, seed=s)(g).pow(2).sum() / g.pow(2).sum() for s in range(200)]
+    )
+    assert abs(float(ratios.mean()) - 1.0) < 4.5 * float(ratios.std()) / 200**0.5
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def test_trak_scores_match_the_direct_formula_in_both_branches():
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((5, 12), (12, 5)):
+        F = torch.randn(n, k, generator=g, dtype=torch.float64)
+        Q = torch.randn(3, k, generator=g, dtype=torch.float64)
+        lam = 0.1 * float((F * F).sum()) / k
+        want = Q @ torch.linalg.inv(F.T @ F + lam * torch.eye(k, dtype=F.dtype)) @ F.T
+        torch.testing.assert_close(attribution_scores(F, Q, damping=0.1), want)
+    F = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    Q = torch.randn(2, 9, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(attribution_scores(F, Q, damping=0.0), Q @ torch.linalg.pinv(F))
+    cos = attribution_scores(F, Q, method="cosine")
+    assert cos.shape == (2, 4) and (cos.abs() <= 1 + 1e-12).all()
+
+
+def test_rank_correlation_matches_spearman_with_ties():
+    from scipy.stats import spearmanr
+
+    a = torch.tensor([[1.0, 2.0, 2.0, 5.0, 0.5, 3.0], [3.0, 1.0, 4.0, 1.0, 5.0, 9.0]])
+    b = torch.tensor([[2.0, 1.0, 4.0, 4.0, 0.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    got = rank_correlation(a, b)
+    for i in range(2):
+        assert abs(float(got[i]) - spearmanr(a[i], b[i]).statistic) < 1e-12
+    assert float(rank_correlation(a[0], a[0])) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_bad_arguments_raise_value_errors_naming_them(tiny):
+    teacher, images, labels = tiny
+    f = AttributionFeaturizer(teacher, params="conv_out", dim=4)
+    cases = [
+        (lambda: f.features(images, labels, K=0), "K must"),
+        (lambda: f.features(images, labels, proposal="bogus"), "proposal"),
+        (lambda: f.features(images, labels, stratify="bogus"), "stratify"),
+        (lambda: f.features(images, labels, noise="bogus"), "noise"),
+        (lambda: f.features(images, labels, shared_draws="yes"), "shared_draws"),
+        (lambda: f.features(images, labels[:2]), "labels"),
+        (lambda: f.features(images[0], labels), "images"),
+        (lambda: AttributionFeaturizer(teacher, dim=0), "dim must"),
+        (lambda: AttributionFeaturizer(teacher, params=("nope",)), "params"),
+        (lambda: AttributionFeaturizer(teacher, dim=4, projection="bogus"), "projection"),
+        (lambda: RandomProjection(10, 4, kind="bogus"), "kind"),
+        (lambda: AttributionFeaturizer(object()), "module"),
+        (lambda: RandomProjection(10, 4)(torch.zeros(2, 11)), "g must"),
+        (lambda: attribution_scores(torch.zeros(3, 4), torch.zeros(2, 4), damping=-1), "damping"),
+        (lambda: attribution_scores(torch.zeros(3, 4), torch.zeros(2, 5)), "query_features"),
+        (lambda: attribution_scores(torch.zeros(3, 4), torch.zeros(2, 4), method="x"), "method"),
+        (lambda: attribution_scores(torch.zeros(4), torch.zeros(2, 4)), "train_features"),
+        (lambda: rank_correlation(torch.zeros(3), torch.zeros(4)), "shape"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert [n for n, _ in select_parameters(teacher.unet, "conv_out")] == [
+        "conv_out.weight",
+        "conv_out.bias",
+    ]
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # the bench warns when the embedded weights are still missing; either way is fine here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AttributionBench(quick=True, seed=0)
+
+
+def test_bench_protocol_estimates_and_reference_are_finite(bench):
+    configs = bench.configs()
+    assert {c["K"] for c in configs} == {4, 64}
+    assert {(c["proposal"], c["stratify"]) for c in configs} >= {
+        ("prior", None),
+        ("prior", "per_outer"),
+        ("weighted", None),
+        ("weighted", "per_outer"),
+    }
+    small = next(c for c in configs if c["K"] == 4 and c["method"] == "IS*+strat")
+    g = bench.estimate(small)
+    ref = bench.reference(1)
+    assert g.shape == ref.shape == (bench.R * bench.featurizer.dim,)
+    assert torch.isfinite(g).all() and torch.isfinite(ref).all()
+    assert not torch.equal(g, bench.estimate(small))  # independent across estimates
+    with pytest.raises(ValueError, match="R must"):
+        bench.estimate(dict(small, R=bench.R + 1))
+    # with the protocol's rows, ECM against the baseline at the same K
+    from types import SimpleNamespace as Row
+
+    bench.rows = [
+        Row(method="baseline", K=4, var=2.0, cost_s=1.0),
+        Row(method="x", K=4, var=0.5, cost_s=2.0),
+    ]
+    assert bench._same_k_ecm() == {"ecm_same_K/baseline/K=4": 1.0, "ecm_same_K/x/K=4": 2.0}
+    bench.rows = []
