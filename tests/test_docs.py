@@ -21,6 +21,32 @@ def test_tutorial_runs_at_smoke_size(path, tmp_path, monkeypatch):
     runpy.run_path(str(path), run_name="__main__")
 
 
+def test_attribution_example_runs_at_smoke_size(tmp_path, monkeypatch):
+    """The attribution tutorial page includes examples/attribution.py: run it tiny."""
+    argv = [
+        "attribution.py",
+        "--n-train",
+        "6",
+        "--n-query",
+        "1",
+        "--K",
+        "4",
+        "--dim",
+        "8",
+        "--pilot-draws",
+        "4",
+        "--reference-n",
+        "1",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path / "attribution.png"),
+    ]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(ROOT / "examples" / "attribution.py"), run_name="__main__")
+    assert (tmp_path / "attribution.png").exists()
+
+
 def test_every_tutorial_page_includes_its_script():
     """The docs include the scripts the suite runs (pymdownx.snippets), so they cannot drift."""
     pages = list((ROOT / "docs" / "tutorials").glob("*.md"))

@@ -154,7 +154,9 @@ def _relative(rows: list[BenchRow]) -> None:
     """Fill ``re`` and ``ecm`` from the baseline and plain-reuse rows."""
     plain = {(r.R, r.K): r for r in rows if _is_plain(asdict(r))}
     for r in rows:
-        base = plain.get((r.R, 1))
+        # against the K = 1 baseline where the pipeline runs one, else the plain estimator at
+        # the same (R, K) (attribution compares estimators at equal evaluations per example)
+        base = plain.get((r.R, 1)) or plain.get((r.R, r.K))
         same = plain.get((r.R, r.K))
         if same is not None and r.var > 0:
             r.re = same.var / r.var
