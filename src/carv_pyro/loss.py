@@ -114,6 +114,7 @@ class CARVLoss(ELBO):
         self._trace_watch: Stopwatch | None = None
         self.diagnostics: dict[str, TermDiagnostics] = {}
         self.last_records: list[TermRecord] = []
+        self.hooks: list = []
 
     # -- traces ----------------------------------------------------------------------------
     def _get_trace(self, model, guide, args, kwargs):
@@ -261,6 +262,8 @@ class CARVLoss(ELBO):
             self._diagnose(particle)
             if hasattr(guide, "update"):
                 guide.update(particle.records)
+            for hook in self.hooks:
+                hook(self, particle.records, model_trace, guide_trace)
             part = particle.surrogate / self.num_particles
             record = acc.select(particle.records) if acc is not None else None
             measured = False
