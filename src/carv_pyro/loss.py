@@ -114,6 +114,8 @@ class CARVLoss(ELBO):
         self._trace_watch: Stopwatch | None = None
         self.diagnostics: dict[str, TermDiagnostics] = {}
         self.last_records: list[TermRecord] = []
+        #: callables ``hook(loss, records, model_trace, guide_trace)`` run after each particle
+        #: (e.g. to record the draws of a step)
         self.hooks: list = []
 
     # -- traces ----------------------------------------------------------------------------
