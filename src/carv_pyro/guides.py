@@ -275,7 +275,6 @@ class TimestepGuide:
         self.sites = None if sites is None else tuple(sites)
         self.generator = generator
         self._proposals: dict[str, AbstractTimestepDistribution] = {}
-        self.found_sites: list[str] = []
 
     # -- Pyro guide protocol -------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> None:
@@ -394,8 +393,6 @@ class ProposalMessenger(Messenger):
             msg["value"] = t
             msg["infer"][LOG_Q_KEY] = log_q
             self.proposed.append(term)
-            if term not in self.guide.found_sites:
-                self.guide.found_sites.append(term)
         elif role == "noise":
             loc = fn.base_dist.loc if hasattr(fn, "base_dist") else fn.loc
             msg["value"] = self.guide.sample_noise(
