@@ -85,6 +85,18 @@ def test_bench_arguments_are_parsed_in_cli():
     )
 
 
+def test_bench_pretrain_steps_is_parsed_and_only_for_distillation(capsys):
+    args = cli.build_parser().parse_args(
+        ["bench", "--pipeline", "distillation", "--pretrain-steps", "0"]
+    )
+    assert args.pretrain_steps == 0
+    assert cli.build_parser().parse_args(["bench"]).pretrain_steps is None
+    err = _error(capsys, ["bench", "--pretrain-steps", "5"])
+    assert "--pretrain-steps" in err and "distillation" in err and "text-to-3d" in err
+    err = _error(capsys, ["bench", "--pipeline", "distillation", "--pretrain-steps", "-1"])
+    assert "--pretrain-steps" in err
+
+
 def test_dream_command_runs_and_resumes(capsys, tmp_path, monkeypatch):
     # The real pipeline at tiny sizes, with a tiny random teacher and classifier.
     real_dream = text_to_3d.dream

@@ -164,6 +164,44 @@ def _relative(rows: list[BenchRow]) -> None:
             r.ecm = (base.var * base.cost_s) / (r.var * r.cost_s)
 
 
+def components_from_rows(rows: list[BenchRow]) -> dict[str, float] | None:
+    """``V_b``, ``V_w`` and the ceiling on any inner-plate variance cut, from two plain rows.
+
+    The plain estimator (prior proposal, no stratification, i.i.d. noise) has
+    ``Var(R, K) = (V_b + V_w / K) / R``, so its rows at ``(R, 1)`` and ``(R, K)`` give both
+    components. Nothing done on the inner plate (more draws, IS, stratification, QMC) can remove
+    ``V_b``, so ``(V_b + V_w) / V_b`` bounds the cut of ``Var(R, 1)`` any such estimator at this
+    ``R`` can reach. The reference's own variance is not subtracted: it sits in every row's
+    ``var``, so ``V_b`` is slightly over-estimated and the ceiling slightly under-estimated.
+
+    Args:
+        rows: measured rows; the first ``R`` with a plain ``K = 1`` row and a plain ``K > 1``
+            row is used (the largest such ``K``).
+
+    Returns:
+        ``{"R", "K", "v_between", "v_within", "ceiling"}`` (``ceiling`` is ``inf`` when the
+        measured ``V_b`` is not positive), or ``None`` without such a pair of rows.
+    """
+    plain = [r for r in rows if _is_plain(asdict(r))]
+    for one in (r for r in plain if r.K == 1):
+        many = [r for r in plain if r.R == one.R and r.K > 1]
+        if not many:
+            continue
+        big = max(many, key=lambda r: r.K)
+        total, reduced = one.R * one.var, big.R * big.var  # V_b + V_w, V_b + V_w / K
+        v_within = (total - reduced) / (1.0 - 1.0 / big.K)
+        v_between = total - v_within
+        ceiling = total / v_between if v_between > 0 else math.inf
+        return {
+            "R": one.R,
+            "K": big.K,
+            "v_between": v_between,
+            "v_within": v_within,
+            "ceiling": ceiling,
+        }
+    return None
+
+
 def format_table(rows: list[BenchRow]) -> str:
     """A readable table of the rows."""
     head = f"{'method':<22}{'R':>3}{'K':>4}{'Var':>12}{'cost (ms)':>11}{'RE':>7}{'ECM':>7}{'ECM pred':>9}"
@@ -469,7 +507,8 @@ def main(args: Any) -> int:
     """Run the bench for ``args.pipeline`` (an argparse namespace from :mod:`carv_pyro.cli`).
 
     Expected attributes: ``pipeline``, ``quick``, ``json``, ``plot``, ``device``, ``seed``,
-    ``repeats`` (``None``: 20 quick, 100 full).
+    ``repeats`` (``None``: 20 quick, 100 full); optional ``pretrain_steps`` (distillation's
+    checkpoint), ``smoke`` and ``quiet``.
     """
     if args.pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {args.pipeline!r}; expected one of {sorted(PIPELINES)}")
@@ -479,7 +518,9 @@ def main(args: Any) -> int:
     progress = not getattr(args, "quiet", False)
     t0 = time.perf_counter()
     smoke = bool(getattr(args, "smoke", False))
-    kwargs = {"smoke": True} if smoke else {}
+    kwargs: dict[str, Any] = {"smoke": True} if smoke else {}
+    if getattr(args, "pretrain_steps", None) is not None:
+        kwargs["pretrain_steps"] = args.pretrain_steps
     bench = PIPELINES[args.pipeline](quick=quick, seed=args.seed, device=args.device, **kwargs)
     if smoke:
         repeats, n_reference = 2, 2
@@ -507,6 +548,7 @@ def main(args: Any) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "wall_s": None,
         "rows": [asdict(r) for r in rows],
+        "components": components_from_rows(rows),
         "extras": extras,
     }
     if report is not None:
@@ -521,6 +563,13 @@ def main(args: Any) -> int:
         }
     result["wall_s"] = time.perf_counter() - t0
     print(format_table(rows))
+    if result["components"] is not None:
+        c = result["components"]
+        print(
+            f"\nfrom the plain rows at R={c['R']}: V_b = {c['v_between']:.4g}, "
+            f"V_w = {c['v_within']:.4g}; no inner-plate estimator can cut Var(R, 1) by more "
+            f"than (V_b + V_w) / V_b = {c['ceiling']:.3g}x"
+        )
     if report is not None:
         print()
         print(report.table((1, 2, 4, 8, 16)))
