@@ -355,7 +355,8 @@ class FeatureResult:
         seconds_teacher: wall-clock seconds of the estimator (the model's trace, the teacher's
             forward and backward passes).
         seconds_projection: wall-clock seconds of the projection.
-        timesteps: ``(n, K)`` the draws' timesteps, when asked for (``record_draws``).
+        timesteps: ``(n, K)`` the draws' timesteps, when asked for (``record_draws``); the
+            recorded draws are CPU tensors whatever the device.
         noise: ``(n, K, *event)`` the draws' noise, when asked for.
         weights: ``(n, K)`` the draws' importance weights ``p(t) / q(t)``, when asked for.
     """
@@ -772,7 +773,8 @@ def pilot_proposal(
             seed=_mix_seed(seed, r, 0x9110),
             record_draws=True,
         )
-        f = res.features.to(torch.float64) / res.weights.to(torch.float64)  # unweighted draws
+        # the recorded draws live on the CPU, the features where the teacher runs
+        f = res.features.to("cpu", torch.float64) / res.weights.to(torch.float64)  # unweighted
         b = bins[res.timesteps[:, 0]]
         sum_sq.index_add_(0, b, f.pow(2).sum(1))
         count.index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
