@@ -90,7 +90,7 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
 - ``"carv-is"``: as ``"carv"`` with ``t`` importance-sampled from ``q ∝ p(t) w(t) alpha_t``.
 
 ``"carv"`` does not importance-sample: the library's cheap heuristic ``q ∝ p w alpha`` favours
-small ``t``, where DMD2's normalized residual is large, and measured 1.5-4x MORE variance than
+small ``t``, where DMD2's normalized residual is large, and measured 3.8-15x MORE variance than
 stratification alone on the digits teacher (see :class:`DistillationBench`).
 """
 
@@ -1220,9 +1220,10 @@ class DistillationBench:
     nothing is stepped.
 
     The between-sample share of the variance (different latents ``z`` give different expected
-    gradients) depends strongly on the checkpoint, so the ``(R, 1) -> (R, 16)`` ratio does too
-    (measured on the digits teacher at R = 8: about 26x right after the fake warm-up, 3-5x after
-    100 steps, 8-10x after 400, 4-5x after 1500); pass ``pretrain_steps`` to choose it.
+    gradients) depends strongly on the checkpoint, so the ``(R, 1) -> (R, 16)`` ratio does too:
+    on one H200 at R = 8 the stratified cut was 10.9x right after the fake warm-up, 4.9x after
+    100 steps and 5.9x after 400, against ceilings ``(V_b + V_w) / V_b`` of 56x, 4.8x and 6.7x
+    (``benchmarks/distillation_h200.md``). Pass ``pretrain_steps`` to choose the checkpoint.
 
     Args:
         quick: small sizes (``R = 4``, 10 pretraining steps, about 10 CPU-seconds with the
