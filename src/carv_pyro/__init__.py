@@ -1,8 +1,8 @@
 """carv-pyro: cheaper gradients from frozen diffusion teachers, as a Pyro plugin.
 
 The teacher objective is a Pyro model with nested plates (outer: upstream samples; inner: cheap
-``(t, eps)`` resamples), :class:`~carv_pyro.guides.TimestepGuide` proposes timesteps by importance
-sampling and stratified inverse CDF, and :class:`CARVLoss` turns it all into an unbiased gradient
+``(t, eps)`` resamples), [`TimestepGuide`][carv_pyro.guides.TimestepGuide] proposes timesteps by importance
+sampling and stratified inverse CDF, and `CARVLoss` turns it all into an unbiased gradient
 estimate for ``pyro.infer.SVI``.
 """
 

@@ -17,7 +17,7 @@ products (instead of one) give the quadrants' gradient sums ``Q_ab``, whose sum 
 gradient. Within an upstream half, the difference of the two inner halves' means has expected
 squared norm ``V_w (1/|b_1| + 1/|b_2|) / |a|``; the difference of the two upstream halves' means
 has ``(V_b + V_w / K)(1/|a_1| + 1/|a_2|)``. Both give unbiased per-step estimates that
-:class:`VarianceComponents` pools (Welford, mergeable across processes). The estimates treat the
+`VarianceComponents` pools (Welford, mergeable across processes). The estimates treat the
 inner draws as exchangeable: with stratified timesteps, draws within an upstream sample are
 negatively correlated and ``V_w`` is over-estimated (conservatively).
 """
@@ -187,7 +187,7 @@ class VarianceComponents:
 
     @classmethod
     def from_state(cls, state: Sequence[float]) -> VarianceComponents:
-        """Inverse of :meth:`state`."""
+        """Inverse of `state`."""
         vc = cls()
         vc.n_within, vc.mean_within, vc.m2_within = int(state[0]), float(state[1]), float(state[2])
         vc.n_outer, vc.mean_between, vc.m2_between = int(state[3]), float(state[4]), float(state[5])
@@ -462,7 +462,7 @@ class _Measurement:
 class Accountant:
     """Running variance components and costs during SVI; optionally sets ``K`` to ``K*``.
 
-    Pass it to :class:`~carv_pyro.CARVLoss` (``CARVLoss(accountant=Accountant(...))``). Every
+    Pass it to [`CARVLoss`][carv_pyro.CARVLoss] (``CARVLoss(accountant=Accountant(...))``). Every
     ``every``-th step it replaces the one backward pass by four (one per quadrant, see the module
     docstring) to estimate ``V_b`` and ``V_w``; every step it times the teacher and the rest.
     Overhead: three extra vector-Jacobian products through the upstream every ``every`` steps
@@ -480,7 +480,7 @@ class Accountant:
 
     Attributes:
         k: the inner size now in use (``None`` until adapted: the model's own size).
-        components: pooled :class:`VarianceComponents` over the window.
+        components: pooled `VarianceComponents` over the window.
         history: per-measurement dicts (step, V_b, V_w, costs, K*, K, predicted ECM).
     """
 
@@ -649,7 +649,7 @@ class Accountant:
         return self.history[-1].get("ecm_predicted", math.nan) if self.history else math.nan
 
     def report(self) -> AccountingReport:
-        """The current estimates as an :class:`AccountingReport`."""
+        """The current estimates as an `AccountingReport`."""
         c_outer, c_inner = self.cost_estimates()
         return AccountingReport(
             v_between=self.components.v_between,
@@ -685,13 +685,13 @@ def measure(
 
     Args:
         model: the Pyro model.
-        guide: its guide (e.g. a :class:`~carv_pyro.guides.TimestepGuide`).
+        guide: its guide (e.g. a [`TimestepGuide`][carv_pyro.guides.TimestepGuide]).
         *args: the model's positional arguments.
-        loss: a :class:`~carv_pyro.CARVLoss` (default: a new one).
+        loss: a [`CARVLoss`][carv_pyro.CARVLoss] (default: a new one).
         n_repeats: independent steps pooled for the variance components.
         costs: a declared cost model ``(c_outer, c_inner)``; default: measured.
         candidate_ks: ``K`` values at which to time the teacher alone (batched ``R K``
-            draws), so that :meth:`AccountingReport.cost` uses measured teacher costs;
+            draws), so that `AccountingReport.cost` uses measured teacher costs;
             ``None`` to use the linear model only.
         n_timing: timed steps (after ``warmup``) for the costs.
         warmup: untimed steps first.
@@ -699,7 +699,7 @@ def measure(
         **kwargs: the model's keyword arguments.
 
     Returns:
-        An :class:`AccountingReport`.
+        An `AccountingReport`.
     """
     from tqdm.auto import tqdm
 

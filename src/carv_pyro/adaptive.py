@@ -1,7 +1,7 @@
 """The adaptive timestep proposal: ``q(t) ∝ p(t) sqrt(E[||f||^2 | t])``, learned online.
 
 The variance-optimal proposal for an importance-sampled expectation ``E_p[f]`` is
-``q*(t) ∝ p(t) sqrt(E[||f||^2 | t])``. :class:`AdaptiveProposal` estimates the conditional second
+``q*(t) ∝ p(t) sqrt(E[||f||^2 | t])``. `AdaptiveProposal` estimates the conditional second
 moment per timestep bin from the draws the estimator already makes, and mixes the resulting
 histogram proposal defensively with the prior so that every weight stays below ``1 / a``.
 

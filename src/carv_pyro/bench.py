@@ -10,7 +10,7 @@ Protocol (DESIGN.md §2), for one pipeline at a fixed checkpoint ``theta``:
    ``ECM = Var_base cost_base / (Var_method cost_method)`` against the baseline
    (uniform ``t``, ``K = 1``, same ``R``);
 4. next to the measured ECM, the accountant's prediction from ``V_b``, ``V_w`` and costs
-   measured at the same checkpoint (:func:`carv_pyro.accounting.measure`).
+   measured at the same checkpoint ([`carv_pyro.accounting.measure`][carv_pyro.accounting.measure]).
 
 A pipeline plugs in with a small adapter: ``configs()``, ``estimate(config) -> (P,)`` gradient,
 ``reference(n) -> (P,)``, ``extras() -> dict`` (end-to-end comparisons) and, optionally,
@@ -504,7 +504,7 @@ def _device_name(device: str) -> str:
 
 
 def main(args: Any) -> int:
-    """Run the bench for ``args.pipeline`` (an argparse namespace from :mod:`carv_pyro.cli`).
+    """Run the bench for ``args.pipeline`` (an argparse namespace from `carv_pyro.cli`).
 
     Expected attributes: ``pipeline``, ``quick``, ``json``, ``plot``, ``device``, ``seed``,
     ``repeats`` (``None``: 20 quick, 100 full); optional ``pretrain_steps`` (distillation's

@@ -1,12 +1,12 @@
 """A small CNN digit classifier, the judge of the embedded default teacher's samples.
 
-:class:`DigitClassifier` reads ``1 x 16 x 16`` images in ``[-1, 1]`` (the format of
-:func:`carv_pyro.data.load_digits_images` and of the default teacher's samples) and returns
-logits over the digits 0-9. Its penultimate-layer :meth:`~DigitClassifier.features` serve as the
+`DigitClassifier` reads ``1 x 16 x 16`` images in ``[-1, 1]`` (the format of
+[`carv_pyro.data.load_digits_images`][carv_pyro.data.load_digits_images] and of the default teacher's samples) and returns
+logits over the digits 0-9. Its penultimate-layer `features` serve as the
 embedding of a Fréchet distance between sample sets (an FID for digits).
 
 The shipped weights (``teachers/default/classifier.safetensors``) are trained by
-``scripts/train_default_teacher.py`` and load offline with :func:`load_classifier`.
+``scripts/train_default_teacher.py`` and load offline with `load_classifier`.
 
 Example:
     >>> from carv_pyro.data import load_digits_images
@@ -171,7 +171,7 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
             shipped in ``carv_pyro/teachers/default/``.
 
     Returns:
-        A :class:`DigitClassifier` in eval mode whose parameters have ``requires_grad=False``.
+        A `DigitClassifier` in eval mode whose parameters have ``requires_grad=False``.
 
     Raises:
         FileNotFoundError: if the weights file does not exist (run

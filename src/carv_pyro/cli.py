@@ -3,8 +3,8 @@
 Subcommands:
 
 - ``carv-pyro dream "3" --out DIR``: carve a digit into a voxel field by score distillation
-  with the embedded teacher (:func:`carv_pyro.pipelines.text_to_3d.dream`).
-- ``carv-pyro bench``: the benchmark tables (:mod:`carv_pyro.bench`).
+  with the embedded teacher ([`carv_pyro.pipelines.text_to_3d.dream`][carv_pyro.pipelines.text_to_3d.dream]).
+- ``carv-pyro bench``: the benchmark tables ([`carv_pyro.bench`][carv_pyro.bench]).
 
 Every argument is checked before any work starts (the prompt, positive sizes, a writable output
 folder); a bad one ends the command with exit status 2 and a message on stderr that names it.

@@ -2,8 +2,8 @@
 
 The hierarchical estimator averages over ``R`` upstream samples (the outer plate). With ``W``
 processes (one per GPU under NCCL, or CPU processes under gloo), rank ``i`` takes a contiguous
-shard of ``R_i`` of them (:func:`shard_size`, :func:`shard_range`), runs the ordinary
-:class:`~carv_pyro.CARVLoss` step on its shard, and the gradients are combined as
+shard of ``R_i`` of them (`shard_size`, `shard_range`), runs the ordinary
+[`CARVLoss`][carv_pyro.CARVLoss] step on its shard, and the gradients are combined as
 
     grad = sum_i R_i grad_i / sum_i R_i,
 
@@ -11,25 +11,25 @@ one all-reduce of a flat buffer per step. Each rank's ``grad_i`` is the plate av
 ``R_i`` upstream samples (times ``K`` inner draws), so ``grad`` equals, to rounding, the
 single-process estimate over all ``R`` samples with the same draws.
 
-**How the model gets its shard.** :class:`DistributedCARVLoss` takes the outer plate's name and
-runs the model under :class:`ShardMessenger`: ``pyro.plate("views", R)`` then yields this rank's
+**How the model gets its shard.** `DistributedCARVLoss` takes the outer plate's name and
+runs the model under `ShardMessenger`: ``pyro.plate("views", R)`` then yields this rank's
 indices ``range(start_i, stop_i)`` instead of ``range(R)``, so
 
 - upstream randomness drawn inside the plate (camera poses) is drawn ``R_i`` times per rank;
-  give every rank its own random stream with :func:`seed_rank` so the shards are independent;
+  give every rank its own random stream with `seed_rank` so the shards are independent;
 - data indexed by the plate (``with pyro.plate("views", R) as idx: x = data[idx]``) is sharded
   without further code.
 
-A model may instead size its plate itself with :func:`shard_size` (and pass
+A model may instead size its plate itself with `shard_size` (and pass
 ``outer_plate=None``).
 
-**Accounting.** :class:`DistributedAccountant` is an :class:`~carv_pyro.accounting.Accountant`
+**Accounting.** `DistributedAccountant` is an [`Accountant`][carv_pyro.accounting.Accountant]
 whose measurements are gathered from all ranks (every rank pools every rank's per-step
 estimates of ``V_w`` and ``V_b``, as one accountant would that saw all the streams) and whose
 costs are averaged over ranks, so every rank computes the same ``K*`` and sets the same ``K``.
-:func:`merge_components` merges any :class:`~carv_pyro.accounting.VarianceComponents` across
-ranks (all-gather of :meth:`~carv_pyro.accounting.VarianceComponents.state`, then
-:meth:`~carv_pyro.accounting.VarianceComponents.merge`).
+`merge_components` merges any [`VarianceComponents`][carv_pyro.accounting.VarianceComponents] across
+ranks (all-gather of [`state`][carv_pyro.accounting.VarianceComponents.state], then
+[`merge`][carv_pyro.accounting.VarianceComponents.merge]).
 
 Example (``torchrun --nproc_per_node=2 train.py``)::
 
@@ -133,7 +133,7 @@ def shard_range(total: int, rank: int | None = None, world_size: int | None = No
 
 
 def shard_size(total: int, rank: int | None = None, world_size: int | None = None) -> int:
-    """``R_i``: how many of ``total`` outer samples this rank takes (see :func:`shard_range`)."""
+    """``R_i``: how many of ``total`` outer samples this rank takes (see `shard_range`)."""
     return len(shard_range(total, rank, world_size))
 
 
@@ -204,7 +204,7 @@ def launch(
 
     Each process joins a process group on ``127.0.0.1`` (a free port) before ``fn`` runs and
     leaves it afterwards. For tests and CPU runs; on GPUs prefer ``torchrun`` with
-    :func:`init_from_env`.
+    `init_from_env`.
 
     Args:
         fn: a module-level function (it is pickled by name under ``"spawn"``).
@@ -289,7 +289,7 @@ def all_reduce_gradients(
 
 
 def merge_components(components: VarianceComponents, group: Any = None) -> VarianceComponents:
-    """All ranks' :class:`~carv_pyro.accounting.VarianceComponents` merged, in rank order.
+    """All ranks' [`VarianceComponents`][carv_pyro.accounting.VarianceComponents] merged, in rank order.
 
     Equals (to rounding) one accumulator that saw every rank's estimates. Collective: every rank
     must call it.
@@ -315,7 +315,7 @@ def merge_components(components: VarianceComponents, group: Any = None) -> Varia
 class ShardMessenger(Messenger):
     """Runs a model with the plate ``name`` restricted to this rank's shard.
 
-    ``pyro.plate(name, R)`` yields ``range(start_i, stop_i)`` (:func:`shard_range`) instead of
+    ``pyro.plate(name, R)`` yields ``range(start_i, stop_i)`` (`shard_range`) instead of
     ``range(R)``: its batch size becomes ``R_i``, and indexing data with the plate's indices
     selects the shard.
 
@@ -351,14 +351,14 @@ class ShardMessenger(Messenger):
 
 
 class DistributedAccountant(Accountant):
-    """An :class:`~carv_pyro.accounting.Accountant` that pools every rank's measurements.
+    """An [`Accountant`][carv_pyro.accounting.Accountant] that pools every rank's measurements.
 
     On a measuring step each rank contributes its per-step estimates of ``V_w`` and ``V_b`` and
     its cost medians; an all-gather gives every rank all of them, in rank order. The window then
     holds ``window * world_size`` measurements (``window`` steps of every rank), the costs are
     the averages over ranks, and ``K*`` (and the adapted ``K``) is the same on every rank.
 
-    Takes :class:`~carv_pyro.accounting.Accountant`'s arguments, plus ``group``.
+    Takes [`Accountant`][carv_pyro.accounting.Accountant]'s arguments, plus ``group``.
     """
 
     def __init__(self, *args: Any, group: Any = None, **kwargs: Any):
@@ -417,7 +417,7 @@ class DistributedAccountant(Accountant):
 
 
 class DistributedCARVLoss(ELBO):
-    """A :class:`~carv_pyro.CARVLoss` whose outer plate is sharded across processes.
+    """A [`CARVLoss`][carv_pyro.CARVLoss] whose outer plate is sharded across processes.
 
     Use it in place of the wrapped loss in ``SVI``. Each step, every rank runs the wrapped loss
     on its shard of the outer plate (see the module docstring), then one all-reduce replaces
@@ -426,12 +426,12 @@ class DistributedCARVLoss(ELBO):
     optimiser step. The returned loss is averaged the same way.
 
     Args:
-        loss: the per-rank :class:`~carv_pyro.CARVLoss`. Give it a
-            :class:`DistributedAccountant` to pool the accounting across ranks (a plain
-            :class:`~carv_pyro.accounting.Accountant` is refused when ``world_size > 1``: ranks
+        loss: the per-rank [`CARVLoss`][carv_pyro.CARVLoss]. Give it a
+            `DistributedAccountant` to pool the accounting across ranks (a plain
+            [`Accountant`][carv_pyro.accounting.Accountant] is refused when ``world_size > 1``: ranks
             would choose different ``K``).
         outer_plate: name of the plate to shard; ``None`` if the model sizes its own shard
-            (e.g. with :func:`shard_size`).
+            (e.g. with `shard_size`).
         term: the teacher term whose outer size weights the average (default: the first).
         group: the process group (default: the world).
 
@@ -479,7 +479,7 @@ class DistributedCARVLoss(ELBO):
         return getattr(self.inner, "accountant", None)
 
     def summary(self) -> dict[str, float]:
-        """The wrapped loss's :meth:`~carv_pyro.CARVLoss.summary` (this rank's diagnostics)."""
+        """The wrapped loss's [`summary`][carv_pyro.CARVLoss.summary] (this rank's diagnostics)."""
         return self.inner.summary()
 
     def _shard(self):
@@ -523,8 +523,8 @@ class DistributedCARVLoss(ELBO):
         return self.inner._get_trace(model, guide, args, kwargs)
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        """Not supported: gradients are combined after backward. Use :meth:`loss_and_grads`, or
-        call :func:`all_reduce_gradients` after your own backward."""
+        """Not supported: gradients are combined after backward. Use `loss_and_grads`, or
+        call `all_reduce_gradients` after your own backward."""
         raise NotImplementedError(
             "DistributedCARVLoss combines gradients after backward; use loss_and_grads (as SVI "
             "does) or the wrapped loss's differentiable_loss followed by all_reduce_gradients"

@@ -1,6 +1,6 @@
 """Guides for the timestep and noise sites of teacher terms.
 
-:class:`TimestepGuide` proposes the ``{name}.t`` sites of every :func:`~carv_pyro.teacher_term`
+`TimestepGuide` proposes the ``{name}.t`` sites of every [`teacher_term`][carv_pyro.teacher_term]
 by importance sampling (``q(t)`` instead of ``p(t)``) and/or stratified inverse CDF, and the
 ``{name}.eps`` sites i.i.d., antithetically or by scrambled-Sobol QMC. Every other latent site of
 the model is drawn from its prior.
@@ -8,7 +8,7 @@ the model is drawn from its prior.
 Why proposals are applied where the sites occur: the sizes of the plates around a teacher term
 (``R`` upstream samples, ``K`` inner draws) are arguments of the model and may change from step
 to step (the accountant adapts ``K``), so the guide cannot lay out the draws before the model
-runs. :class:`~carv_pyro.CARVLoss` therefore runs the model under :meth:`TimestepGuide.propose`,
+runs. [`CARVLoss`][carv_pyro.CARVLoss] therefore runs the model under `TimestepGuide.propose`,
 a handler that draws each teacher site from the guide's proposal when the site is reached and
 records ``log q`` next to the model's ``log p`` in the trace.
 
@@ -89,7 +89,7 @@ def stratified_uniforms(
 
     Args:
         batch_shape: the draws' batch shape, e.g. ``(R, K)``.
-        inner: the inner dims (see :func:`inner_dims`).
+        inner: the inner dims (see `inner_dims`).
         stratify: ``None`` (i.i.d.), ``"per_outer"`` (``B = K`` strata per upstream sample) or
             ``"global"`` (``B = R K`` strata across all draws).
         uniform: ``shape -> U[0, 1)`` float64 tensor (the base samples).
@@ -121,7 +121,7 @@ def stratified_uniforms(
 class AbstractNoiseGuide:
     """Draws the ``eps`` of all draws of a term. Every draw must have marginal law ``N(0, I)``.
 
-    Subclasses implement :meth:`sample`; since the marginal is exact, noise guides carry no
+    Subclasses implement `sample`; since the marginal is exact, noise guides carry no
     importance weight.
     """
 
@@ -225,17 +225,17 @@ _NOISE_GUIDES = {"iid": IIDNoise, "antithetic": AntitheticNoise, "sobol": SobolN
 class TimestepGuide:
     """A guide for the teacher sites of a model: IS and/or stratified timesteps, QMC noise.
 
-    Use it with :class:`~carv_pyro.CARVLoss`; every other latent site is drawn from its prior.
+    Use it with [`CARVLoss`][carv_pyro.CARVLoss]; every other latent site is drawn from its prior.
 
     Args:
-        model: the Pyro model holding one or more :func:`~carv_pyro.teacher_term` calls.
+        model: the Pyro model holding one or more [`teacher_term`][carv_pyro.teacher_term] calls.
         proposal: ``"prior"`` (``q = p``), ``"weighted"`` (``q ∝ p w alpha``), ``"adaptive"``
-            (learned online, see :mod:`carv_pyro.adaptive`), or an
-            :class:`~carv_pyro.proposals.AbstractTimestepDistribution`, or a callable
+            (learned online, see `carv_pyro.adaptive`), or an
+            [`AbstractTimestepDistribution`][carv_pyro.proposals.AbstractTimestepDistribution], or a callable
             ``objective -> AbstractTimestepDistribution``.
         stratify: ``None``, ``"per_outer"`` (one draw per stratum of ``q`` for each upstream
             sample, ``B = K``) or ``"global"`` (across all ``R K`` draws; use it when ``K = 1``).
-        noise: ``"iid"``, ``"antithetic"``, ``"sobol"`` or an :class:`AbstractNoiseGuide`.
+        noise: ``"iid"``, ``"antithetic"``, ``"sobol"`` or an `AbstractNoiseGuide`.
         sites: names of the terms to propose for (default: all teacher terms).
         generator: optional ``torch.Generator`` for the guide's own draws.
 
@@ -278,7 +278,7 @@ class TimestepGuide:
 
     # -- Pyro guide protocol -------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> None:
-        """As a Pyro guide this draws nothing up front: see :meth:`propose`."""
+        """As a Pyro guide this draws nothing up front: see `propose`."""
         return None
 
     def propose(self) -> ProposalMessenger:
@@ -358,10 +358,10 @@ class TimestepGuide:
 
 
 class ProposalMessenger(Messenger):
-    """Draws the teacher sites of a model from a :class:`TimestepGuide` as they are reached.
+    """Draws the teacher sites of a model from a `TimestepGuide` as they are reached.
 
     It sets the value of each ``{name}.t`` site (recording ``log q`` in its ``infer`` under
-    :data:`LOG_Q_KEY`) and of each ``{name}.eps`` site; all other sites are left to the model.
+    `LOG_Q_KEY`) and of each ``{name}.eps`` site; all other sites are left to the model.
     """
 
     def __init__(self, guide: TimestepGuide):

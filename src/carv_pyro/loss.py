@@ -63,33 +63,33 @@ class _Particle:
 class CARVLoss(ELBO):
     """The CARV gradient estimator as a Pyro loss for ``SVI``.
 
-    For every :func:`~carv_pyro.teacher_term` in the model it forms
+    For every [`teacher_term`][carv_pyro.teacher_term] in the model it forms
 
         surrogate = mean over the enclosing plates of  w * s,    w = p(t) / q(t)
 
     where ``s`` is the term's per-draw surrogate (``<x, h.detach()>`` for residual objectives),
-    so that after :meth:`loss_and_grads` every parameter's ``.grad`` holds an unbiased estimate of
+    so that after `loss_and_grads` every parameter's ``.grad`` holds an unbiased estimate of
     ``E[J^T h]`` (threestudio's sign: the direction SGD descends). The returned value is the real
     quantity (the weighted mean of the terms' values); the gradient comes from the surrogate.
 
     Other sites of the model follow Pyro's conventions: observed sites and ``pyro.factor``
     contribute ``-log p`` (as in ``Trace_ELBO``); latent sites are upstream randomness drawn from
     the prior, or from the user's guide with importance weight ``p / q`` on every term they
-    enclose. Timesteps proposed by a :class:`~carv_pyro.guides.TimestepGuide` carry weight
+    enclose. Timesteps proposed by a [`TimestepGuide`][carv_pyro.guides.TimestepGuide] carry weight
     ``p(t) / q(t)``; its noise proposals keep ``N(0, I)`` marginals and carry none.
 
     Args:
         num_particles: independent estimates averaged per step.
-        nonfinite: ``"raise"`` (default) raises :class:`NonFiniteTeacherError` naming the term and
+        nonfinite: ``"raise"`` (default) raises `NonFiniteTeacherError` naming the term and
             the timesteps before any gradient exists; ``"zero"`` drops such draws (biased, so
-            opt-in) and reports how many in :attr:`diagnostics`.
-        accountant: an :class:`~carv_pyro.accounting.Accountant` that keeps running variance
+            opt-in) and reports how many in `diagnostics`.
+        accountant: an [`Accountant`][carv_pyro.accounting.Accountant] that keeps running variance
             components and costs, and can set the inner plate's size to ``K*``.
         max_plate_nesting: as in Pyro's ELBOs.
 
     Attributes:
-        diagnostics: per-term :class:`TermDiagnostics` of the last call.
-        last_records: the :class:`~carv_pyro.primitives.TermRecord` objects of the last particle.
+        diagnostics: per-term `TermDiagnostics` of the last call.
+        last_records: the [`TermRecord`][carv_pyro.primitives.TermRecord] objects of the last particle.
 
     Note:
         Checking teacher outputs for NaN reads one boolean back from the device per term and

@@ -329,8 +329,8 @@ class ScoreDifference(TeacherObjective):
     Args:
         real: the frozen teacher of the data.
         fake: the score network of the generated distribution (may change between steps).
-        weighting: as in :class:`SDS`.
-        t_range: as in :class:`SDS`.
+        weighting: as in `SDS`.
+        t_range: as in `SDS`.
         guidance_scale: classifier-free guidance scale for ``real`` (``fake`` runs unguided).
         prior: an explicit timestep prior instead of ``t_range``.
     """
@@ -372,7 +372,7 @@ class DenoisingLoss(TeacherObjective):
 
     Args:
         teacher: the teacher whose loss is taken.
-        weighting: as in :class:`TeacherObjective` (default ``"uniform"``).
+        weighting: as in `TeacherObjective` (default ``"uniform"``).
         t_range: the prior's range.
         reduction: ``"sum"`` or ``"mean"`` over the event dimensions.
     """

@@ -1,8 +1,8 @@
-"""The Pyro primitive :func:`teacher_term`.
+"""The Pyro primitive `teacher_term`.
 
 Inside the model's plates, ``teacher_term`` samples the timestep and noise sites of one teacher
 expectation, evaluates all draws in one batched teacher call, and records the per-draw surrogate
-as an observed site that :class:`~carv_pyro.CARVLoss` turns into an importance-weighted,
+as an observed site that [`CARVLoss`][carv_pyro.CARVLoss] turns into an importance-weighted,
 plate-averaged gradient estimate.
 
 Sites it creates, for ``name="sds"`` inside plates of sizes ``(R, K)`` at dims ``(-2, -1)``:
@@ -32,7 +32,7 @@ __all__ = ["teacher_term", "TermRecord", "ROLE_KEY", "TERM_KEY", "to_device"]
 
 #: ``infer`` key marking the timestep and noise sites of a teacher term, with their role.
 ROLE_KEY = "carv_role"
-#: ``infer`` key holding the :class:`TermRecord` on a term's own site.
+#: ``infer`` key holding the `TermRecord` on a term's own site.
 TERM_KEY = "carv_term"
 
 _EVENT_LETTERS = "abcdefgh"
@@ -53,7 +53,7 @@ class TermRecord:
         surrogate: ``batch_shape`` differentiable per-draw surrogates.
         residual: ``(*batch_shape, *event)`` weighted residuals (detached) or ``None``.
         nonfinite: ``batch_shape`` bool, draws whose value or residual was NaN/Inf (zeroed).
-        teacher_time: a stopped :class:`~carv_pyro.timing.Stopwatch` around the teacher call.
+        teacher_time: a stopped [`Stopwatch`][carv_pyro.timing.Stopwatch] around the teacher call.
     """
 
     name: str
@@ -103,7 +103,7 @@ def flatten_draws(tensor: Tensor, event_ndim: int) -> tuple[Tensor, list]:
 
 
 def unflatten_draws(tensor: Tensor, packed_shapes: list, event_ndim: int) -> Tensor:
-    """Inverse of :func:`flatten_draws`: ``(N, *event) -> (*batch, *event)``."""
+    """Inverse of `flatten_draws`: ``(N, *event) -> (*batch, *event)``."""
     return unpack(tensor, packed_shapes, "* " + _event_pattern(event_ndim))[0]
 
 
@@ -131,7 +131,7 @@ def teacher_term(
 
     Args:
         name: the term's name; the sites are ``{name}.t``, ``{name}.eps`` and ``{name}``.
-        objective: a :class:`~carv_pyro.objectives.TeacherObjective` (e.g. ``SDS``).
+        objective: a [`TeacherObjective`][carv_pyro.objectives.TeacherObjective] (e.g. ``SDS``).
         x: ``(*outer_batch, *event)`` upstream samples, differentiable w.r.t. the parameters.
         cond: teacher conditioning (e.g. a digit label or prompt embeddings), broadcast
             against the draws.

@@ -2,7 +2,7 @@
 
 Every proposal is a probability vector over the integer timesteps of a discrete schedule.
 The base class owns ``log_prob``, ``cdf``, ``icdf`` and ``sample``; a subclass implements the
-one hook :meth:`AbstractTimestepDistribution.probs`.
+one hook `AbstractTimestepDistribution.probs`.
 
 The inverse CDF is exact on the discrete support: ``icdf(u)`` is the smallest ``t`` with
 ``F(t) > u`` for ``u`` in ``[0, 1)``, so ``icdf(U)`` with ``U ~ Uniform[0, 1)`` has law ``q`` and
@@ -35,7 +35,7 @@ __all__ = [
 class AbstractTimestepDistribution:
     """A distribution over the integer timesteps ``{0, ..., T - 1}``.
 
-    The base class owns every method; subclasses implement :meth:`probs` only.
+    The base class owns every method; subclasses implement `probs` only.
 
     Subclassing:
         ```python
@@ -58,7 +58,7 @@ class AbstractTimestepDistribution:
         raise NotImplementedError
 
     def _tables(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(probs, log_probs, cdf)``, cached while :meth:`probs` returns the same tensor."""
+        """``(probs, log_probs, cdf)``, cached while `probs` returns the same tensor."""
         probs = self.probs()
         cache = getattr(self, "_table_cache", None)
         if cache is not None and cache[0] is probs and cache[1] == probs._version:
@@ -76,7 +76,7 @@ class AbstractTimestepDistribution:
         return cdf
 
     def _table_on(self, index: int, device: torch.device) -> Tensor:
-        """Table ``index`` of :meth:`_tables` on ``device``, copied once per device and version."""
+        """Table ``index`` of `_tables` on ``device``, copied once per device and version."""
         table = self._tables()[index]
         if table.device == device:
             return table

@@ -1,8 +1,8 @@
 """DDIM sampling from any teacher, with classifier-free guidance.
 
-:func:`ddim_sample` only uses the teacher interface (``teacher.predict_eps``,
+`ddim_sample` only uses the teacher interface (``teacher.predict_eps``,
 ``teacher.schedule.alpha / sigma / num_timesteps`` and ``teacher.event_shape``), so it runs the
-embedded default teacher, any :class:`~carv_pyro.teachers.DiffusersTeacher` and the analytic
+embedded default teacher, any [`DiffusersTeacher`][carv_pyro.teachers.DiffusersTeacher] and the analytic
 Gaussian teachers alike.
 
 Example:
@@ -80,7 +80,7 @@ def ddim_sample(
         steps: number of denoising steps (network evaluations, doubled under guidance).
         guidance_scale: classifier-free guidance scale ``s`` (1: no guidance). The default
             teacher's recommended value is
-            :data:`carv_pyro.teachers.embedded.DEFAULT_GUIDANCE_SCALE`.
+            `carv_pyro.teachers.embedded.DEFAULT_GUIDANCE_SCALE`.
         generator: torch generator for the initial noise and (``eta > 0``) the step noise.
         eta: DDIM stochasticity in ``[0, 1]``.
         num_samples: ``N`` when ``labels`` is ``None``; must equal ``len(labels)`` otherwise.

@@ -1,7 +1,7 @@
 """Stopwatches for the cost meter: CUDA events on GPUs, ``perf_counter`` on CPUs.
 
 A CUDA stopwatch records events on the current stream and reads them only when
-:meth:`Stopwatch.seconds` is called, so timing a step adds no host synchronisation until the
+`Stopwatch.seconds` is called, so timing a step adds no host synchronisation until the
 accountant reads its costs.
 """
 

@@ -7,11 +7,11 @@ with respect to the teacher's weights ``phi`` (all of them, or those under some 
 
 with ``u_i = upstream(x_i)`` (the identity for a pixel teacher, a frozen VAE encoder for a latent
 teacher), randomly projected to ``k`` dimensions: ``f(x_i) = P g(x_i)`` with a seeded Gaussian or
-Rademacher ``P`` (:class:`RandomProjection`). TRAK-style scores between queries and training
-examples come from :func:`attribution_scores`.
+Rademacher ``P`` (`RandomProjection`). TRAK-style scores between queries and training
+examples come from `attribution_scores`.
 
 The expectation over ``(t, eps)`` is a Pyro model with the usual two plates, estimated by
-:class:`~carv_pyro.CARVLoss` under a :class:`~carv_pyro.TimestepGuide` (so timestep importance
+[`CARVLoss`][carv_pyro.CARVLoss] under a [`TimestepGuide`][carv_pyro.TimestepGuide] (so timestep importance
 sampling and stratification apply):
 
 ```python
@@ -21,7 +21,7 @@ def model(u, y, K):                                   # u: (R, *event), y: (R,)
             carv_pyro.teacher_term("denoise", objective, u.unsqueeze(1), cond=y[:, None])
 ```
 
-:class:`~carv_pyro.CARVLoss` averages over both plates, so one backward pass would mix the
+[`CARVLoss`][carv_pyro.CARVLoss] averages over both plates, so one backward pass would mix the
 examples. Per-example gradients are therefore taken one example at a time (the outer plate has
 size 1 in each call, and ``K`` draws go to the teacher in one batch): the feature of example
 ``i`` is the gradient of example ``i``'s term only. With ``shared_draws=True`` (D-TRAK's choice)
@@ -31,7 +31,7 @@ an unbiased estimate of ``P g(x_i)``.
 
 Which timestep proposal: for the embedded digits teacher the per-draw gradient norm is far from
 flat in ``t`` (``E||f||^2 | t`` falls about a thousandfold from ``t = 0`` to ``t > 500``), so
-importance sampling matters more than stratification. :func:`pilot_proposal` estimates the
+importance sampling matters more than stratification. `pilot_proposal` estimates the
 variance-optimal ``q*(t) ∝ p(t) sqrt(E||f||^2 | t)`` once, from a few single-draw gradients of
 a couple of examples; the features then use it with stratification, and with antithetic or
 scrambled-Sobol noise (``noise="antithetic"`` / ``"sobol"``), which cancels part of the
@@ -94,7 +94,7 @@ __all__ = [
 
 #: Kinds of random projection.
 PROJECTIONS = ("gaussian", "rademacher")
-#: Ways to turn features into attribution scores (see :func:`attribution_scores`).
+#: Ways to turn features into attribution scores (see `attribution_scores`).
 SCORE_METHODS = ("trak", "cosine")
 
 _TERM = "denoise"
@@ -180,7 +180,8 @@ class RandomProjection:
 
         Args:
             j: block index in ``[0, n_blocks)``.
-            device, dtype: where and in which dtype to return it.
+            device: where to return it.
+            dtype: its dtype.
         """
         device = torch.device(device)
         key = (j, device, dtype)
@@ -259,7 +260,7 @@ class VAEEncoder:
     Args:
         vae: an ``AutoencoderKL``; default: one built from ``config`` with seeded random
             weights (the encoder's cost is real, its weights are not trained).
-        config: constructor arguments for the default (default :data:`TINY_VAE_CONFIG`).
+        config: constructor arguments for the default (default `TINY_VAE_CONFIG`).
         seed: seed of the default's random weights.
         scaling_factor: latent scale (default: the VAE config's ``scaling_factor``).
     """
@@ -388,12 +389,12 @@ class AttributionFeaturizer:
         dim: ``k``, the projected dimension; ``None``: no projection (raw ``d``-dim gradients).
         projection_seed: the projection's seed.
         projection: ``"gaussian"`` or ``"rademacher"``.
-        objective: the per-draw loss (default :class:`~carv_pyro.objectives.DenoisingLoss`
+        objective: the per-draw loss (default [`DenoisingLoss`][carv_pyro.objectives.DenoisingLoss]
             with uniform ``w(t)`` and ``t`` uniform over all timesteps, as in D-TRAK).
         upstream: ``(n, *image) -> (n, *event)`` frozen map from examples to the teacher's
-            input (e.g. :class:`VAEEncoder`); ``None``: identity (pixel teacher).
+            input (e.g. `VAEEncoder`); ``None``: identity (pixel teacher).
         module: the ``nn.Module`` holding the teacher's weights (default ``teacher.unet``).
-        max_cache_bytes: see :class:`RandomProjection`.
+        max_cache_bytes: see `RandomProjection`.
 
     Raises:
         ValueError: naming the bad argument.
@@ -495,10 +496,10 @@ class AttributionFeaturizer:
             images: ``(n, *image)`` examples (upstream inputs).
             labels: ``(n,)`` class labels (the teacher's conditioning) or ``None``.
             K: ``(t, eps)`` draws per example (teacher evaluations per example).
-            proposal: :class:`~carv_pyro.TimestepGuide` ``proposal``: ``"prior"``,
+            proposal: [`TimestepGuide`][carv_pyro.TimestepGuide] ``proposal``: ``"prior"``,
                 ``"weighted"`` (``q ∝ p w alpha``), ``"adaptive"``, or a fixed
-                :class:`~carv_pyro.proposals.AbstractTimestepDistribution` such as the
-                variance-optimal one from :func:`pilot_proposal`.
+                [`AbstractTimestepDistribution`][carv_pyro.proposals.AbstractTimestepDistribution] such as the
+                variance-optimal one from `pilot_proposal`.
             stratify: ``None`` or ``"per_outer"`` (``K`` strata of ``q`` per example);
                 ``"global"`` is accepted and, with one example per call, equals ``"per_outer"``.
             noise: ``"iid"``, ``"antithetic"`` or ``"sobol"``.
@@ -508,11 +509,11 @@ class AttributionFeaturizer:
             project: apply the random projection (if the featurizer has one).
             batch_size: examples whose raw gradients are held at once before projecting.
             record_draws: also return the draws (timesteps, noise, importance weights).
-            loss: the :class:`~carv_pyro.CARVLoss` to use (default: a new one).
+            loss: the [`CARVLoss`][carv_pyro.CARVLoss] to use (default: a new one).
             progress: show a progress bar over the examples.
 
         Returns:
-            A :class:`FeatureResult` with ``features`` of shape ``(n, k)`` (or ``(n, d)``).
+            A `FeatureResult` with ``features`` of shape ``(n, k)`` (or ``(n, d)``).
 
         Raises:
             ValueError: naming the bad argument.
@@ -657,13 +658,14 @@ class AttributionFeaturizer:
 
         Each estimate draws ``K`` timesteps per example, one per stratum of ``proposal``, so
         the reference uses ``n K`` teacher evaluations per example. Every estimate is unbiased
-        whatever the proposal; a good one (:func:`pilot_proposal`) makes the reference tighter.
+        whatever the proposal; a good one (`pilot_proposal`) makes the reference tighter.
 
         Args:
-            images, labels: as in :meth:`features`.
+            images: as in `features`.
+            labels: as in `features`.
             n: estimates averaged.
             K: draws per example per estimate.
-            proposal: the timestep proposal (see :meth:`features`).
+            proposal: the timestep proposal (see `features`).
             seed: seed of the draws.
             progress: show a progress bar.
 
@@ -729,7 +731,7 @@ def pilot_proposal(
     gradient feature. For the denoising loss the x-space proxies that ``"weighted"`` and
     ``"adaptive"`` use do not track ``||f||``, which falls by orders of magnitude from ``t = 0``
     to large ``t``; here the second moments are measured directly, per geometric bin
-    (:func:`geometric_bins`), from ``n_draws`` single-draw gradients of each pilot example
+    (`geometric_bins`), from ``n_draws`` single-draw gradients of each pilot example
     drawn equally over the bins. The result is mixed with the prior,
     ``q = (1 - a) q* + a p``, so that every weight ``p / q`` stays below ``1 / a``.
 
@@ -739,14 +741,15 @@ def pilot_proposal(
 
     Args:
         featurizer: the featurizer whose features the proposal is for.
-        images, labels: a few pilot examples (as in :meth:`AttributionFeaturizer.features`).
+        images: a few pilot examples (as in `AttributionFeaturizer.features`).
+        labels: their labels.
         n_draws: single-draw gradients per pilot example.
         n_bins: geometric timestep bins asked for.
         defensive: the prior's share ``a`` in ``(0, 1]``.
         seed: seed of the pilot draws.
 
     Returns:
-        A :class:`~carv_pyro.proposals.Categorical` over the timesteps.
+        A [`Categorical`][carv_pyro.proposals.Categorical] over the timesteps.
 
     Raises:
         ValueError: naming the bad argument.
@@ -786,7 +789,7 @@ def pilot_proposal(
 
 
 class _DrawRecorder:
-    """A :class:`~carv_pyro.CARVLoss` hook that keeps each call's draws and weights."""
+    """A [`CARVLoss`][carv_pyro.CARVLoss] hook that keeps each call's draws and weights."""
 
     def __init__(self, sink: list):
         self.sink = sink
@@ -900,7 +903,8 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     """Spearman's rank correlation along the last dimension (ties get average ranks).
 
     Args:
-        a, b: ``(..., n)`` tensors of the same shape, ``n >= 2``.
+        a: ``(..., n)`` tensor, ``n >= 2``.
+        b: a tensor of the same shape.
 
     Returns:
         ``(...)`` float64 correlations in ``[-1, 1]`` (NaN where a row is constant).
@@ -922,7 +926,7 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
 # -------------------------------------------------------------------------------- bench
 
 #: The estimators the bench compares: name -> (proposal, stratify, noise). ``"pilot"`` stands for
-#: the variance-optimal proposal of :func:`pilot_proposal`, estimated once on separate examples.
+#: the variance-optimal proposal of `pilot_proposal`, estimated once on separate examples.
 BENCH_METHODS: dict[str, tuple[str, str | None, str]] = {
     "baseline": ("prior", None, "iid"),
     "strat": ("prior", "per_outer", "iid"),
@@ -1012,20 +1016,20 @@ class AttributionBench:
     The estimated quantity is the projected gradient feature of a fixed set of examples (a few
     training digits and a few held-out queries), flattened: ``P = n_examples * k``. A
     configuration's ``K`` is the number of teacher evaluations per example; ``R`` is the number
-    of examples (each its own outer plate, see :class:`AttributionFeaturizer`). Draws are
+    of examples (each its own outer plate, see `AttributionFeaturizer`). Draws are
     shared across examples within an estimate (D-TRAK) and independent across estimates.
 
-    The methods (:data:`BENCH_METHODS`) all spend ``K`` evaluations per example, so the
+    The methods (`BENCH_METHODS`) all spend ``K`` evaluations per example, so the
     meaningful ECM of a row is against the baseline row at the same ``K``. ``"pilot"`` rows use
-    :func:`pilot_proposal` computed once on two other training digits (its one-off cost is
-    reported by :meth:`extras` as ``pilot_seconds``); the reference uses the same proposal with
+    `pilot_proposal` computed once on two other training digits (its one-off cost is
+    reported by `extras` as ``pilot_seconds``); the reference uses the same proposal with
     stratification, which is unbiased and tighter than stratification alone.
 
     Quick: the last up-block of the embedded UNet (plus ``conv_norm_out``, ``conv_out``),
     ``k = 64``, 4 training examples and 1 query, six methods. Full: all weights, ``k = 128``,
     12 training examples and 4 queries, every method. Smoke: tiny sizes, to run the code paths.
 
-    After :func:`carv_pyro.bench.run_protocol` has set ``bench.rows``, :meth:`extras` also
+    After [`carv_pyro.bench.run_protocol`][carv_pyro.bench.run_protocol] has set ``bench.rows``, `extras` also
     reports each row's ECM against the baseline row at the same ``K`` (the bench's own ECM
     column compares with a ``K = 1`` baseline, which this pipeline does not run).
 
@@ -1086,7 +1090,7 @@ class AttributionBench:
         self.rows: list = []  # set by carv_pyro.bench.main after the protocol has run
 
     def configs(self) -> list[dict]:
-        """The bench's methods (all of :data:`BENCH_METHODS` when full) at ``K = 4`` and ``64``."""
+        """The bench's methods (all of `BENCH_METHODS` when full) at ``K = 4`` and ``64``."""
         return [
             dict(method=m, R=self.R, K=K, proposal=p, stratify=s, noise=noise)
             for K in (4, 64)

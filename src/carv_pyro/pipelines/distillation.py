@@ -24,9 +24,9 @@ for _ in range(100):
     svi.step()             # one generator step
 ```
 
-:func:`train_distillation` wraps that loop with a compute budget, progress and evaluation by
-the Fréchet distance in the digit classifier's feature space (:func:`fid_digits`), so that
-estimators can be compared after equal compute. :class:`DistillationBench` is the adapter used
+`train_distillation` wraps that loop with a compute budget, progress and evaluation by
+the Fréchet distance in the digit classifier's feature space (`fid_digits`), so that
+estimators can be compared after equal compute. `DistillationBench` is the adapter used
 by ``carv-pyro bench``: gradient estimates of every estimator at one fixed checkpoint.
 """
 
@@ -82,7 +82,7 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     "carv": {"K": K_REUSE, "proposal": "prior", "stratify": "per_outer", "noise": "iid"},
     "carv-is": {"K": K_REUSE, "proposal": "weighted", "stratify": "per_outer", "noise": "iid"},
 }
-"""The named gradient estimators of :func:`train_distillation`.
+"""The named gradient estimators of `train_distillation`.
 
 - ``"baseline"``: one ``t ~ p(t)`` per generator sample (DMD's estimator).
 - ``"reuse"``: ``K = 16`` i.i.d. prior draws per sample, averaged before the generator backward.
@@ -91,7 +91,7 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
 
 ``"carv"`` does not importance-sample: the library's cheap heuristic ``q ∝ p w alpha`` favours
 small ``t``, where DMD2's normalized residual is large, and measured 3.8-15x MORE variance than
-stratification alone on the digits teacher (see :class:`DistillationBench`).
+stratification alone on the digits teacher (see `DistillationBench`).
 """
 
 
@@ -133,7 +133,7 @@ def estimator_settings(name: str) -> dict[str, Any]:
     """The settings ``{K, proposal, stratify, noise}`` of a named estimator.
 
     Args:
-        name: one of :data:`ESTIMATORS`.
+        name: one of `ESTIMATORS`.
 
     Raises:
         ValueError: naming the unknown estimator and the known ones.
@@ -157,7 +157,7 @@ class Generator(nn.Module):
     (``4 -> 8 -> 16``), a last 3x3 convolution to one channel, and ``tanh``.
 
     Any module with the attributes ``z_dim``, ``num_classes`` (``None`` if unconditional) and
-    ``event_shape`` and a ``forward(z, labels)`` works with :func:`make_model`.
+    ``event_shape`` and a ``forward(z, labels)`` works with `make_model`.
 
     Args:
         z_dim: size of the latent ``z ~ N(0, I)``.
@@ -253,7 +253,7 @@ class Generator(nn.Module):
 def tiny_digits_teacher(seed: int = 0, channels: tuple[int, ...] = (8, 16)) -> Any:
     """A small RANDOMLY initialized class-conditional teacher with the default teacher's layout.
 
-    A stand-in for :func:`carv_pyro.teachers.load_default` in tests and demos: a
+    A stand-in for [`carv_pyro.teachers.load_default`][carv_pyro.teachers.load_default] in tests and demos: a
     ``UNet2DModel`` on ``1 x 16 x 16`` images with labels 0-9 and the null class 10, and the
     linear-beta ``DDPMScheduler`` with 1000 steps. Its predictions are meaningless.
 
@@ -262,7 +262,7 @@ def tiny_digits_teacher(seed: int = 0, channels: tuple[int, ...] = (8, 16)) -> A
         channels: ``block_out_channels`` (one down/up block each).
 
     Returns:
-        A :class:`~carv_pyro.teachers.DiffusersTeacher`.
+        A [`DiffusersTeacher`][carv_pyro.teachers.DiffusersTeacher].
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -300,7 +300,7 @@ def _default_teacher() -> Any:
 
 
 def _copy_teacher(teacher: Any, unet: nn.Module) -> Any:
-    """A :class:`DiffusersTeacher` over ``unet`` with ``teacher``'s scheduler and null class."""
+    """A `DiffusersTeacher` over ``unet`` with ``teacher``'s scheduler and null class."""
     from ..teachers.diffusers_teacher import DiffusersTeacher
 
     return DiffusersTeacher(unet, teacher.scheduler, null_class=teacher.null_class)
@@ -327,11 +327,11 @@ def _new_fake_unet(real: Any, channels: tuple[int, ...]) -> nn.Module:
 class FakeScore:
     """The "fake" score network of DMD: a diffusers teacher of the generator's own samples.
 
-    The network is a :class:`~carv_pyro.teachers.DiffusersTeacher` (frozen, never a Pyro
+    The network is a [`DiffusersTeacher`][carv_pyro.teachers.DiffusersTeacher] (frozen, never a Pyro
     parameter) that the DMD objective queries like any teacher. Between generator steps
-    :meth:`update` trains it with its own torch optimizer on fresh generator samples, using the
-    standard denoising loss (:class:`~carv_pyro.objectives.DenoisingLoss`, eps-space MSE) with
-    ``t`` from the DMD objective's prior; the network is unfrozen only inside :meth:`update`.
+    `update` trains it with its own torch optimizer on fresh generator samples, using the
+    standard denoising loss ([`DenoisingLoss`][carv_pyro.objectives.DenoisingLoss], eps-space MSE) with
+    ``t`` from the DMD objective's prior; the network is unfrozen only inside `update`.
 
     Args:
         teacher: the fake network as a ``DiffusersTeacher`` (same schedule as the real teacher).
@@ -398,7 +398,7 @@ def dmd_objective(
     weighting: str | Callable = "uniform",
     floor: float = 1e-6,
 ) -> TeacherObjective:
-    """The DMD distribution-matching objective, declared as a :class:`TeacherObjective`.
+    """The DMD distribution-matching objective, declared as a `TeacherObjective`.
 
     The residual is the descent direction of ``KL(p_generator || p_real)`` w.r.t. a sample:
 
@@ -420,7 +420,7 @@ def dmd_objective(
         floor: lower bound of the normalizer ``mean|eps_real - eps|``.
 
     Returns:
-        A residual :class:`~carv_pyro.objectives.TeacherObjective` over ``real``.
+        A residual [`TeacherObjective`][carv_pyro.objectives.TeacherObjective] over ``real``.
 
     Raises:
         ValueError: if ``fake``'s event shape differs from ``real``'s, or on bad parts.
@@ -517,14 +517,14 @@ def make_model(
     ``model(R=R, K=K)`` registers the generator with ``pyro.module(module_name, generator)``,
     draws ``R`` latents in the ``latents`` plate (``dim=-2``): ``z`` ``(R, 1, z_dim)`` from
     ``N(0, I)`` and, for a conditional generator, ``label`` ``(R, 1)`` uniform over the classes
-    (i.i.d., or stratified across the plate with :class:`StratifiedLabels`); generates ``x = G(z, label)`` of shape ``(R, 1, *event)`` (the upstream step) and records the
+    (i.i.d., or stratified across the plate with `StratifiedLabels`); generates ``x = G(z, label)`` of shape ``(R, 1, *event)`` (the upstream step) and records the
     teacher term ``name`` with ``K`` draws per sample in the ``noise`` plate (``dim=-1``),
     conditioned on the label: ``R * K`` draws in one batched teacher call.
 
     Args:
-        generator: a :class:`Generator` (or a module with ``z_dim``, ``num_classes`` and
+        generator: a `Generator` (or a module with ``z_dim``, ``num_classes`` and
             ``forward(z, labels)``) whose output shape is the objective's event shape.
-        objective: the DMD objective (:func:`dmd_objective`).
+        objective: the DMD objective (`dmd_objective`).
         R: default number of generator samples per call.
         K: default number of ``(t, eps)`` draws per sample.
         labels: ``"iid"`` (DMD's sampling) or ``"stratified"`` (each draw still uniform, the
@@ -641,13 +641,13 @@ def fid_digits(
     """Fréchet distance of a generator's samples to real digits in the classifier's features.
 
     The embedding is the penultimate layer of the shipped digit classifier
-    (:meth:`carv_pyro.classifier.DigitClassifier.features`); the real set is scikit-learn's
-    digits (:func:`carv_pyro.data.load_digits_images`). Samples use balanced labels
+    ([`carv_pyro.classifier.DigitClassifier.features`][carv_pyro.classifier.DigitClassifier.features]); the real set is scikit-learn's
+    digits ([`carv_pyro.data.load_digits_images`][carv_pyro.data.load_digits_images]). Samples use balanced labels
     ``arange(n) % 10`` and latents from a ``torch.Generator`` seeded with ``seed``, so repeated
     evaluations of one generator agree exactly. The value depends on ``n``: compare at equal ``n``.
 
     Args:
-        generator: a class-conditional :class:`Generator`.
+        generator: a class-conditional `Generator`.
         n: number of generated samples (``>= 2``).
         real_split: ``"all"`` (1797 images), ``"train"`` or ``"test"``.
         seed: seeds the latents.
@@ -722,14 +722,14 @@ class DistillationConfig:
     Attributes:
         R: generator samples per generator step (the ``latents`` plate).
         K: teacher ``(t, eps)`` draws per sample (the ``noise`` plate).
-        proposal: timestep proposal of the :class:`~carv_pyro.TimestepGuide`.
+        proposal: timestep proposal of the [`TimestepGuide`][carv_pyro.TimestepGuide].
         stratify: ``None``, ``"per_outer"`` or ``"global"``.
         noise: ``"iid"``, ``"antithetic"`` (even ``K``) or ``"sobol"``.
         guidance_scale: classifier-free guidance of the real teacher.
         t_range: ``p(t)`` uniform over ``int(lo T) .. int(hi T)``.
         normalize: DMD2's per-draw normalization of the score difference.
         labels: ``"iid"`` or ``"stratified"`` class labels across the ``R`` samples (see
-            :class:`StratifiedLabels`).
+            `StratifiedLabels`).
         lr: generator Adam learning rate.
         betas: generator Adam betas.
         fake_lr: fake network AdamW learning rate.
@@ -832,16 +832,16 @@ class Distiller:
         teacher: the frozen real teacher (default: the embedded digits teacher, or a random
             stand-in with a warning while its weights are missing).
         device: where the networks live.
-        generator: an initial generator (default: a new :class:`Generator` seeded by
+        generator: an initial generator (default: a new `Generator` seeded by
             ``config.seed``); used as is, not copied.
-        fake: an initial :class:`FakeScore` (default: built from ``config.fake_init``).
+        fake: an initial `FakeScore` (default: built from ``config.fake_init``).
 
     Attributes:
         real: the real teacher.
         generator: the generator (registered as ``pyro.module("generator", ...)`` by the model).
-        fake: the :class:`FakeScore`.
-        objective: the DMD objective (:func:`dmd_objective`).
-        model: ``model(R, K)`` from :func:`make_model` with the config's sizes.
+        fake: the `FakeScore`.
+        objective: the DMD objective (`dmd_objective`).
+        model: ``model(R, K)`` from `make_model` with the config's sizes.
     """
 
     def __init__(
@@ -925,7 +925,7 @@ class Distiller:
         return sum(losses) / len(losses) if losses else math.nan
 
     def guide(self, K: int, proposal: str, stratify: str | None, noise: str) -> TimestepGuide:
-        """A :class:`~carv_pyro.TimestepGuide` for :attr:`model` (options validated)."""
+        """A [`TimestepGuide`][carv_pyro.TimestepGuide] for `model` (options validated)."""
         _check_estimator_settings(K, proposal, stratify, noise)
         return TimestepGuide(self.model, proposal=proposal, stratify=stratify, noise=noise)
 
@@ -1010,7 +1010,7 @@ class _Clock:
 
 @dataclass
 class DistillationHistory:
-    """What :func:`train_distillation` returns.
+    """What `train_distillation` returns.
 
     Attributes:
         config: the run's config (with the estimator's settings applied).
@@ -1021,7 +1021,7 @@ class DistillationHistory:
         loss: DMD value per generator step.
         fake_loss: mean fake denoising loss per generator step.
         evals: ``[{"step", "seconds", "fd"}]`` Fréchet-distance evaluations.
-        distiller: the trained :class:`Distiller`.
+        distiller: the trained `Distiller`.
     """
 
     config: DistillationConfig
@@ -1086,16 +1086,16 @@ def train_distillation(
     """Train a one-step generator by DMD for a number of steps or a compute budget.
 
     Each generator step is ``config.fake_updates`` fake-score updates on fresh generator samples
-    followed by one ``SVI`` step of the generator with :class:`~carv_pyro.CARVLoss` and a
-    :class:`~carv_pyro.TimestepGuide` set by the estimator. Before the first step the fake score
+    followed by one ``SVI`` step of the generator with [`CARVLoss`][carv_pyro.CARVLoss] and a
+    [`TimestepGuide`][carv_pyro.TimestepGuide] set by the estimator. Before the first step the fake score
     gets ``fake_warmup`` updates (counted in the budget). The budget counts all of it and
     excludes evaluation; with ``clock="auto"`` it is this process's CPU time on a CPU (so other
     load on the machine does not shrink it) and wall time on a GPU. Runs inside a private Pyro
     param-store scope; seeds the global RNGs with ``config.seed``.
 
     Args:
-        config: the settings (default :class:`DistillationConfig`).
-        estimator: a name from :data:`ESTIMATORS` whose ``K``, proposal, stratification and
+        config: the settings (default `DistillationConfig`).
+        estimator: a name from `ESTIMATORS` whose ``K``, proposal, stratification and
             noise replace the config's; ``None`` keeps the config's.
         steps: stop after this many generator steps.
         budget_seconds: stop once the compute spent reaches this (checked after each step).
@@ -1110,7 +1110,7 @@ def train_distillation(
         progress: show a tqdm progress bar.
 
     Returns:
-        A :class:`DistillationHistory`.
+        A `DistillationHistory`.
 
     Raises:
         ValueError: on an unknown estimator, neither ``steps`` nor ``budget_seconds``, or
@@ -1216,7 +1216,7 @@ class DistillationBench:
     At construction it builds the real teacher, a generator and a fake score and trains them
     briefly by DMD (fake warm-up, then generator steps with the ``"carv"`` estimator) so that
     ``theta`` is a mid-training checkpoint whose fake score tracks the generator. Every
-    :meth:`estimate` is then ONE gradient of the generator's parameters at that checkpoint;
+    `estimate` is then ONE gradient of the generator's parameters at that checkpoint;
     nothing is stepped.
 
     The between-sample share of the variance (different latents ``z`` give different expected
@@ -1233,7 +1233,7 @@ class DistillationBench:
         teacher: the real teacher (default: the embedded one; a random stand-in with a warning
             while its weights are missing).
         pretrain_steps: generator steps of pretraining (default: 10 quick, 100 full).
-        config: overrides of :class:`DistillationConfig` fields (e.g. ``{"fake_warmup": 5}``).
+        config: overrides of `DistillationConfig` fields (e.g. ``{"fake_warmup": 5}``).
     """
 
     name = "distillation"
@@ -1281,7 +1281,7 @@ class DistillationBench:
         return _bench_configs(self.R)
 
     def estimate(self, config: dict[str, Any]) -> Tensor:
-        """ONE gradient estimate at the fixed checkpoint for a row of :meth:`configs`.
+        """ONE gradient estimate at the fixed checkpoint for a row of `configs`.
 
         Args:
             config: ``dict(R=int, K=int, proposal=str, stratify=None|str, noise=str)``

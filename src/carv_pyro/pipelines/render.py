@@ -1,17 +1,17 @@
 """A differentiable emission-absorption volume renderer of a voxel grid.
 
 This is the expensive *upstream* step ``x = g(theta, xi)`` of the text-to-3D pipeline: the
-parameters ``theta`` are the logits of a :class:`VoxelField`, the upstream randomness ``xi`` is a
+parameters ``theta`` are the logits of a `VoxelField`, the upstream randomness ``xi`` is a
 camera pose ``(azimuth, elevation)``, and the output is an image in the teacher's data range.
 
 Conventions (shared by every function in this module):
 
-* **World.** Right-handed ``(x, y, z)`` coordinates, world up is ``+z``. A :class:`VoxelField`
+* **World.** Right-handed ``(x, y, z)`` coordinates, world up is ``+z``. A `VoxelField`
   spans the cube ``[-1, 1]^3``.
 * **Voxel layout.** ``density_logits[k, j, i]`` (and ``albedo_logits[c, k, j, i]``) is the value
   at the voxel centre ``(x_i, y_j, z_k)`` with ``x_i = -1 + (2 i + 1) / D``: the tensor axes are
   ``(z, y, x)``. This is exactly the ``(D, H, W)`` layout that
-  :func:`torch.nn.functional.grid_sample` expects for a 5-D input when the last axis of its
+  `torch.nn.functional.grid_sample` expects for a 5-D input when the last axis of its
   ``grid`` holds ``(x, y, z)`` (``x`` indexes ``W``, ``y`` indexes ``H``, ``z`` indexes ``D``), so
   world points are passed to ``grid_sample`` unchanged. ``align_corners=False``: ``+-1`` are the
   outer *faces* of the corner voxels, not their centres.
@@ -93,10 +93,10 @@ def _inverse_softplus(y: Tensor) -> Tensor:
 
 @runtime_checkable
 class RadianceField(Protocol):
-    """Anything :func:`render_rays` can render: a callable from points to density and albedo.
+    """Anything `render_rays` can render: a callable from points to density and albedo.
 
     A field maps points ``(..., 3)`` in world coordinates to a non-negative density ``(...)``
-    (extinction per unit length) and an albedo ``(..., C)`` in ``[0, 1]``. :class:`VoxelField`
+    (extinction per unit length) and an albedo ``(..., C)`` in ``[0, 1]``. `VoxelField`
     is one; an MLP or hash-grid NeRF with the same call signature renders unchanged.
     """
 
@@ -447,7 +447,7 @@ def emission_absorption(density: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor
 
 
 class RayRender(NamedTuple):
-    """What :func:`render_rays` returns for ``N...`` rays and ``S`` samples per ray.
+    """What `render_rays` returns for ``N...`` rays and ``S`` samples per ray.
 
     Attributes:
         color: ``(*N, C)`` pixel values in ``[-1, 1]``, background included.
@@ -503,7 +503,7 @@ def render_rays(
     and weights), not the field's intermediates, are kept between the passes.
 
     Args:
-        field: a :class:`RadianceField`, e.g. a :class:`VoxelField`.
+        field: a `RadianceField`, e.g. a `VoxelField`.
         origins: ``(*N, 3)`` ray origins.
         directions: ``(*N, 3)`` unit ray directions.
         n_samples: ``S``, samples per ray.
@@ -518,7 +518,7 @@ def render_rays(
         chunk_size: rays per chunk, or ``None`` for all at once.
 
     Returns:
-        A :class:`RayRender` with leading shape ``N...``.
+        A `RayRender` with leading shape ``N...``.
     """
     n_samples = _check_positive_int("n_samples", n_samples)
     if chunk_size is not None:
@@ -607,7 +607,7 @@ def render(
     """Render a field from orbit cameras.
 
     Args:
-        field: a :class:`RadianceField`, e.g. a :class:`VoxelField`.
+        field: a `RadianceField`, e.g. a `VoxelField`.
         azimuth: ``B...`` radians (any batch shape, e.g. ``(R, 1)`` from a plate at ``dim=-2``).
         elevation: radians, broadcastable against ``azimuth``.
         image_size: ``H = W``, pixels per side (default 16, the digits teacher's size).
@@ -620,10 +620,10 @@ def render(
         near: distance from the ray origin where sampling starts; ``None`` (default) clips each
             ray to the cube ``[-1, 1]^3``.
         far: distance where sampling stops; ``None`` clips to the cube.
-        stratified: jitter samples within their bins (see :func:`render_rays`); off by default,
+        stratified: jitter samples within their bins (see `render_rays`); off by default,
             so rendering is deterministic.
         generator: randomness for ``stratified=True``.
-        chunk_size: rays per chunk (see :func:`render_rays`).
+        chunk_size: rays per chunk (see `render_rays`).
 
     Returns:
         ``(*B, C, H, W)`` images in ``[-1, 1]``.
@@ -666,7 +666,7 @@ def turntable(
         n_views: number of views; view ``k`` is at azimuth ``azimuth_offset + 2 pi k / n_views``.
         elevation: common elevation in radians.
         azimuth_offset: azimuth of the first view.
-        **render_kwargs: forwarded to :func:`render` (``image_size``, ``n_samples``, ...).
+        **render_kwargs: forwarded to `render` (``image_size``, ``n_samples``, ...).
 
     Returns:
         ``(n_views, C, H, W)`` images in ``[-1, 1]``.
@@ -717,7 +717,7 @@ def save_turntable_png(
         n_views: number of views.
         scale: integer upscaling factor, at least 1.
         gap: width of the separators in output pixels (0 for none).
-        **turntable_kwargs: forwarded to :func:`turntable` (``elevation``, ``image_size``, ...).
+        **turntable_kwargs: forwarded to `turntable` (``elevation``, ``image_size``, ...).
 
     Returns:
         The path written, as a string.

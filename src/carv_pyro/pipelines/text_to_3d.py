@@ -1,6 +1,6 @@
 """Text-to-3D by score distillation: carve a digit into a voxel field with a frozen teacher.
 
-The DreamFusion recipe at the size of a CPU: a :class:`~carv_pyro.pipelines.render.VoxelField`
+The DreamFusion recipe at the size of a CPU: a [`VoxelField`][carv_pyro.pipelines.render.VoxelField]
 is rendered from random orbit cameras (the expensive upstream step ``x = g(theta, xi)``), and the
 embedded digits teacher scores every render through SDS. Written as a plain Pyro model, the
 camera is a latent site drawn from its prior in the ``views`` plate and the teacher's
@@ -16,9 +16,9 @@ for _ in range(200):
     svi.step()
 ```
 
-:func:`dream` wraps that loop with progress, evaluation by the digit classifier on fixed
-held-out views (:func:`quality`), pictures, a JSON summary and exact checkpoint/resume.
-:func:`estimator_preset` names the estimators compared in the paper: ``"baseline"`` (one
+`dream` wraps that loop with progress, evaluation by the digit classifier on fixed
+held-out views (`quality`), pictures, a JSON summary and exact checkpoint/resume.
+`estimator_preset` names the estimators compared in the paper: ``"baseline"`` (one
 ``t ~ p(t)`` per view, threestudio's default), ``"reuse"`` (``K`` prior draws per view) and
 ``"carv"`` (``K`` draws per view, importance-sampled and stratified).
 """
@@ -67,12 +67,12 @@ __all__ = [
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
-"""Name of the checkpoint :func:`dream` writes into its output folder."""
+"""Name of the checkpoint `dream` writes into its output folder."""
 
 _CHECKPOINT_VERSION = 1
 
 DEFAULT_AZIMUTH_DEG = (-45.0, 45.0)
-"""Default camera azimuth arc in degrees: frontal (see :class:`TextTo3DConfig`)."""
+"""Default camera azimuth arc in degrees: frontal (see `TextTo3DConfig`)."""
 
 DEFAULT_ELEVATION_DEG = (-10.0, 30.0)
 """Default camera elevation range in degrees."""
@@ -88,9 +88,9 @@ class EstimatorPreset:
     Attributes:
         name: the preset's name.
         K: inner ``(t, eps)`` draws per rendered view.
-        proposal: :class:`~carv_pyro.TimestepGuide` ``proposal``.
-        stratify: :class:`~carv_pyro.TimestepGuide` ``stratify``.
-        noise: :class:`~carv_pyro.TimestepGuide` ``noise``.
+        proposal: [`TimestepGuide`][carv_pyro.TimestepGuide] ``proposal``.
+        stratify: [`TimestepGuide`][carv_pyro.TimestepGuide] ``stratify``.
+        noise: [`TimestepGuide`][carv_pyro.TimestepGuide] ``noise``.
         description: one line for reports.
     """
 
@@ -102,7 +102,7 @@ class EstimatorPreset:
     description: str
 
     def settings(self) -> dict[str, Any]:
-        """The fields of :class:`TextTo3DConfig` this preset sets (``K``, ``proposal``, ...)."""
+        """The fields of `TextTo3DConfig` this preset sets (``K``, ``proposal``, ...)."""
         return {
             "K": self.K,
             "proposal": self.proposal,
@@ -113,7 +113,7 @@ class EstimatorPreset:
     def make_guide(
         self, model: Callable, generator: torch.Generator | None = None
     ) -> TimestepGuide:
-        """The :class:`~carv_pyro.TimestepGuide` of this preset for ``model``."""
+        """The [`TimestepGuide`][carv_pyro.TimestepGuide] of this preset for ``model``."""
         return TimestepGuide(
             model,
             proposal=self.proposal,
@@ -149,7 +149,7 @@ ESTIMATORS: dict[str, EstimatorPreset] = {
         description="K draws per view, t importance-sampled from p w alpha and stratified",
     ),
 }
-"""The named estimators; see :func:`estimator_preset`."""
+"""The named estimators; see `estimator_preset`."""
 
 
 def estimator_preset(name: str) -> EstimatorPreset:
@@ -161,7 +161,7 @@ def estimator_preset(name: str) -> EstimatorPreset:
             (``K = 8``, weighted proposal ``q(t) ∝ p(t) w(t) alpha_t``, stratified per view).
 
     Returns:
-        The :class:`EstimatorPreset`.
+        The `EstimatorPreset`.
 
     Raises:
         ValueError: naming the unknown estimator and the known ones.
@@ -210,14 +210,14 @@ def _range(name: str, value: Any, lo: float, hi: float) -> tuple[float, float]:
 
 @dataclass
 class TextTo3DConfig:
-    """Settings of a :func:`dream` run. Angles are in degrees, so the JSON summary reads well.
+    """Settings of a `dream` run. Angles are in degrees, so the JSON summary reads well.
 
     Attributes:
         prompt: a digit ``"0"``..``"9"`` or its English name (``"three"``).
         steps: SVI steps.
         R: rendered views per step (the ``views`` plate).
         K: teacher ``(t, eps)`` draws per view (the ``noise`` plate).
-        proposal: timestep proposal of the :class:`~carv_pyro.TimestepGuide`.
+        proposal: timestep proposal of the [`TimestepGuide`][carv_pyro.TimestepGuide].
         stratify: ``None``, ``"per_outer"`` or ``"global"``.
         noise: ``"iid"``, ``"antithetic"`` (needs an even ``K``) or ``"sobol"``.
         lr: Adam learning rate on the field's logits.
@@ -305,12 +305,12 @@ class TextTo3DConfig:
 
     @property
     def label(self) -> int:
-        """The class label of :attr:`prompt`."""
+        """The class label of `prompt`."""
         return parse_prompt(self.prompt)
 
     @classmethod
     def from_estimator(cls, estimator: str, prompt: str = "3", **overrides: Any) -> TextTo3DConfig:
-        """A config with a named estimator's settings (see :func:`estimator_preset`).
+        """A config with a named estimator's settings (see `estimator_preset`).
 
         Args:
             estimator: ``"baseline"``, ``"reuse"`` or ``"carv"``.
@@ -329,7 +329,7 @@ class TextTo3DConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextTo3DConfig:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of `to_dict`.
 
         Raises:
             ValueError: on unknown keys or invalid values.
@@ -396,8 +396,8 @@ def make_model(
     per view in the ``noise`` plate (``dim=-1``): ``R * K`` draws in one teacher call.
 
     Args:
-        field: a :class:`~carv_pyro.pipelines.render.VoxelField` (or any radiance field module).
-        objective: the teacher objective, e.g. :class:`~carv_pyro.SDS`; its event shape must
+        field: a [`VoxelField`][carv_pyro.pipelines.render.VoxelField] (or any radiance field module).
+        objective: the teacher objective, e.g. [`SDS`][carv_pyro.SDS]; its event shape must
             be ``(C, image_size, image_size)``.
         label: the teacher's conditioning (a class label for the digits teacher), or ``None``.
         R: default number of views per call.
@@ -484,7 +484,7 @@ def quality(
     image_size: int = 16,
     n_samples: int = 24,
 ) -> Quality:
-    """Classify renders of ``field`` from fixed held-out views (see :func:`eval_cameras`).
+    """Classify renders of ``field`` from fixed held-out views (see `eval_cameras`).
 
     The views are deterministic, so no seed is needed and a quality curve is comparable across
     runs and estimators.
@@ -493,7 +493,7 @@ def quality(
         field: the field to judge.
         label: the prompt's digit.
         classifier: ``(N, C, H, W)`` images in ``[-1, 1]`` -> ``(N, 10)`` logits (e.g.
-            :func:`carv_pyro.classifier.load_classifier`), in eval mode.
+            [`carv_pyro.classifier.load_classifier`][carv_pyro.classifier.load_classifier]), in eval mode.
         n_views: azimuths per elevation.
         elevations_deg: elevations of the views, degrees.
         azimuth_deg: the azimuth arc the views cover, degrees.
@@ -501,7 +501,7 @@ def quality(
         n_samples: samples per ray.
 
     Returns:
-        A :class:`Quality`.
+        A `Quality`.
     """
     azimuth, elevation = eval_cameras(n_views, elevations_deg, azimuth_deg)
     like = _field_like(field)
@@ -529,7 +529,7 @@ def quality(
 
 @dataclass
 class _Run:
-    """Everything :func:`dream` builds; its state is what the checkpoint holds."""
+    """Everything `dream` builds; its state is what the checkpoint holds."""
 
     config: TextTo3DConfig
     field: VoxelField
@@ -709,9 +709,9 @@ def dream(
         checkpoint_every: also checkpoint every this many steps (the final step always is).
         resume: continue from ``out_dir/checkpoint.pt``; ``config`` may differ from the
             checkpoint's only in ``steps``.
-        teacher: the teacher (default: :func:`carv_pyro.teachers.load_default`).
-        classifier: the judge for :func:`quality` (default:
-            :func:`carv_pyro.classifier.load_classifier`).
+        teacher: the teacher (default: [`carv_pyro.teachers.load_default`][carv_pyro.teachers.load_default]).
+        classifier: the judge for `quality` (default:
+            [`carv_pyro.classifier.load_classifier`][carv_pyro.classifier.load_classifier]).
 
     Returns:
         The summary dict that is also written to ``summary.json``.

@@ -1,11 +1,11 @@
 """Frozen diffusion teachers: predict the noise ``eps`` in ``x_t = alpha_t x + sigma_t eps``.
 
-- :class:`AbstractTeacher`: the interface (shape checks, classifier-free guidance, chunking).
-- :class:`GaussianTeacher`, :class:`GaussianMixtureTeacher`: exact analytic denoisers.
-- :class:`DiffusersTeacher`: any local diffusers ``UNet2DModel`` / ``UNet2DConditionModel``.
-- :class:`PipelineTeacher` (:func:`teacher_from_pipeline`): a Stable-Diffusion-like pipeline's
+- `AbstractTeacher`: the interface (shape checks, classifier-free guidance, chunking).
+- `GaussianTeacher`, `GaussianMixtureTeacher`: exact analytic denoisers.
+- `DiffusersTeacher`: any local diffusers ``UNet2DModel`` / ``UNet2DConditionModel``.
+- `PipelineTeacher` (`teacher_from_pipeline`): a Stable-Diffusion-like pipeline's
   latent space, text prompts and VAE encoder.
-- :func:`load_default`: the small teacher shipped inside the package.
+- `load_default`: the small teacher shipped inside the package.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def __getattr__(name: str) -> Any:
 def load_default(*args: Any, **kwargs: Any) -> DiffusersTeacher:
     """Load the embedded default teacher shipped with the package (nothing is downloaded).
 
-    Imported lazily from :mod:`carv_pyro.teachers.embedded`; see
-    :func:`carv_pyro.teachers.embedded.load_default` for the arguments.
+    Imported lazily from `carv_pyro.teachers.embedded`; see
+    [`carv_pyro.teachers.embedded.load_default`][carv_pyro.teachers.load_default] for the arguments.
 
     Returns:
-        a :class:`DiffusersTeacher`.
+        a `DiffusersTeacher`.
     """
     from .embedded import load_default as _load_default
 

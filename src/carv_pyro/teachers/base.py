@@ -1,9 +1,9 @@
 """The teacher interface: predict the noise ``eps`` in ``x_t = alpha_t x + sigma_t eps``.
 
-A teacher is a frozen denoiser. :class:`AbstractTeacher` owns everything that is the same for
+A teacher is a frozen denoiser. `AbstractTeacher` owns everything that is the same for
 every teacher (shape checks, classifier-free guidance, chunking into batches of at most
 ``max_batch`` rows, gradient mode, dtype of the result); a subclass implements one batched hook,
-:meth:`AbstractTeacher._predict_eps`.
+`AbstractTeacher._predict_eps`.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ def _matches(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
 class AbstractTeacher:
     """A frozen diffusion teacher: ``eps_hat(x_t, t, cond)`` under a discrete noise schedule.
 
-    This is a plain class, not an :class:`torch.nn.Module`, so a teacher (and the network it
+    This is a plain class, not an `torch.nn.Module`, so a teacher (and the network it
     wraps) can never be registered as a Pyro parameter by accident.
 
     Attributes:
-        schedule: the :class:`~carv_pyro.schedules.DiscreteSchedule` that defines
+        schedule: the [`DiscreteSchedule`][carv_pyro.schedules.DiscreteSchedule] that defines
             ``alpha_t`` and ``sigma_t`` for the integer timesteps ``t``.
         event_shape: shape of one clean sample ``x``, e.g. ``(C, H, W)`` or ``(D,)``.
         cond_event_shape: shape of ONE conditioning item: ``()`` for class labels, ``(L, D)``
@@ -46,14 +46,14 @@ class AbstractTeacher:
             teacher does not fix).
         max_batch: evaluate the network in chunks of at most this many rows (``None``: one
             call). Guidance doubles the rows, and they are chunked too.
-        requires_grad: ``False`` (default): :meth:`predict_eps` runs under
-            :func:`torch.no_grad`. Set it ``True`` to keep the autograd graph (e.g. to
+        requires_grad: ``False`` (default): `predict_eps` runs under
+            `torch.no_grad`. Set it ``True`` to keep the autograd graph (e.g. to
             differentiate w.r.t. the teacher's weights in data attribution); the graph is then
             kept whenever gradients are enabled in the caller.
 
-    :meth:`predict_eps` is a template method: the base class owns it, and subclasses
-    implement :meth:`_predict_eps` (and optionally :meth:`null_cond` for classifier-free
-    guidance and :meth:`encode_cond` for user-facing conditioning).
+    `predict_eps` is a template method: the base class owns it, and subclasses
+    implement `_predict_eps` (and optionally `null_cond` for classifier-free
+    guidance and `encode_cond` for user-facing conditioning).
 
     Subclassing:
         A teacher that knows the data is ``N(0, I)`` in ``D`` dimensions, where the exact
@@ -84,7 +84,7 @@ class AbstractTeacher:
     def _predict_eps(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         """The batched prediction that subclasses implement.
 
-        Called by :meth:`predict_eps` with validated arguments, at most ``max_batch`` rows at a
+        Called by `predict_eps` with validated arguments, at most ``max_batch`` rows at a
         time, already under the right gradient mode.
 
         Args:
@@ -113,14 +113,14 @@ class AbstractTeacher:
     def encode_cond(self, cond: Any) -> Tensor | None:
         """Turn user-facing conditioning into a tensor.
 
-        :meth:`predict_eps` calls this for any ``cond`` that is not already a tensor.
+        `predict_eps` calls this for any ``cond`` that is not already a tensor.
 
         Args:
             cond: e.g. an ``int`` class label or a nested list; ``None`` stays ``None``.
 
         Returns:
             a tensor of shape ``cond_event_shape``, possibly with leading batch dims
-            (default: :func:`torch.as_tensor`).
+            (default: `torch.as_tensor`).
         """
         return None if cond is None else torch.as_tensor(cond)
 
@@ -135,15 +135,15 @@ class AbstractTeacher:
     ) -> Tensor:
         """Predict the noise in ``x_t``, with classifier-free guidance.
 
-        This is a template method owned by :class:`AbstractTeacher`; subclasses implement
-        :meth:`_predict_eps` instead. It
+        This is a template method owned by `AbstractTeacher`; subclasses implement
+        `_predict_eps` instead. It
 
-        1. validates shapes (a :class:`ValueError` names the argument and the expected shape);
+        1. validates shapes (a `ValueError` names the argument and the expected shape);
         2. applies classifier-free guidance when ``guidance_scale != 1``:
            ``eps = eps_uncond + s * (eps_cond - eps_uncond)``, evaluating the conditional and
-           the unconditional (:meth:`null_cond`) branch in one batched call of ``2N`` rows;
+           the unconditional (`null_cond`) branch in one batched call of ``2N`` rows;
         3. splits the rows into chunks of at most ``max_batch``;
-        4. runs under :func:`torch.no_grad` unless gradients are enabled AND
+        4. runs under `torch.no_grad` unless gradients are enabled AND
            ``self.requires_grad`` is set.
 
         Args:
@@ -152,7 +152,7 @@ class AbstractTeacher:
                 broadcast to all rows.
             cond: ``(N, *cond_event_shape)`` conditioning, or ONE item of shape
                 ``cond_event_shape`` broadcast to all rows, or ``None``. A non-tensor is first
-                passed through :meth:`encode_cond`.
+                passed through `encode_cond`.
             guidance_scale: the classifier-free guidance scale ``s``; ``1`` means plain
                 conditional prediction.
 
@@ -161,7 +161,7 @@ class AbstractTeacher:
 
         Raises:
             ValueError: on a shape mismatch, conditioning given to an unconditional teacher,
-                or ``guidance_scale != 1`` without ``cond`` or without :meth:`null_cond`.
+                or ``guidance_scale != 1`` without ``cond`` or without `null_cond`.
             TypeError: if ``x_t`` is not a floating tensor or ``t`` is not integer.
         """
         x_t, t, cond = self._validate(x_t, t, cond)

@@ -33,11 +33,11 @@ class DiffusersTeacher(AbstractTeacher):
 
     Supported networks:
 
-    - :class:`diffusers.UNet2DModel`: unconditional, or class-conditional when
+    - `diffusers.UNet2DModel`: unconditional, or class-conditional when
       ``unet.config.num_class_embeds`` is set (``cond``: ``(N,)`` long labels,
       ``cond_event_shape == ()``; the null class for guidance defaults to the last label,
       ``num_class_embeds - 1``).
-    - :class:`diffusers.UNet2DConditionModel`: cross-attention conditioning (``cond``:
+    - `diffusers.UNet2DConditionModel`: cross-attention conditioning (``cond``:
       ``encoder_hidden_states`` of shape ``(N, L, D)``, ``cond_event_shape == (L, D)``).
       Guidance needs ``null_encoder_hidden_states`` (e.g. the text encoder's output for the
       empty prompt). ``L`` is taken from ``null_encoder_hidden_states`` or ``cond_length``;
@@ -55,7 +55,7 @@ class DiffusersTeacher(AbstractTeacher):
     attribute, never registered as a Pyro parameter. When the input's device or compute dtype
     differs from the network's, a cast copy is made lazily and cached (one at a time; it is
     rebuilt if the network's weights change in place). ``teacher.unet`` itself is never cast;
-    use :meth:`to` to move it.
+    use `to` to move it.
 
     Args:
         unet: a ``UNet2DModel`` or ``UNet2DConditionModel``.
@@ -241,10 +241,10 @@ class DiffusersTeacher(AbstractTeacher):
         """Load a teacher from a LOCAL folder (nothing is downloaded).
 
         The folder holds ``unet/`` (``config.json`` and weights) and ``scheduler/``
-        (``scheduler_config.json``), as written by :meth:`save_pretrained` or by a diffusers
+        (``scheduler_config.json``), as written by `save_pretrained` or by a diffusers
         pipeline's ``save_pretrained``. The UNet and scheduler classes are read from the
         configs' ``_class_name`` (an unknown scheduler class falls back to ``DDPMScheduler``).
-        Guidance settings saved by :meth:`save_pretrained` (``null_class``,
+        Guidance settings saved by `save_pretrained` (``null_class``,
         ``null_encoder_hidden_states``) are restored unless overridden in ``kwargs``.
 
         Args:
@@ -302,9 +302,9 @@ class DiffusersTeacher(AbstractTeacher):
     def from_pipeline(cls, pipe: Any, **kwargs: Any) -> DiffusersTeacher:
         """A latent-space teacher of a Stable-Diffusion-like pipeline, with text prompts.
 
-        See :func:`carv_pyro.teachers.pipeline.teacher_from_pipeline` (``dtype``,
+        See [`carv_pyro.teachers.pipeline.teacher_from_pipeline`][carv_pyro.teachers.pipeline.teacher_from_pipeline] (``dtype``,
         ``max_batch``, ``guidance_prompt``); returns a
-        :class:`~carv_pyro.teachers.pipeline.PipelineTeacher`.
+        [`PipelineTeacher`][carv_pyro.teachers.pipeline.PipelineTeacher].
         """
         from .pipeline import teacher_from_pipeline
 
@@ -313,7 +313,7 @@ class DiffusersTeacher(AbstractTeacher):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``unet/``, ``scheduler/`` and the guidance settings under ``path``.
 
-        The result loads back with :meth:`from_pretrained`.
+        The result loads back with `from_pretrained`.
         """
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
@@ -334,10 +334,10 @@ class DiffusersTeacher(AbstractTeacher):
 
     @property
     def requires_grad(self) -> bool:  # type: ignore[override]
-        """Keep the autograd graph in :meth:`predict_eps`; setting it also (un)freezes the UNet.
+        """Keep the autograd graph in `predict_eps`; setting it also (un)freezes the UNet.
 
         With ``requires_grad = True`` the computation runs on ``teacher.unet`` itself, so it
-        must already be on the input's device and in the compute dtype (see :meth:`to`).
+        must already be on the input's device and in the compute dtype (see `to`).
         """
         return self._requires_grad
 

@@ -1,13 +1,13 @@
 """The embedded default teacher: a class-conditional 16x16 digits DDPM shipped with the package.
 
-The weights live in ``carv_pyro/teachers/default/`` (:data:`DEFAULT_TEACHER_DIR`):
+The weights live in ``carv_pyro/teachers/default/`` (`DEFAULT_TEACHER_DIR`):
 
 - ``unet/``: a diffusers ``UNet2DModel`` (1 x 16 x 16, ``num_class_embeds=11``: the digits
   0-9 and the null class 10 used by classifier-free guidance), EMA weights;
 - ``scheduler/``: ``DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
   prediction_type="epsilon")``;
 - ``classifier.safetensors``: the digit classifier used to judge samples
-  (:func:`carv_pyro.classifier.load_classifier`);
+  ([`carv_pyro.classifier.load_classifier`][carv_pyro.classifier.load_classifier]);
 - ``manifest.json``: sha256 of every weight and config file, the training command, seed, steps,
   wall time, losses and the measured quality numbers.
 
@@ -73,13 +73,13 @@ def load_default(
 
     Args:
         dtype: compute dtype (``None``: the input's dtype); see
-            :class:`~carv_pyro.teachers.DiffusersTeacher`.
+            [`DiffusersTeacher`][carv_pyro.teachers.DiffusersTeacher].
         max_batch: evaluate at most this many rows per network call (``None``: one call).
 
     Returns:
-        A :class:`~carv_pyro.teachers.DiffusersTeacher` with ``event_shape == (1, 16, 16)``,
+        A [`DiffusersTeacher`][carv_pyro.teachers.DiffusersTeacher] with ``event_shape == (1, 16, 16)``,
         ``cond_event_shape == ()`` (class labels ``0..9``) and null class
-        :data:`NULL_CLASS`.
+        `NULL_CLASS`.
 
     Raises:
         FileNotFoundError: if the shipped weights are missing.
@@ -99,7 +99,7 @@ def default_prompt_cond(prompt: str | int) -> Tensor:
 
     Args:
         prompt: ``"3"``, ``"three"``, ``" Three "`` or ``3`` (see
-            :func:`carv_pyro.data.parse_prompt`).
+            [`carv_pyro.data.parse_prompt`][carv_pyro.data.parse_prompt]).
 
     Returns:
         A 0-d ``torch.long`` tensor holding the class label (broadcast by ``predict_eps`` to all
@@ -134,7 +134,7 @@ def verify_default_weights(folder: str | Path | None = None) -> None:
     """Check every file listed in ``manifest.json`` against its recorded sha256.
 
     Args:
-        folder: the teacher folder (default: :data:`DEFAULT_TEACHER_DIR`).
+        folder: the teacher folder (default: `DEFAULT_TEACHER_DIR`).
 
     Raises:
         FileNotFoundError: if the manifest is missing.

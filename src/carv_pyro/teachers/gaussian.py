@@ -125,7 +125,7 @@ class GaussianMixtureTeacher(AbstractTeacher):
 
     Conditioning is a long component index (``cond_event_shape == ()``): ``cond = k`` in
     ``[0, M - 1]`` gives component ``k``'s exact denoiser (``r = one_hot(k)``); ``cond = M``
-    means "the whole mixture" and is what :meth:`null_cond` returns, so classifier-free guidance
+    means "the whole mixture" and is what `null_cond` returns, so classifier-free guidance
     ``eps_mix + s (eps_k - eps_mix)`` is exactly checkable. ``cond=None`` is the mixture.
 
     Args:
@@ -183,7 +183,7 @@ class GaussianMixtureTeacher(AbstractTeacher):
         return torch.full((n,), self.num_components, dtype=torch.long)
 
     def component(self, k: int) -> GaussianTeacher:
-        """Component ``k`` as a :class:`GaussianTeacher` (the same as ``cond = k``)."""
+        """Component ``k`` as a `GaussianTeacher` (the same as ``cond = k``)."""
         return GaussianTeacher(self.means[k], self.stds[k], self.schedule)
 
     def _predict_eps(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:

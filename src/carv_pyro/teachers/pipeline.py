@@ -1,14 +1,14 @@
 """Latent-space teachers from Stable-Diffusion-like diffusers pipelines in a local folder.
 
 A threestudio user already has a checkpoint folder (``model_index.json``, ``unet/``,
-``scheduler/``, ``vae/``, ``tokenizer/``, ``text_encoder/``). :func:`teacher_from_pipeline` turns
-the pipeline loaded from it into a :class:`PipelineTeacher`:
+``scheduler/``, ``vae/``, ``tokenizer/``, ``text_encoder/``). `teacher_from_pipeline` turns
+the pipeline loaded from it into a `PipelineTeacher`:
 
 - the teacher works in the pipeline's LATENT space: ``event_shape == (4, h, w)``;
 - text prompts are encoded with the pipeline's own tokenizer and text encoder, once per prompt
   (cached), and the empty prompt's embedding is the null conditioning of classifier-free
   guidance;
-- :meth:`PipelineTeacher.encode_images` is the pipeline's VAE encoder, differentiable, so that it
+- `PipelineTeacher.encode_images` is the pipeline's VAE encoder, differentiable, so that it
   is part of the upstream ``x = g(theta, xi)`` (render RGB, then encode to latents).
 
 Example:
@@ -38,7 +38,7 @@ from .diffusers_teacher import DiffusersTeacher
 
 __all__ = ["PipelineTeacher", "teacher_from_pipeline", "PIPELINE_COMPONENTS"]
 
-#: The pipeline attributes a :class:`PipelineTeacher` needs.
+#: The pipeline attributes a `PipelineTeacher` needs.
 PIPELINE_COMPONENTS = ("unet", "scheduler", "vae", "tokenizer", "text_encoder")
 
 
@@ -61,18 +61,18 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
 
 
 class PipelineTeacher(DiffusersTeacher):
-    """A :class:`DiffusersTeacher` in a latent-diffusion pipeline's latent space, with text prompts.
+    """A `DiffusersTeacher` in a latent-diffusion pipeline's latent space, with text prompts.
 
-    Conditioning (``cond`` of :meth:`predict_eps` and of :func:`~carv_pyro.teacher_term`) may be
+    Conditioning (``cond`` of `predict_eps` and of [`teacher_term`][carv_pyro.teacher_term]) may be
     a prompt string, a sequence of ``N`` prompt strings, or ``encoder_hidden_states`` tensors of
-    shape ``(L, D)`` / ``(N, L, D)``. Prompts are encoded by :meth:`encode_prompt` and cached per
+    shape ``(L, D)`` / ``(N, L, D)``. Prompts are encoded by `encode_prompt` and cached per
     ``(prompt, device)``, so a training loop encodes each prompt once.
 
     Classifier-free guidance uses the embedding of ``guidance_prompt`` (default ``""``, the empty
     prompt, as in Stable Diffusion and threestudio) as ``null_encoder_hidden_states``.
 
     The VAE, tokenizer and text encoder are frozen and held as plain attributes (never Pyro
-    parameters). :meth:`to` moves the UNet, the VAE, the text encoder, the null conditioning and
+    parameters). `to` moves the UNet, the VAE, the text encoder, the null conditioning and
     the prompt cache together; on a GPU, ``teacher.to("cuda", torch.bfloat16)`` with
     ``dtype=torch.bfloat16`` computes without keeping a cast copy of the UNet.
 
@@ -84,10 +84,10 @@ class PipelineTeacher(DiffusersTeacher):
         tokenizer: the pipeline's tokenizer (a ``transformers`` tokenizer).
         text_encoder: the pipeline's text encoder; its first output (last hidden state) is the
             conditioning, as in ``StableDiffusionPipeline.encode_prompt`` without ``clip_skip``.
-        dtype: the UNet's compute dtype (see :class:`DiffusersTeacher`).
+        dtype: the UNet's compute dtype (see `DiffusersTeacher`).
         max_batch: evaluate at most this many UNet rows per call.
         guidance_prompt: the prompt whose embedding is the unconditional branch of guidance.
-        pipeline: the pipeline the components came from (kept for :meth:`save_pretrained`).
+        pipeline: the pipeline the components came from (kept for `save_pretrained`).
 
     Raises:
         ValueError: if the text encoder's width is not the UNet's ``cross_attention_dim``.
@@ -138,7 +138,7 @@ class PipelineTeacher(DiffusersTeacher):
         max_batch: int | None = None,
         guidance_prompt: str = "",
     ) -> PipelineTeacher:
-        """The teacher of a loaded pipeline (see :func:`teacher_from_pipeline`)."""
+        """The teacher of a loaded pipeline (see `teacher_from_pipeline`)."""
         missing = [name for name in PIPELINE_COMPONENTS if getattr(pipe, name, None) is None]
         if missing:
             raise TypeError(
@@ -183,7 +183,7 @@ class PipelineTeacher(DiffusersTeacher):
         return cls.from_pipeline(pipe, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the pipeline folder (loads back with :meth:`from_pretrained`).
+        """Write the pipeline folder (loads back with `from_pretrained`).
 
         Raises:
             RuntimeError: if the teacher was not built from a pipeline.
@@ -368,7 +368,7 @@ def teacher_from_pipeline(
         guidance_prompt: the prompt of the unconditional branch of guidance (default ``""``).
 
     Returns:
-        a :class:`PipelineTeacher` whose ``event_shape`` is the latent shape ``(C, h, w)`` and
+        a `PipelineTeacher` whose ``event_shape`` is the latent shape ``(C, h, w)`` and
         whose ``cond_event_shape`` is ``(L, D)``.
 
     Raises:
