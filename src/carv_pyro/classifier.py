@@ -8,7 +8,7 @@ embedding of a Fréchet distance between sample sets (an FID for digits).
 The shipped weights (``teachers/default/classifier.safetensors``) are trained by
 ``scripts/train_default_teacher.py`` and load offline with `load_classifier`.
 
-Example:
+Examples:
     >>> from carv_pyro.data import load_digits_images
     >>> clf = load_classifier()
     >>> images, labels = load_digits_images(split="test")

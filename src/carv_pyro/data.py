@@ -5,7 +5,7 @@ digits 0-9, shipped with scikit-learn, so nothing is downloaded). Images are ups
 bilinearly to ``size x size`` and scaled to ``[-1, 1]``; a fixed, seeded, stratified 80/20
 split separates the training images from the held-out test images.
 
-Example:
+Examples:
     >>> images, labels = load_digits_images(split="test")
     >>> images.shape, labels.shape
     (torch.Size([360, 1, 16, 16]), torch.Size([360]))

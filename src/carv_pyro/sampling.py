@@ -5,7 +5,7 @@
 embedded default teacher, any [`DiffusersTeacher`][carv_pyro.teachers.DiffusersTeacher] and the analytic
 Gaussian teachers alike.
 
-Example:
+Examples:
     >>> from carv_pyro.teachers.embedded import load_default
     >>> teacher = load_default()
     >>> images = ddim_sample(teacher, torch.arange(10), steps=20, guidance_scale=2.0)

@@ -25,7 +25,7 @@ class DiscreteSchedule:
         alphas_cumprod: ``(T,)`` cumulative products of ``1 - beta_t``, strictly in ``(0, 1]``
             and non-increasing, as in diffusers' ``scheduler.alphas_cumprod``.
 
-    Example:
+    Examples:
         >>> from diffusers import DDPMScheduler
         >>> schedule = DiscreteSchedule.from_diffusers(DDPMScheduler())
         >>> schedule.num_timesteps

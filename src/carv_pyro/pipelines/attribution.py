@@ -39,7 +39,7 @@ gradient's part that is odd in ``eps`` (``IS*+strat+QMC``). On a 2-core CPU, at 
 these gave ECMs of about 2.6 (``IS*+strat``) and 3.3-3.8 (with QMC or antithetic noise) at
 ``K = 4``, 3.0 and 4-4.9 at ``K = 64``, against 1.3-1.4 for stratification alone.
 
-Example:
+Examples:
     ```python
     teacher = carv_pyro.teachers.load_default()
     featurizer = AttributionFeaturizer(teacher, dim=256, projection_seed=0)
@@ -140,7 +140,7 @@ class RandomProjection:
     Raises:
         ValueError: naming the bad argument.
 
-    Example:
+    Examples:
         >>> proj = RandomProjection(1000, 16, seed=0)
         >>> proj(torch.randn(3, 1000)).shape
         torch.Size([3, 16])

@@ -31,7 +31,7 @@ Conventions (shared by every function in this module):
   ``c_i in [0, 1]``, so a fully opaque white surface gives ``+1`` and empty space gives the
   background, ``-1`` (black) by default.
 
-Example:
+Examples:
     >>> field = VoxelField(resolution=16, seed=0)
     >>> azimuth, elevation = random_cameras((4, 1), generator=torch.Generator().manual_seed(0))
     >>> render(field, azimuth, elevation).shape  # a plate of 4 views at dim -2
@@ -134,7 +134,7 @@ class VoxelField(nn.Module):
         density_logits: ``(D, D, D)`` parameter, axes ``(z, y, x)``.
         albedo_logits: ``(C, D, D, D)`` parameter, axes ``(c, z, y, x)``.
 
-    Example:
+    Examples:
         >>> field = VoxelField(resolution=8, channels=3, seed=0)
         >>> density, albedo = field(torch.zeros(5, 2, 3))
         >>> density.shape, albedo.shape
@@ -274,7 +274,7 @@ class Cameras:
     Raises:
         ValueError: on shapes that do not broadcast or non-positive / out-of-range sizes.
 
-    Example:
+    Examples:
         >>> cams = Cameras(torch.zeros(2, 1), torch.zeros(2, 1))
         >>> origins, directions = cams.rays(16)
         >>> origins.shape

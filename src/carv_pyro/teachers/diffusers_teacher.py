@@ -76,7 +76,7 @@ class DiffusersTeacher(AbstractTeacher):
         ValueError: on an unsupported prediction type or configuration, or inconsistent
             arguments.
 
-    Example:
+    Examples:
         >>> from diffusers import DDPMScheduler, UNet2DModel
         >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
         ...     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,

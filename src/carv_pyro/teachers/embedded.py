@@ -14,7 +14,7 @@ The weights live in ``carv_pyro/teachers/default/`` (`DEFAULT_TEACHER_DIR`):
 Everything is produced by ``scripts/train_default_teacher.py`` from scikit-learn's bundled
 digits and loads offline.
 
-Example:
+Examples:
     >>> teacher = load_default()
     >>> x_t = torch.randn(4, 1, 16, 16)
     >>> t = torch.tensor([10, 200, 500, 900])

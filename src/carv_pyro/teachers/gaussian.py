@@ -65,7 +65,7 @@ class GaussianTeacher(AbstractTeacher):
             broadcastable to ``mean``'s shape.
         schedule: the noise schedule.
 
-    Example:
+    Examples:
         >>> teacher = GaussianTeacher(torch.zeros(2), 1.0, DiscreteSchedule.linear(10))
         >>> teacher.predict_eps(torch.ones(4, 2), torch.full((4,), 9)).shape
         torch.Size([4, 2])

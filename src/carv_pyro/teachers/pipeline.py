@@ -11,7 +11,7 @@ the pipeline loaded from it into a `PipelineTeacher`:
 - `PipelineTeacher.encode_images` is the pipeline's VAE encoder, differentiable, so that it
   is part of the upstream ``x = g(theta, xi)`` (render RGB, then encode to latents).
 
-Example:
+Examples:
     >>> pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)  # doctest: +SKIP
     >>> teacher = teacher_from_pipeline(pipe, dtype=torch.bfloat16).to("cuda")  # doctest: +SKIP
     >>> sds = carv.SDS(teacher, guidance_scale=100.0)  # doctest: +SKIP
