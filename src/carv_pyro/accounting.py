@@ -118,7 +118,8 @@ class VarianceComponents:
     ``a.merge(b)`` equals the accumulator that saw both streams.
 
     Attributes:
-        n_within, n_outer: numbers of estimates pooled.
+        n_within: number of within estimates pooled.
+        n_outer: number of between estimates pooled.
     """
 
     def __init__(self) -> None:
@@ -333,7 +334,8 @@ class AccountingReport:
         v_within: ``V_w`` per single draw.
         c_outer: seconds per upstream sample (forward and backward, teacher excluded).
         c_inner: seconds per teacher draw at the measured batch (``R K`` draws per call).
-        R, K: the layout the statistics were measured at.
+        R: outer samples of the layout the statistics were measured at.
+        K: inner draws of that layout.
         teacher_seconds: measured seconds per teacher call at ``R * K`` draws, by ``K``.
         stderr: standard errors of ``(v_within, v_between)``.
         linear_cost: use ``c_outer + K c_inner`` even where ``teacher_seconds`` has a value.

@@ -1,6 +1,6 @@
 """``carv-pyro bench``: the paper's variance/cost protocol, side by side with the baseline.
 
-Protocol (DESIGN.md §2), for one pipeline at a fixed checkpoint ``theta``:
+The paper's protocol, for one pipeline at a fixed checkpoint ``theta``:
 
 1. a high-sample reference gradient ``g_ref`` (many independent high-``R K`` estimates, averaged);
 2. for every configuration (method, ``R``, ``K``): ``n`` independent estimates ``g_i``;
@@ -41,14 +41,17 @@ class BenchRow:
 
     Attributes:
         method: e.g. ``"baseline"``, ``"reuse"``, ``"IS+strat"``.
-        R, K: upstream samples and inner draws per estimate.
+        R: upstream samples per estimate.
+        K: inner draws per upstream sample.
         var: ``mean ||g - g_ref||^2`` over the repeats.
         cost_s: median seconds per estimate.
         re: relative efficiency against plain reuse at the same ``(R, K)``.
         ecm: effective compute multiplier against the baseline ``(R, 1)``.
         ecm_predicted: the accountant's predicted ECM (plain reuse rows and adaptive rows).
         var_se: standard error of ``var``.
-        proposal, stratify, noise: the guide's options.
+        proposal: the guide's timestep proposal.
+        stratify: the guide's stratification.
+        noise: the guide's noise sampler.
     """
 
     method: str
