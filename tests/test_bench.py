@@ -79,3 +79,18 @@ def test_text_to_3d_bench_writes_every_configuration(tmp_path):
     assert set(result["components"]) == {"R", "K", "v_between", "v_within", "ceiling"}
     assert set(result["extras"]["end_to_end"]) == {"baseline", "carv"}
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_pretrain_steps_is_refused_for_other_pipelines_before_any_work():
+    args = SimpleNamespace(
+        pipeline="text-to-3d",
+        quick=True,
+        json=None,
+        plot=None,
+        device="cpu",
+        seed=0,
+        repeats=None,
+        pretrain_steps=5,
+    )
+    with pytest.raises(ValueError, match="pretrain_steps.*distillation"):
+        main(args)

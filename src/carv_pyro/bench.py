@@ -523,6 +523,10 @@ def main(args: Any) -> int:
     smoke = bool(getattr(args, "smoke", False))
     kwargs: dict[str, Any] = {"smoke": True} if smoke else {}
     if getattr(args, "pretrain_steps", None) is not None:
+        if args.pipeline != "distillation":
+            raise ValueError(
+                f"pretrain_steps applies to the distillation pipeline, not {args.pipeline!r}"
+            )
         kwargs["pretrain_steps"] = args.pretrain_steps
     bench = PIPELINES[args.pipeline](quick=quick, seed=args.seed, device=args.device, **kwargs)
     if smoke:
