@@ -11,15 +11,23 @@ and the effective compute multiplier of ``K`` against ``K = 1`` is
 
     ECM(K) = (V_b + V_w)(c_outer + c_inner) / [(V_b + V_w / K)(c_outer + K c_inner)].
 
+On a GPU the teacher's cost per draw falls with the batch, so the `Accountant` also keeps the
+measured cost of a step at every ``K`` it has run and picks ``K`` from the measured
+``Var(R, K) * cost(R, K)`` (a linear fit of the measured costs where it has not run).
+
 **How the components are estimated.** One step's draws are split into quadrants: two halves of
 the upstream samples times two interleaved halves of the inner draws. Four vector-Jacobian
-products (instead of one) give the quadrants' gradient sums ``Q_ab``, whose sum is the usual
-gradient. Within an upstream half, the difference of the two inner halves' means has expected
-squared norm ``V_w (1/|b_1| + 1/|b_2|) / |a|``; the difference of the two upstream halves' means
-has ``(V_b + V_w / K)(1/|a_1| + 1/|a_2|)``. Both give unbiased per-step estimates that
+products (instead of one; [`carv_pyro.CARVLoss`][carv_pyro.CARVLoss] runs them when its observer
+asks) give the quadrants' gradient sums ``Q_ab``, whose sum is the usual gradient. Within an
+upstream half, the difference of the two inner halves' means has expected squared norm
+``V_w (1/|b_1| + 1/|b_2|) / |a|``; the difference of the two upstream halves' means has
+``(V_b + V_w / K)(1/|a_1| + 1/|a_2|)``. Both give unbiased per-step estimates that
 `VarianceComponents` pools (Welford, mergeable across processes). The estimates treat the
 inner draws as exchangeable: with stratified timesteps, draws within an upstream sample are
 negatively correlated and ``V_w`` is over-estimated (conservatively).
+
+This module is statistics only: it imports nothing of the estimator. The `Accountant` meets
+the loss through the [`LossObserver`][carv_pyro.infer.loss.LossObserver] protocol.
 """
 
 from __future__ import annotations
@@ -29,27 +37,21 @@ import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-import pyro
 import torch
-from einops import rearrange
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 
-from .guides import _group, inner_dims
-from .primitives import TermRecord
-from .timing import Stopwatch
+from . import _checks
 
 __all__ = [
-    "optimal_inner_size",
-    "effective_compute_multiplier",
-    "VarianceComponents",
-    "AccountingReport",
     "Accountant",
-    "PlateResizer",
-    "measure",
+    "AccountingReport",
+    "VarianceComponents",
     "anova_estimates",
+    "effective_compute_multiplier",
+    "fit_cost_curve",
+    "optimal_inner_size",
 ]
 
 
@@ -58,8 +60,7 @@ __all__ = [
 
 def _check_nonneg(**values: float) -> None:
     for name, v in values.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        _checks.non_negative_float(name, v)
 
 
 def optimal_inner_size(c_outer: float, c_inner: float, v_between: float, v_within: float) -> float:
@@ -219,13 +220,6 @@ class VarianceComponents:
         )
 
 
-def _halves(n: int, interleaved: bool) -> tuple[Tensor, Tensor]:
-    idx = torch.arange(n)
-    if interleaved:
-        return idx[0::2], idx[1::2]
-    return idx[: n // 2], idx[n // 2 :]
-
-
 def anova_estimates(quadrants: Tensor, sizes: tuple[tuple[int, int], tuple[int, int]]):
     """Per-step unbiased estimates of ``V_w`` and ``V_b`` from quadrant gradient sums.
 
@@ -258,68 +252,6 @@ def anova_estimates(quadrants: Tensor, sizes: tuple[tuple[int, int], tuple[int, 
         v_outer = float(diff.dot(diff)) / (1.0 / a1 + 1.0 / a2)
         v_between = v_outer - (v_within / k if v_within is not None else 0.0)
     return v_within, v_between
-
-
-def _params_of(*traces) -> list[Tensor]:
-    params: dict[int, Tensor] = {}
-    for tr in traces:
-        for site in tr.nodes.values():
-            if site["type"] == "param":
-                p = site["value"].unconstrained()
-                if p.requires_grad:
-                    params[id(p)] = p
-    return list(params.values())
-
-
-def quadrant_backward(
-    record: TermRecord, weights: Tensor, rest: Tensor | None, params: list[Tensor], scale: float
-) -> tuple[Tensor, tuple[tuple[int, int], tuple[int, int]]]:
-    """Accumulate the step's gradient into ``.grad`` by quadrants; return their sums.
-
-    Args:
-        record: the measured teacher term.
-        weights: its importance weights, ``batch_shape``.
-        rest: the rest of the surrogate (other terms, observed sites) or ``None``.
-        params: the unconstrained parameters to differentiate.
-        scale: factor on the accumulated gradient (``1 / num_particles``).
-
-    Returns:
-        ``(quadrants (2, 2, P) float64 sums of per-draw gradients, sizes)``.
-    """
-    inner = inner_dims(record.batch_shape, record.outer_shape)
-    src, dst, sizes = _group(record.batch_shape, inner)
-    per_draw = weights.to(record.surrogate.dtype) * record.surrogate
-    grouped = rearrange(per_draw, f"{src} -> {dst}", **sizes)
-    n_outer, n_inner = grouped.shape
-    rows = _halves(n_outer, interleaved=False)
-    cols = _halves(n_inner, interleaved=True)
-    n = record.t.numel()
-    quadrant_sums = []
-    total = [torch.zeros_like(p) for p in params]
-    pieces = [(a, b) for a in range(2) for b in range(2) if len(rows[a]) and len(cols[b])]
-    for i, (a, b) in enumerate(pieces):
-        s = grouped[rows[a]][:, cols[b]].sum()
-        last = i == len(pieces) - 1 and (rest is None or not rest.requires_grad)
-        grads = torch.autograd.grad(s, params, retain_graph=not last, allow_unused=True)
-        flat = []
-        for j, (p, g) in enumerate(zip(params, grads)):
-            g = torch.zeros_like(p) if g is None else g
-            total[j] += g / n
-            flat.append(g.reshape(-1))
-        quadrant_sums.append(((a, b), torch.cat(flat).to(torch.float64)))
-    if rest is not None and rest.requires_grad:
-        grads = torch.autograd.grad(rest, params, allow_unused=True)
-        for j, g in enumerate(grads):
-            if g is not None:
-                total[j] += g
-    for p, g in zip(params, total):
-        g = g * scale
-        p.grad = g if p.grad is None else p.grad + g
-    n_params = sum(p.numel() for p in params)
-    q = torch.zeros(2, 2, n_params, dtype=torch.float64)
-    for (a, b), g in quadrant_sums:
-        q[a, b] = g
-    return q, ((len(rows[0]), len(rows[1])), (len(cols[0]), len(cols[1])))
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -428,27 +360,31 @@ class AccountingReport:
         return path
 
 
-# -- plate resizing ---------------------------------------------------------------------------
 
 
-class PlateResizer(Messenger):
-    """Runs a model with some plates resized: ``{"noise": 16}`` makes ``pyro.plate("noise", 8)``
-    hold 16 draws.
+# -- the measured cost curve ------------------------------------------------------------------
 
-    The model stays plain Pyro: its plate declares a default size, and the accountant decides
-    the size actually used. Teacher terms average over their plates, so their estimates keep
-    their meaning at any size.
+
+def fit_cost_curve(costs: dict[int, float]) -> tuple[float, float]:
+    """Least-squares line ``cost(K) = a + b K`` through measured step costs, with ``b >= 0``.
+
+    Args:
+        costs: ``{K: seconds}`` at two or more distinct ``K``.
+
+    Returns:
+        ``(a, b)``; with one point the line is flat through it (``b = 0``).
     """
-
-    def __init__(self, sizes: dict[str, int]):
-        super().__init__()
-        self.sizes = dict(sizes)
-
-    def _pyro_sample(self, msg) -> None:
-        if isinstance(msg["fn"], _Subsample) and msg["name"] in self.sizes:
-            fn = msg["fn"]
-            size = self.sizes[msg["name"]]
-            msg["value"] = torch.arange(size, device=getattr(fn, "device", None))
+    ks = sorted(costs)
+    if not ks:
+        raise ValueError("fit_cost_curve needs at least one measured cost")
+    if len(ks) == 1:
+        return costs[ks[0]], 0.0
+    x = torch.tensor(ks, dtype=torch.float64)
+    y = torch.tensor([costs[k] for k in ks], dtype=torch.float64)
+    xm, ym = x.mean(), y.mean()
+    b = float(((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum())
+    b = max(b, 0.0)
+    return float(ym - b * xm), b
 
 
 # -- the online accountant --------------------------------------------------------------------
@@ -462,28 +398,43 @@ class _Measurement:
 
 
 class Accountant:
-    """Running variance components and costs during SVI; optionally sets ``K`` to ``K*``.
+    """Running variance components and costs during SVI; optionally sets ``K`` online.
 
-    Pass it to [`CARVLoss`][carv_pyro.CARVLoss] (``CARVLoss(accountant=Accountant(...))``). Every
-    ``every``-th step it replaces the one backward pass by four (one per quadrant, see the module
-    docstring) to estimate ``V_b`` and ``V_w``; every step it times the teacher and the rest.
-    Overhead: three extra vector-Jacobian products through the upstream every ``every`` steps
-    (about ``3 / every`` of one upstream backward per step), plus reading the timers.
+    Pass it to [`CARVLoss`][carv_pyro.CARVLoss] (``CARVLoss(accountant=Accountant(...))``); it is
+    the loss's [`LossObserver`][carv_pyro.infer.loss.LossObserver]. Every ``every``-th step the
+    loss runs four backward passes instead of one (one per quadrant, see the module docstring) so
+    that the step also estimates ``V_b`` and ``V_w``; every other step it times the step and its
+    teacher call. Overhead: three extra vector-Jacobian products through the upstream every
+    ``every`` steps.
+
+    With ``adapt=True`` it sets the size of the term's reserved inner plate
+    ([`carv_pyro.draws`][carv_pyro.draws]) after each measurement to the ``K`` that minimises
+    the predicted ``Var(R, K) * cost(R, K)``, where ``cost`` is the measured cost of a step at the
+    sizes it has run (a line fitted through them elsewhere). The update is robust: the components
+    are pooled over the last ``window`` measurements, a ``V_b`` estimate at or below zero counts
+    as one standard error (a small measurement, not zero), and ``K`` changes by at most a factor
+    ``max_change`` per update.
 
     Args:
-        plate: name of the inner plate to resize; default: detected from the term's plates.
+        plate: the name of the term's inner plate, checked against the model (an error if the
+            term's inner plate has another name); default: whatever the term's layout says.
         k_range: ``(min, max)`` clamp for ``K``.
         every: measure the variance components every this many steps.
         window: pool the last this many measurements (the parameters move, so old ones fade).
-        adapt: set the inner plate to the clamped, rounded ``K*`` after each measurement.
+        adapt: set ``K`` online (needs a reserved inner plate).
         min_measurements: measurements needed before adapting.
         costs: a declared cost model ``(c_outer, c_inner)`` in seconds instead of measured ones.
         term: the teacher term to account for (default: the only one).
+        max_change: the largest factor by which one update may change ``K``.
 
     Attributes:
-        k: the inner size now in use (``None`` until adapted: the model's own size).
+        k: the inner size now in use (``None`` until adapted: the guide's or the model's).
         components: pooled `VarianceComponents` over the window.
         history: per-measurement dicts (step, V_b, V_w, costs, K*, K, predicted ECM).
+        step_costs: ``{K: median seconds of a step}`` at the sizes run so far.
+
+    Raises:
+        ValueError: naming the first invalid argument.
     """
 
     def __init__(
@@ -497,19 +448,37 @@ class Accountant:
         min_measurements: int = 3,
         costs: tuple[float, float] | None = None,
         term: str | None = None,
+        max_change: float = 2.0,
     ):
-        lo, hi = k_range
-        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
-            raise ValueError(f"k_range must be integers 1 <= min <= max, got {k_range!r}")
-        if not (isinstance(every, int) and every >= 1):
-            raise ValueError(f"every must be a positive integer, got {every!r}")
-        if not (isinstance(window, int) and window >= 1):
-            raise ValueError(f"window must be a positive integer, got {window!r}")
+        if plate is not None:
+            _checks.instance("plate", plate, str, "a plate name or None")
+        try:
+            lo, hi = k_range
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"k_range must be a pair (min, max) of integers, got {k_range!r}"
+            ) from None
+        _checks.positive_int("k_range[0]", lo)
+        _checks.positive_int("k_range[1]", hi)
+        if lo > hi:
+            raise ValueError(f"k_range must satisfy 1 <= min <= max, got {k_range!r}")
+        _checks.positive_int("every", every)
+        _checks.positive_int("window", window)
+        _checks.instance("adapt", adapt, bool, "True or False")
+        _checks.positive_int("min_measurements", min_measurements)
         if costs is not None:
-            c_outer, c_inner = costs
-            _check_nonneg(c_outer=c_outer, c_inner=c_inner)
-            if c_inner <= 0:
-                raise ValueError("costs: c_inner must be > 0")
+            if isinstance(costs, (str, bytes)) or not hasattr(costs, "__len__") or len(costs) != 2:
+                raise ValueError(
+                    f"costs must be a pair (c_outer, c_inner) of seconds, got {costs!r}"
+                )
+            c_outer = _checks.non_negative_float("costs[0] (c_outer)", costs[0])
+            c_inner = _checks.positive_float("costs[1] (c_inner)", costs[1])
+            costs = (c_outer, c_inner)
+        if term is not None:
+            _checks.instance("term", term, str, "a term name or None")
+        max_change = _checks.positive_float("max_change", max_change)
+        if max_change < 1.0:
+            raise ValueError(f"max_change must be >= 1, got {max_change!r}")
         self.plate = plate
         self.k_range = (lo, hi)
         self.every = every
@@ -518,32 +487,34 @@ class Accountant:
         self.min_measurements = min_measurements
         self.costs = costs
         self.term = term
+        self.max_change = max_change
         self.k: int | None = None
         self.step = 0
         self._measurements: deque[_Measurement] = deque(maxlen=window)
         self._outer_times: deque[float] = deque(maxlen=window)
         self._inner_times: deque[float] = deque(maxlen=window)
+        self._step_times: dict[int, deque[float]] = {}
         self.components = VarianceComponents()
-        self.history: list[dict] = []
+        self.history: list[dict[str, Any]] = []
         self.last_R: int | None = None
         self.last_K: int | None = None
+        self._checked = False
 
-    # hooks called by CARVLoss ------------------------------------------------------------
-    def resizer(self) -> Messenger:
-        """Handler applied around the model and guide for this step."""
-        if self.k is None or self.plate is None:
-            return PlateResizer({})
+    # -- the observer protocol ----------------------------------------------------------------
+    def inner_size(self) -> int | None:
+        """The reserved inner plate's size for this step (``None``: not adapted yet)."""
+        if self.k is None:
+            return None
         # V_w needs two inner draws: a measuring step at K = 1 probes with K = 2 (any K is
         # unbiased), so that an accountant that chose K = 1 can still change its mind.
-        k = max(self.k, 2) if self.measuring() else self.k
-        return PlateResizer({self.plate: k})
+        return max(self.k, 2) if self.wants_components() else self.k
 
-    def measuring(self) -> bool:
+    def wants_components(self) -> bool:
         """Whether this step estimates the variance components."""
         return self.step % self.every == 0
 
-    def select(self, records: list[TermRecord]) -> TermRecord | None:
-        """The record of the accounted term (raises if ambiguous)."""
+    def select(self, records: list) -> Any:
+        """The record of the accounted term (raises if ambiguous or absent)."""
         if not records:
             return None
         if self.term is None:
@@ -560,43 +531,53 @@ class Accountant:
             f"Accountant(term={self.term!r}) not found among {[r.name for r in records]}"
         )
 
-    def detect_plate(self, model_trace, record: TermRecord) -> None:
-        if self.plate is not None:
-            return
-        inner = set(inner_dims(record.batch_shape, record.outer_shape))
-        site = model_trace.nodes[record.name]
-        names = [f.name for f in site["cond_indep_stack"] if f.dim in inner]
-        if len(names) == 1:
-            self.plate = names[0]
-        elif self.adapt:
+    def _check_layout(self, record) -> None:
+        layout = record.layout
+        if self.plate is not None and layout.inner_plate != self.plate:
+            plates = [f.name for f in layout.plates]
             raise ValueError(
-                f"cannot tell which plate is the inner plate of term {record.name!r} "
-                f"(candidates {names}); pass Accountant(plate=...)"
+                f"Accountant(plate={self.plate!r}) does not name the inner plate of term "
+                f"{record.name!r}: its inner plate is {layout.inner_plate!r} (enclosing plates "
+                f"{plates})"
             )
+        if self.adapt and not layout.reserved:
+            raise ValueError(
+                f"Accountant(adapt=True) resizes the reserved inner plate, but term "
+                f"{record.name!r} has its inner draws in "
+                + (
+                    f"the plain pyro.plate {layout.inner_plate!r}"
+                    if layout.inner_plate
+                    else "no inner plate at all"
+                )
+                + "; write them as `with carv_pyro.draws(K): teacher_term(...)`"
+            )
+        self._checked = True
 
-    def observe_step(
-        self,
-        record: TermRecord,
-        step_seconds: float,
-        teacher_seconds: float,
-        measured: bool = False,
-    ) -> None:
-        """Record one step's timing.
+    def observe(self, report) -> None:
+        """Record one particle's `StepReport`: its costs, and its components if measured."""
+        record = report.record
+        if not self._checked:
+            self._check_layout(record)
+        R, K = record.n_outer, record.n_inner
+        self.last_R, self.last_K = R, K
+        measured = report.quadrants is not None
+        # a measuring step runs four backward passes: its time is not what a step costs, so it
+        # is kept only while no other timing is known
+        if not measured or not self._outer_times:
+            rest = max(report.step_seconds - report.teacher_seconds, 0.0)
+            self._outer_times.append(rest / R)
+            self._inner_times.append(report.teacher_seconds / record.layout.n_draws)
+        if not measured:
+            self._step_times.setdefault(K, deque(maxlen=self.window)).append(report.step_seconds)
+        if measured:
+            v_within, v_between = anova_estimates(report.quadrants, report.quadrant_sizes)
+            self.observe_measurement(v_within, v_between)
 
-        Args:
-            record: the accounted term's record.
-            step_seconds: the whole step (forward, backward).
-            teacher_seconds: the teacher call inside it.
-            measured: whether the step estimated the variance components. Such a step runs
-                four backward passes through the upstream (one per quadrant), so its time is
-                not what a step costs: it is recorded only while no other timing is known.
-        """
-        self.last_R, self.last_K = record.n_outer, record.n_inner
-        if measured and self._outer_times:
-            return
-        self._outer_times.append(max(step_seconds - teacher_seconds, 0.0) / record.n_outer)
-        self._inner_times.append(teacher_seconds / record.t.numel())
+    def end_step(self) -> None:
+        """Count a step (called by the loss after each step with a backward)."""
+        self.step += 1
 
+    # -- updates ------------------------------------------------------------------------------
     def observe_measurement(self, v_within: float | None, v_between: float | None) -> None:
         """Record one step's variance estimates and adapt ``K`` if asked."""
         self._measurements.append(_Measurement(self.step, v_within, v_between))
@@ -604,34 +585,65 @@ class Accountant:
         for m in self._measurements:
             vc.update(m.v_within, m.v_between)
         self.components = vc
-        entry = {"step": self.step, "v_between": vc.v_between, "v_within": vc.v_within}
         c_outer, c_inner = self.cost_estimates()
-        entry.update(c_outer=c_outer, c_inner=c_inner)
-        ok = (
-            vc.n_within >= 1
-            and vc.n_outer >= 1
-            and math.isfinite(c_outer)
-            and c_inner > 0
-            and vc.v_within >= 0
-        )
+        entry: dict[str, Any] = {
+            "step": self.step,
+            "v_between": vc.v_between,
+            "v_within": vc.v_within,
+            "c_outer": c_outer,
+            "c_inner": c_inner,
+        }
+        ok = vc.n_within >= 1 and vc.n_outer >= 1 and math.isfinite(c_outer) and c_inner > 0
         if ok:
-            k_star = optimal_inner_size(c_outer, c_inner, vc.v_between, vc.v_within)
-            entry["k_star"] = k_star
+            v_b = self._robust_between(vc)
+            entry["k_star"] = optimal_inner_size(c_outer, c_inner, v_b, max(vc.v_within, 0.0))
             if self.adapt and len(self._measurements) >= self.min_measurements:
-                lo, hi = self.k_range
-                self.k = int(min(max(round(k_star) if math.isfinite(k_star) else hi, lo), hi))
+                self.k = self._choose_k(v_b, max(vc.v_within, 0.0))
             k_now = self.k if self.k is not None else self.last_K
             if k_now:
                 entry["ecm_predicted"] = effective_compute_multiplier(
-                    k_now, c_outer, c_inner, vc.v_between, vc.v_within
+                    k_now, c_outer, c_inner, v_b, max(vc.v_within, 0.0)
                 )
         entry["K"] = self.k if self.k is not None else self.last_K
         self.history.append(entry)
 
-    def end_step(self) -> None:
-        self.step += 1
+    @staticmethod
+    def _robust_between(vc: VarianceComponents) -> float:
+        """``V_b`` for decisions: the pooled mean, but never below one standard error (a
+        non-positive estimate says ``V_b`` is small, not that it is zero)."""
+        _, se_b = vc.stderr()
+        floor = se_b if math.isfinite(se_b) else 0.0
+        floor = max(floor, 1e-12 * max(abs(vc.mean_within), 1e-300))
+        return max(vc.mean_between, floor)
 
-    # reading -----------------------------------------------------------------------------
+    def cost_of(self, K: int) -> float:
+        """The predicted seconds of a step at ``K`` (measured where run, else fitted)."""
+        measured = self.step_costs
+        if K in measured:
+            return measured[K]
+        if len(measured) >= 2:
+            a, b = fit_cost_curve(measured)
+            return a + b * K
+        c_outer, c_inner = self.cost_estimates()
+        R = self.last_R or 1
+        return R * (c_outer + K * c_inner)
+
+    def _choose_k(self, v_between: float, v_within: float) -> int:
+        lo, hi = self.k_range
+        k_now = self.k if self.k is not None else (self.last_K or lo)
+        low = max(lo, math.ceil(k_now / self.max_change))
+        high = min(hi, max(low, math.floor(k_now * self.max_change)))
+        return min(
+            range(low, high + 1),
+            key=lambda k: (v_between + v_within / k) * self.cost_of(k),
+        )
+
+    # -- reading ------------------------------------------------------------------------------
+    @property
+    def step_costs(self) -> dict[int, float]:
+        """``{K: median seconds of a (non-measuring) step}`` at the sizes run so far."""
+        return {k: statistics.median(v) for k, v in sorted(self._step_times.items()) if v}
+
     def cost_estimates(self) -> tuple[float, float]:
         """``(c_outer, c_inner)``: declared, or medians of the recent measured steps."""
         if self.costs is not None:
@@ -650,6 +662,21 @@ class Accountant:
         """Predicted ECM of the current ``K`` (nan until measured)."""
         return self.history[-1].get("ecm_predicted", math.nan) if self.history else math.nan
 
+    def summary(self) -> dict[str, float]:
+        """A flat, loggable dict: ``K``, ``k_star``, ``ecm_predicted``, ``v_between``,
+        ``v_within``, ``c_outer``, ``c_inner``."""
+        c_outer, c_inner = self.cost_estimates()
+        k = self.k if self.k is not None else self.last_K
+        return {
+            "K": float(k) if k is not None else math.nan,
+            "k_star": self.k_star,
+            "ecm_predicted": self.predicted_ecm,
+            "v_between": self.components.v_between,
+            "v_within": self.components.v_within,
+            "c_outer": c_outer,
+            "c_inner": c_inner,
+        }
+
     def report(self) -> AccountingReport:
         """The current estimates as an `AccountingReport`."""
         c_outer, c_inner = self.cost_estimates()
@@ -663,133 +690,3 @@ class Accountant:
             stderr=self.components.stderr(),
             linear_cost=True,
         )
-
-
-# -- offline measurement ----------------------------------------------------------------------
-
-
-def measure(
-    model,
-    guide,
-    *args,
-    loss=None,
-    n_repeats: int = 50,
-    costs: tuple[float, float] | None = None,
-    candidate_ks: Sequence[int] | None = (1, 2, 4, 8, 16, 32),
-    n_timing: int = 5,
-    warmup: int = 2,
-    progress: bool = False,
-    **kwargs,
-) -> AccountingReport:
-    """Measure ``V_b``, ``V_w`` and costs of a model's teacher term at the current parameters.
-
-    The parameters are not changed (gradients are restored afterwards).
-
-    Args:
-        model: the Pyro model.
-        guide: its guide (e.g. a [`TimestepGuide`][carv_pyro.guides.TimestepGuide]).
-        *args: the model's positional arguments.
-        loss: a [`CARVLoss`][carv_pyro.CARVLoss] (default: a new one).
-        n_repeats: independent steps pooled for the variance components.
-        costs: a declared cost model ``(c_outer, c_inner)``; default: measured.
-        candidate_ks: ``K`` values at which to time the teacher alone (batched ``R K``
-            draws), so that `AccountingReport.cost` uses measured teacher costs;
-            ``None`` to use the linear model only.
-        n_timing: timed steps (after ``warmup``) for the costs.
-        warmup: untimed steps first.
-        progress: show a progress bar.
-        **kwargs: the model's keyword arguments.
-
-    Returns:
-        An `AccountingReport`.
-    """
-    from tqdm.auto import tqdm
-
-    from .loss import CARVLoss
-
-    if not (isinstance(n_repeats, int) and n_repeats >= 2):
-        raise ValueError(f"n_repeats must be an integer >= 2, got {n_repeats!r}")
-    loss = CARVLoss() if loss is None else loss
-    accountant = Accountant(every=1, window=n_repeats, costs=costs)
-    saved_accountant, loss.accountant = loss.accountant, accountant
-    store = pyro.get_param_store()
-    saved_grads = {
-        name: (p.grad.clone() if p.grad is not None else None)
-        for name, p in store.named_parameters()
-    }
-    try:
-        # timing: plain steps, no quadrant split
-        accountant.every = 10**9
-        accountant.step = 1
-        for i in range(warmup + n_timing):
-            if i == warmup:
-                accountant._outer_times.clear()
-                accountant._inner_times.clear()
-            loss.loss_and_grads(model, guide, *args, **kwargs)
-            accountant.step = 1
-        accountant.every = 1
-        accountant.step = 0
-        bar = tqdm(range(n_repeats), desc="measure", disable=not progress)
-        estimates = []
-        for _ in bar:
-            for _, p in store.named_parameters():
-                p.grad = None
-            loss.loss_and_grads(model, guide, *args, **kwargs)
-            accountant.step = 0
-            grads = [p.grad.reshape(-1) for _, p in store.named_parameters() if p.grad is not None]
-            estimates.append(torch.cat(grads).to(torch.float64) if grads else torch.zeros(1))
-        record = accountant.select(loss.last_records)
-        report = accountant.report()
-        report.linear_cost = False
-        if record is not None:
-            # The step-to-step spread of the estimates at fixed parameters is
-            # Var(R, K) = (V_b + V_w / K) / R: a second unbiased estimate of V_b, the only one
-            # when R = 1, averaged with the within-step one otherwise.
-            total = float(torch.stack(estimates).var(0, unbiased=True).sum()) * record.n_outer
-            v_w = report.v_within if math.isfinite(report.v_within) else 0.0
-            across = total - v_w / record.n_inner
-            if accountant.components.n_outer == 0:
-                report.v_between = max(across, 0.0)
-            else:
-                report.v_between = max(0.5 * (accountant.components.mean_between + across), 0.0)
-        if candidate_ks and costs is None and record is not None:
-            report.teacher_seconds = _time_teacher(record, candidate_ks, n_timing)
-        return report
-    finally:
-        loss.accountant = saved_accountant
-        for name, p in store.named_parameters():
-            p.grad = saved_grads.get(name)
-
-
-def _time_teacher(
-    record: TermRecord, candidate_ks: Sequence[int], n_timing: int
-) -> dict[int, float]:
-    """Median seconds of one teacher call at ``R * K`` draws, for each candidate ``K``.
-
-    The inputs are synthetic (the values do not change the cost); the conditioning is the
-    teacher's null conditioning, so guidance doubles the batch as in training.
-    """
-    objective = record.objective
-    event = tuple(objective.event_shape)
-    device = record.t.device
-    dtype = record.surrogate.dtype
-    inputs = {}
-    for K in candidate_ks:
-        n = record.n_outer * int(K)
-        x = torch.zeros((n,) + event, dtype=dtype, device=device)
-        t = objective.prior.sample((n,)).to(device)
-        cond = (
-            objective.teacher.null_cond(n)
-            if objective.teacher.cond_event_shape is not None
-            else None
-        )
-        inputs[int(K)] = (x, t, torch.randn_like(x), cond)
-        objective.evaluate(*inputs[int(K)])  # warm-up
-    # round-robin over K, so that load changes during the timing hit every K alike
-    times: dict[int, list[float]] = {k: [] for k in inputs}
-    for _ in range(n_timing):
-        for k, args in inputs.items():
-            watch = Stopwatch(device)
-            objective.evaluate(*args)
-            times[k].append(watch.stop().seconds())
-    return {k: statistics.median(v) for k, v in times.items()}

@@ -330,8 +330,8 @@ class TextTo3DBench:
         import pyro
         from pyro.infer import SVI
 
-        from .guides import TimestepGuide
-        from .loss import CARVLoss
+        from .infer.guide import TimestepGuide
+        from .infer.loss import CARVLoss
 
         gen = torch.Generator().manual_seed(self.seed + 11)
         model = self._make_model(self.R, 1, gen)
@@ -343,8 +343,8 @@ class TextTo3DBench:
         return [p for p in self.field.parameters()]
 
     def _setup(self, config: dict):
-        from .guides import TimestepGuide
-        from .loss import CARVLoss
+        from .infer.guide import TimestepGuide
+        from .infer.loss import CARVLoss
 
         key = (
             config["method"],
@@ -389,7 +389,7 @@ class TextTo3DBench:
 
     def accounting(self, R: int, n_repeats: int):
         """V_b, V_w and measured costs at the checkpoint (plain reuse draws)."""
-        from .accounting import measure
+        from .measure import measure
 
         model, guide, loss = self._setup(dict(method="accounting", R=R, K=8))
         for p in self.params():

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .proposals import AbstractTimestepDistribution
-from .schedules import DiscreteSchedule, UniformTimesteps
+from .schedules import DiscreteSchedule
 from .teachers.base import AbstractTeacher
+from .timesteps import AbstractTimestepDistribution, UniformTimesteps
 
 __all__ = [
     "NoisedBatch",

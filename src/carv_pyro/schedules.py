@@ -1,4 +1,4 @@
-"""Noise schedules ``alpha(t), sigma(t)`` and timestep priors ``p(t)``.
+"""Discrete noise schedules ``alpha(t), sigma(t)``.
 
 A diffusion teacher noises a clean sample as ``x_t = alpha_t x + sigma_t eps``. For the
 discrete (DDPM-style) schedules used by diffusers, ``alpha_t = sqrt(alphas_cumprod[t])`` and
@@ -7,15 +7,12 @@ discrete (DDPM-style) schedules used by diffusers, ``alpha_t = sqrt(alphas_cumpr
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .proposals import AbstractTimestepDistribution
-
-__all__ = ["DiscreteSchedule", "UniformTimesteps"]
+__all__ = ["DiscreteSchedule"]
 
 
 class DiscreteSchedule:
@@ -125,40 +122,3 @@ class DiscreteSchedule:
 
     def __repr__(self) -> str:
         return f"DiscreteSchedule(num_timesteps={self.num_timesteps})"
-
-
-class UniformTimesteps(AbstractTimestepDistribution):
-    """The uniform timestep prior over the integer steps ``int(lo T) .. int(hi T)`` inclusive.
-
-    This is the ``p(t)`` of DreamFusion-style SDS with ``t_range=(0.02, 0.98)``.
-
-    Args:
-        num_timesteps: ``T``.
-        t_range: ``(lo, hi)`` with ``0 <= lo <= hi < 1``.
-    """
-
-    def __init__(self, num_timesteps: int, t_range: tuple[float, float] = (0.02, 0.98)):
-        if not isinstance(num_timesteps, int) or num_timesteps < 2:
-            raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
-        try:
-            lo, hi = (float(v) for v in t_range)
-        except (TypeError, ValueError):
-            raise ValueError(f"t_range must be a pair (lo, hi), got {t_range!r}") from None
-        if not (0.0 <= lo <= hi < 1.0) or math.isnan(lo) or math.isnan(hi):
-            raise ValueError(f"t_range must satisfy 0 <= lo <= hi < 1, got {t_range!r}")
-        self.num_timesteps = num_timesteps
-        self.t_range = (lo, hi)
-        self.low = int(lo * num_timesteps)
-        self.high = int(hi * num_timesteps)
-        if self.high >= num_timesteps:
-            self.high = num_timesteps - 1
-        p = torch.zeros(num_timesteps, dtype=torch.float64)
-        p[self.low : self.high + 1] = 1.0 / (self.high - self.low + 1)
-        self._probs = p
-
-    def probs(self) -> Tensor:
-        """``(T,)`` float64 probabilities, uniform on ``[low, high]`` and zero elsewhere."""
-        return self._probs
-
-    def __repr__(self) -> str:
-        return f"UniformTimesteps(low={self.low}, high={self.high}, T={self.num_timesteps})"

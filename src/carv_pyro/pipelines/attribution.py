@@ -67,10 +67,10 @@ import torch
 from torch import Tensor, nn
 
 from ..guides import NOISE, PROPOSALS, STRATIFY, TimestepGuide
-from ..loss import CARVLoss
+from ..infer.loss import CARVLoss
 from ..objectives import DenoisingLoss, TeacherObjective
-from ..primitives import teacher_term
-from ..proposals import AbstractTimestepDistribution, Categorical
+from ..infer.primitives import teacher_term
+from ..timesteps import AbstractTimestepDistribution, Categorical
 from ..timing import Stopwatch
 
 __all__ = [

@@ -50,9 +50,9 @@ from pyro.infer import SVI
 from torch import Tensor, nn
 
 from ..guides import NOISE, PROPOSALS, STRATIFY, TimestepGuide
-from ..loss import CARVLoss
+from ..infer.loss import CARVLoss
 from ..objectives import DenoisingLoss, NoisedBatch, TeacherObjective
-from ..primitives import teacher_term
+from ..infer.primitives import teacher_term
 from ..teachers.base import AbstractTeacher
 
 __all__ = [

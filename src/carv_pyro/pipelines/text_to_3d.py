@@ -43,9 +43,9 @@ from torch import Tensor, nn
 
 from ..data import DIGIT_NAMES, parse_prompt
 from ..guides import NOISE, PROPOSALS, STRATIFY, TimestepGuide
-from ..loss import CARVLoss
+from ..infer.loss import CARVLoss
 from ..objectives import SDS, WEIGHTINGS, TeacherObjective
-from ..primitives import teacher_term
+from ..infer.primitives import teacher_term
 from .render import VoxelField, render, save_turntable_png
 
 __all__ = [

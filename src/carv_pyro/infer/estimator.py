@@ -1,0 +1,208 @@
+"""`Estimator`: how a teacher expectation is estimated, as one frozen, validated object.
+
+An estimator is the tuple the paper compares: ``K`` inner ``(t, eps)`` draws per upstream
+sample, the timestep proposal, the stratification and the noise design, plus whether ``K`` is
+chosen online from measured costs and variances (the compute-aware ``"auto"``). It is validated
+once, at construction; everything that runs an estimator (the pipelines, ``carv-pyro bench``,
+the command line) takes an `Estimator` or a preset name resolved through `PRESETS`, so a
+preset means the same thing everywhere.
+
+```python
+estimator = carv.Estimator(K=8, proposal="weighted", stratify="per_outer")
+svi = SVI(model, estimator.guide(model), pyro.optim.Adam({"lr": 1e-2}), loss=estimator.loss())
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import _checks
+from ..timesteps import AbstractTimestepDistribution
+from .guide import TimestepGuide
+from .proposals import PROPOSALS
+from .samplers import NOISE, STRATIFY
+
+__all__ = ["PRESETS", "Estimator", "resolve_estimator"]
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """How a teacher expectation is estimated.
+
+    Attributes:
+        K: inner draws per upstream sample; sets the size of every reserved inner plate
+            ([`carv_pyro.draws`][carv_pyro.draws]). ``None`` keeps the model's own size. With
+            ``adapt`` it is the starting size.
+        proposal: ``"prior"``, ``"weighted"``, ``"adaptive"``, a timestep distribution, or a
+            callable ``objective -> distribution``.
+        stratify: ``None``, ``"per_outer"`` (``B = K`` strata per upstream sample) or
+            ``"global"`` (``B = R K`` strata across all draws).
+        noise: ``"iid"``, ``"antithetic"`` (even ``K``) or ``"sobol"``.
+        adapt: choose ``K`` online: an [`Accountant`][carv_pyro.accounting.Accountant] measures
+            ``V_b``, ``V_w`` and the cost of a step at the sizes it runs, and sets ``K`` to the
+            candidate that minimises ``Var(R, K) * cost(R, K)`` (the compute-aware estimator).
+        k_range: the sizes ``adapt`` may choose from, ``(min, max)``.
+        name: the estimator's name in reports (a preset's name, or ``"custom"``).
+
+    Raises:
+        ValueError: naming the first invalid field.
+    """
+
+    K: int | None = None
+    proposal: str | AbstractTimestepDistribution | Callable = "prior"
+    stratify: str | None = None
+    noise: str = "iid"
+    adapt: bool = False
+    k_range: tuple[int, int] = (1, 32)
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.K is not None:
+            _checks.positive_int("K", self.K)
+        p = self.proposal
+        if isinstance(p, str):
+            _checks.choice("proposal", p, PROPOSALS)
+        elif not isinstance(p, AbstractTimestepDistribution) and not callable(p):
+            raise ValueError(
+                f"proposal must be one of {tuple(PROPOSALS)}, an AbstractTimestepDistribution or "
+                f"a callable objective -> proposal, got {p!r}"
+            )
+        _checks.choice("stratify", self.stratify, STRATIFY)
+        _checks.choice("noise", self.noise, NOISE)
+        if self.noise == "antithetic" and self.K is not None and self.K % 2:
+            raise ValueError(f"noise='antithetic' needs an even K, got K={self.K}")
+        _checks.instance("adapt", self.adapt, bool, "True or False")
+        lo, hi = _checks.ordered_pair("k_range", self.k_range, 1, 2**20, strict=False)
+        if lo != int(lo) or hi != int(hi):
+            raise ValueError(f"k_range must be a pair of integers, got {self.k_range!r}")
+        object.__setattr__(self, "k_range", (int(lo), int(hi)))
+        if self.adapt:
+            if self.K is None:
+                raise ValueError("adapt=True needs a starting K")
+            if not lo <= self.K <= hi:
+                raise ValueError(f"K={self.K} lies outside k_range={self.k_range}")
+            if self.noise == "antithetic":
+                raise ValueError("adapt=True may choose an odd K; use noise='iid' or 'sobol'")
+        _checks.instance("name", self.name, str, "a string")
+
+    # -- building ----------------------------------------------------------------------------
+    def guide(
+        self,
+        model: Callable | None = None,
+        *,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        upstream: Callable | None = None,
+        sites: tuple[str, ...] | None = None,
+    ) -> TimestepGuide:
+        """The [`TimestepGuide`][carv_pyro.TimestepGuide] of this estimator for ``model``.
+
+        Args:
+            model: the Pyro model (optional: the loss runs whatever model it is given).
+            seed: seeds the guide's draws (reproducible per device).
+            generator: a ``torch.Generator`` instead of ``seed``.
+            upstream: a user's guide for the upstream latent sites (see `TimestepGuide`).
+            sites: the terms to propose for (default: all).
+        """
+        return TimestepGuide(
+            model,
+            proposal=self.proposal,
+            stratify=self.stratify,
+            noise=self.noise,
+            K=self.K,
+            sites=sites,
+            upstream=upstream,
+            seed=seed,
+            generator=generator,
+        )
+
+    def loss(self, **kwargs: Any):
+        """A [`CARVLoss`][carv_pyro.CARVLoss] for this estimator.
+
+        With ``adapt`` the loss gets an adapting [`Accountant`][carv_pyro.accounting.Accountant]
+        (``kwargs`` may pass ``accountant=`` to use another observer).
+
+        Args:
+            **kwargs: `CARVLoss` arguments (``num_particles``, ``nonfinite``, ...).
+        """
+        from ..accounting import Accountant
+        from .loss import CARVLoss
+
+        if self.adapt and "accountant" not in kwargs:
+            kwargs["accountant"] = Accountant(adapt=True, k_range=self.k_range)
+        return CARVLoss(**kwargs)
+
+    def replace(self, **changes: Any) -> Estimator:
+        """A copy with some fields changed (validated again); the name becomes ``"custom"``
+        unless given, except for a change of ``K`` alone, which keeps it."""
+        if "name" not in changes and set(changes) - {"K"}:
+            changes["name"] = "custom"
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Estimator:
+        """A named estimator from `PRESETS`, with some fields overridden.
+
+        Raises:
+            ValueError: naming the unknown preset and the known ones, or an override the
+                preset forbids (``"baseline"`` is ``K = 1``).
+        """
+        est = PRESETS.get(name) if isinstance(name, str) else None
+        if est is None:
+            raise ValueError(f"unknown estimator {name!r}; expected one of {tuple(PRESETS)}")
+        if name == "baseline" and overrides.get("K", 1) != 1:
+            raise ValueError(
+                f"the 'baseline' estimator draws one t per upstream sample (K = 1), got "
+                f"K={overrides['K']}; use 'reuse' for K > 1 prior draws"
+            )
+        return est.replace(**overrides) if overrides else est
+
+    def settings(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (a non-string proposal is shown by its repr)."""
+        out = dataclasses.asdict(self)
+        if not isinstance(self.proposal, str):
+            out["proposal"] = repr(self.proposal)
+        out["k_range"] = list(self.k_range)
+        return out
+
+    def __repr__(self) -> str:
+        fields = f"K={self.K}, proposal={self.proposal!r}, stratify={self.stratify!r}"
+        fields += f", noise={self.noise!r}"
+        if self.adapt:
+            fields += f", adapt=True, k_range={self.k_range}"
+        return f"Estimator({self.name!r}: {fields})"
+
+
+#: The named estimators. ``K`` is each preset's default; pipelines may change it with
+#: ``Estimator.preset(name, K=...)`` (the name is kept), except for the baseline.
+PRESETS: dict[str, Estimator] = {
+    "baseline": Estimator(K=1, name="baseline"),
+    "reuse": Estimator(K=8, name="reuse"),
+    "stratified": Estimator(K=8, stratify="per_outer", name="stratified"),
+    "carv": Estimator(K=8, proposal="weighted", stratify="per_outer", name="carv"),
+    "adaptive": Estimator(K=8, proposal="adaptive", stratify="per_outer", name="adaptive"),
+    "auto": Estimator(
+        K=4, proposal="weighted", stratify="per_outer", adapt=True, k_range=(1, 32), name="auto"
+    ),
+}
+
+
+def resolve_estimator(estimator: str | Estimator, **overrides: Any) -> Estimator:
+    """An `Estimator` from a preset name or an estimator, with overrides.
+
+    Raises:
+        TypeError: if ``estimator`` is neither.
+    """
+    if isinstance(estimator, Estimator):
+        return estimator.replace(**overrides) if overrides else estimator
+    if isinstance(estimator, str):
+        return Estimator.preset(estimator, **overrides)
+    raise TypeError(
+        f"estimator must be a carv_pyro.Estimator or one of {tuple(PRESETS)}, got {estimator!r}"
+    )

@@ -1,0 +1,338 @@
+"""`TimestepGuide`: the estimator's proposals for teacher sites, as an effect-based Pyro guide.
+
+`TimestepGuide` is a [`pyro.poutine.GuideMessenger`](https://docs.pyro.ai/en/stable/poutine.html):
+it runs the model once, and at each sample site returns the distribution the site is drawn from
+(``get_posterior(name, prior)``). For the ``{name}.t`` site of every
+[`teacher_term`][carv_pyro.teacher_term] that distribution is the proposal ``q(t)``, drawn by
+stratified inverse CDF when asked; for ``{name}.eps`` it is a noise design (i.i.d., antithetic
+or scrambled Sobol) with exact ``N(0, I)`` marginals. The importance weight of a draw is then
+``p / q`` from the ordinary model and guide traces, as for any Pyro guide.
+
+Every other latent site is drawn from its prior, or, with ``upstream=``, from a user's guide for
+the upstream sites (an ``AutoNormal`` over camera latents, a hand-written guide). That guide is an
+importance proposal: its full log-density, auxiliary sites included, enters ``p / q``; its values
+reach the model detached, so its parameters get no gradient from teacher terms (the expected
+teacher gradient does not depend on them).
+
+Every draw of a design has marginal law ``q`` (stratum assignments are randomly permuted), so the
+weight of a draw is ``p(t) / q(t)`` whatever the stratification, and the estimator, linear in
+per-draw terms, stays unbiased.
+
+Proposals are built for the objective they serve (checked against its prior) and rebuilt when a
+term's objective changes: a guide can be reused across models and objectives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.distributions import TorchDistribution
+from pyro.poutine.guide import GuideMessenger
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from .. import _checks
+from ..layout import TermLayout
+from ..timesteps import AbstractTimestepDistribution
+from .primitives import LAYOUT_KEY, OBJECTIVE_KEY, ROLE_KEY, DrawsSizer, TermRecord
+from .proposals import PROPOSALS, PriorProposal, build_proposal
+from .samplers import STRATIFY, AbstractNoiseSampler, RandomSource, noise_sampler
+from .samplers import stratified_uniforms as _stratified_uniforms
+
+__all__ = ["EXACT_KEY", "TimestepGuide"]
+
+#: ``infer`` key on sites whose guide draw has exactly the prior's marginal (weight one).
+EXACT_KEY = "carv_exact_marginal"
+
+
+class _Designed(TorchDistribution):
+    """A site's posterior whose value is drawn up front (by a design) and whose density is
+    ``log_prob_fn``: the proposal's for timesteps, ``N(0, I)``'s for noise, a user guide's for
+    upstream sites."""
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(
+        self, value: Tensor, log_prob_fn: Callable[[Tensor], Tensor], like, base=None
+    ) -> None:
+        #: the user guide's own distribution of the site, if it proposed the site
+        self.base = base
+        self._value = value
+        self._log_prob_fn = log_prob_fn
+        self._support = like.support
+        event_shape = like.event_shape
+        batch_shape = value.shape[: value.dim() - len(event_shape)]
+        super().__init__(batch_shape, event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self._support
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> Tensor:
+        if tuple(sample_shape):
+            return self._value.expand(torch.Size(sample_shape) + self._value.shape)
+        return self._value
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return self._log_prob_fn(value)
+
+
+class TimestepGuide(GuideMessenger):
+    """The guide for the teacher sites of a model: IS and/or stratified timesteps, QMC noise.
+
+    Use it with [`CARVLoss`][carv_pyro.CARVLoss] in ``SVI``, or build it from an
+    [`Estimator`][carv_pyro.Estimator] with ``estimator.guide(model)``.
+
+    Args:
+        model: the Pyro model holding one or more [`teacher_term`][carv_pyro.teacher_term] calls
+            (needed for Pyro's ``guide(*args)`` protocol; `CARVLoss` runs whatever model it is
+            given, so one guide may serve several models).
+        proposal: ``"prior"`` (``q = p``), ``"weighted"`` (``q ∝ p w alpha``), ``"adaptive"``
+            (learned online), an
+            [`AbstractTimestepDistribution`][carv_pyro.timesteps.AbstractTimestepDistribution],
+            or a callable ``objective -> AbstractTimestepDistribution``.
+        stratify: ``None``, ``"per_outer"`` (one draw per stratum of ``q`` for each upstream
+            sample, ``B = K``) or ``"global"`` (across all ``R K`` draws; use it when ``K = 1``).
+        noise: ``"iid"``, ``"antithetic"``, ``"sobol"`` or an
+            [`AbstractNoiseSampler`][carv_pyro.infer.samplers.AbstractNoiseSampler].
+        K: inner draws per upstream sample for every reserved inner plate
+            ([`carv_pyro.draws`][carv_pyro.draws]); ``None`` keeps the model's size.
+        sites: names of the terms to propose for (default: all teacher terms; others are drawn
+            from the prior).
+        upstream: a guide for the non-teacher latent sites: a callable Pyro guide such as
+            ``AutoNormal(poutine.block(model, hide=[teacher sites]))``. Default: the prior.
+        seed: seeds the guide's own draws (reproducible per device).
+        generator: a ``torch.Generator`` for the guide's draws instead of ``seed``.
+        source: a [`RandomSource`][carv_pyro.infer.samplers.RandomSource] instead of ``seed``
+            and ``generator``.
+
+    Raises:
+        ValueError: on unknown option strings, or an effect-based upstream guide.
+        TypeError: on arguments of the wrong type.
+    """
+
+    def __init__(
+        self,
+        model: Callable | None = None,
+        proposal: str | AbstractTimestepDistribution | Callable = "prior",
+        stratify: str | None = None,
+        noise: str | AbstractNoiseSampler = "iid",
+        *,
+        K: int | None = None,
+        sites: tuple[str, ...] | None = None,
+        upstream: Callable | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        source: RandomSource | None = None,
+    ):
+        if model is not None and not callable(model):
+            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+        if isinstance(proposal, str):
+            _checks.choice("proposal", proposal, PROPOSALS)
+        elif not isinstance(proposal, AbstractTimestepDistribution) and not callable(proposal):
+            raise ValueError(
+                f"proposal must be one of {tuple(PROPOSALS)}, an AbstractTimestepDistribution or "
+                f"a callable objective -> proposal, got {proposal!r}"
+            )
+        _checks.choice("stratify", stratify, STRATIFY)
+        noise_obj = noise_sampler(noise)
+        if K is not None:
+            _checks.positive_int("K", K)
+            if noise_obj.needs_even_inner and K % 2:
+                raise ValueError(f"noise={noise!r} needs an even K, got K={K}")
+        if sites is not None:
+            sites = tuple(sites)
+            for s in sites:
+                _checks.instance("sites", s, str, "a tuple of term names")
+        if upstream is not None:
+            if isinstance(poutine.unwrap(upstream), GuideMessenger):
+                raise ValueError(
+                    "upstream must be a callable guide (e.g. AutoNormal over "
+                    "poutine.block(model, hide=[teacher sites]), or a hand-written guide); "
+                    f"effect-based guides such as {type(upstream).__name__} cannot be composed"
+                )
+            if not callable(upstream):
+                raise TypeError(f"upstream must be a callable guide, got {upstream!r}")
+        if source is None:
+            source = RandomSource(seed=seed, generator=generator)
+        elif seed is not None or generator is not None:
+            raise ValueError("give source, or seed/generator, not both")
+        super().__init__(model)
+        self.proposal = proposal
+        self.stratify = stratify
+        self.noise = noise_obj
+        self.K = K
+        self.sites = sites
+        self.upstream = upstream
+        self.source = source
+        self.learning = True
+        self._proposals: dict[str, tuple[weakref.ref, AbstractTimestepDistribution]] = {}
+        self._upstream_trace = None
+        self._msg = None
+
+    # -- running ---------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs) -> dict[str, Tensor]:  # type: ignore[override]
+        """Pyro's guide protocol: run ``self.model`` and return its sample values by name."""
+        if self.model is None:
+            raise ValueError("this TimestepGuide has no model; pass TimestepGuide(model, ...)")
+        model_trace, _ = self.run(self.model, args, kwargs)
+        return {
+            name: site["value"] for name, site in model_trace.nodes.items() if site["type"] == "sample"
+        }
+
+    def run(
+        self,
+        model: Callable,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        inner_size: int | None = None,
+        wrap: Callable[[Callable], Callable] | None = None,
+    ):
+        """Run ``model`` under the guide and return ``(model_trace, guide_trace)``.
+
+        Args:
+            model: the model to run (need not be ``self.model``).
+            args, kwargs: its arguments.
+            inner_size: size of the reserved inner plates for this run (default `K`).
+            wrap: applied to the model and to the upstream guide before they run (e.g. a
+                vectorized particle plate).
+
+        Returns:
+            The two traces, as [`GuideMessenger.get_traces`] gives them, with the upstream
+            guide's auxiliary sites in the guide trace.
+        """
+        kwargs = kwargs or {}
+        wrap = wrap or (lambda fn: fn)
+        size = inner_size if inner_size is not None else self.K
+        self._upstream_trace = None
+        if self.upstream is not None:
+            with DrawsSizer(size):
+                trace = poutine.trace(wrap(self.upstream)).get_trace(*args, **kwargs)
+            self._upstream_trace = self._checked_upstream(trace)
+        self.args_kwargs = args, kwargs
+        try:
+            with self, DrawsSizer(size):
+                wrap(model)(*args, **kwargs)
+        finally:
+            del self.args_kwargs
+            self._msg = None
+        model_trace, guide_trace = self.get_traces()
+        if self._upstream_trace is not None:
+            for name, site in self._upstream_trace.nodes.items():
+                if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace:
+                    guide_trace.add_node(name, **site)
+        self._upstream_trace = None
+        return model_trace, guide_trace
+
+    def _checked_upstream(self, trace):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+                continue
+            if site["infer"].get(ROLE_KEY) is not None:
+                raise ValueError(
+                    f"the upstream guide samples the teacher site {name!r}; the estimator "
+                    f"proposes teacher sites itself: block them from the upstream guide, e.g. "
+                    f"AutoNormal(poutine.block(model, hide_fn=lambda site: site['name'] in "
+                    f"teacher_sites))"
+                )
+            site["value"] = site["value"].detach()
+        return trace
+
+    # -- GuideMessenger ----------------------------------------------------------------------
+    def _pyro_sample(self, msg) -> None:
+        self._msg = msg
+        super()._pyro_sample(msg)
+
+    def get_posterior(self, name: str, prior) -> Any:
+        """The distribution a site is drawn from (see the module docstring)."""
+        msg = self._msg
+        role = msg["infer"].get(ROLE_KEY)
+        term = name.rsplit(".", 1)[0]
+        if role is not None and (self.sites is None or term in self.sites):
+            layout = msg["infer"][LAYOUT_KEY]
+            if role == "timestep":
+                return self._timesteps(term, msg["infer"][OBJECTIVE_KEY], layout, prior, msg)
+            return self._noise(layout, prior, msg)
+        up = self._upstream_trace
+        if up is not None and name in up and up.nodes[name]["type"] == "sample":
+            site = up.nodes[name]
+            if not site["is_observed"]:
+                return _Designed(site["value"], site["fn"].log_prob, prior, base=site["fn"])
+        msg["infer"][EXACT_KEY] = True
+        return prior
+
+    def _timesteps(self, term, objective, layout: TermLayout, prior, msg) -> _Designed:
+        q = self.proposal_for(term, objective)
+        device = prior.probs.device
+        u = _stratified_uniforms(layout, self.stratify, self.source, device)
+        t = q.icdf(u).to(device)
+        if isinstance(q, PriorProposal):
+            msg["infer"][EXACT_KEY] = True
+        return _Designed(t, q.log_prob, prior)
+
+    def _noise(self, layout: TermLayout, prior, msg) -> _Designed:
+        base = prior.base_dist if hasattr(prior, "base_dist") else prior
+        eps = self.noise.sample(
+            layout, prior.event_shape, base.loc.dtype, base.loc.device, self.source
+        )
+        msg["infer"][EXACT_KEY] = True
+        return _Designed(eps, prior.log_prob, prior)
+
+    # -- proposals -----------------------------------------------------------------------
+    def proposal_for(self, term: str, objective) -> AbstractTimestepDistribution:
+        """The proposal ``q`` for term ``term`` with ``objective``: built for that objective
+        (support-checked against its prior) and rebuilt whenever the term's objective changes."""
+        hit = self._proposals.get(term)
+        if hit is not None and hit[0]() is objective:
+            return hit[1]
+        q = build_proposal(self.proposal, objective, term)
+        self._proposals[term] = (weakref.ref(objective), q)
+        return q
+
+    def update(self, records: list[TermRecord]) -> None:
+        """Feed a step's term records to learning proposals (called by the loss)."""
+        if not self.learning:
+            return
+        for record in records:
+            hit = self._proposals.get(record.name)
+            if hit is not None and hit[0]() is record.objective:
+                update = getattr(hit[1], "update", None)
+                if update is not None:
+                    update(record)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Within this context, learning proposals do not learn (measurements leave no trace)."""
+        saved, self.learning = self.learning, False
+        try:
+            yield
+        finally:
+            self.learning = saved
+
+    # -- state -----------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        """The guide's random state (for exact resume); adaptive state is in the param store."""
+        return {"source": self.source.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        """Restore `get_state`'s result."""
+        self.source.set_state(state["source"])
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_proposals"] = {}
+        state["_msg"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"TimestepGuide(proposal={self.proposal!r}, stratify={self.stratify!r}, "
+            f"noise={self.noise!r}, K={self.K}, {self.source!r})"
+        )

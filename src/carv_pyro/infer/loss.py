@@ -1,0 +1,728 @@
+"""``CARVLoss``: the importance-weighted, plate-averaged gradient estimator, as a Pyro loss.
+
+The loss is a pure function of one particle's traces (`particle_estimate`): teacher terms
+contribute their per-draw surrogates, weighted by ``p / q`` of every proposed site that encloses
+them and by Pyro's effects (``poutine.scale`` multiplies a term, ``poutine.mask`` zeroes masked
+draws), averaged over the draws; observed sites contribute ``-log p`` as in ``Trace_ELBO``.
+Learning parts hang off one observer (`LossObserver`, e.g. the
+[`Accountant`][carv_pyro.accounting.Accountant]): the loss asks it the inner size of the step
+and which backward to run, and tells it what the step measured (`StepReport`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions import Delta
+from pyro.infer.elbo import ELBO
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from .. import _checks
+from ..layout import TermLayout
+from ..timing import Stopwatch
+from .guide import EXACT_KEY, TimestepGuide
+from .primitives import ROLE_KEY, TERM_KEY, TermRecord
+
+__all__ = [
+    "NONFINITE",
+    "CARVLoss",
+    "LossObserver",
+    "NonFiniteTeacherError",
+    "Particle",
+    "StepReport",
+    "TermDiagnostics",
+    "log_weights",
+    "particle_estimate",
+]
+
+NONFINITE = ("raise", "zero")
+
+
+class NonFiniteTeacherError(FloatingPointError):
+    """A teacher term produced NaN or infinite values (raised before any gradient is formed)."""
+
+
+# -- the observer protocol ------------------------------------------------------------------
+
+
+@dataclass
+class StepReport:
+    """What one particle of a step measured, for the observer.
+
+    Attributes:
+        record: the observed term's record.
+        step_seconds: the whole particle (forward, weights and backward).
+        teacher_seconds: the teacher call inside it.
+        quadrants: ``(2, 2, P)`` float64 sums of per-draw gradients over (upstream half) x
+            (inner half), or ``None`` when the step ran the plain backward.
+        quadrant_sizes: ``((|a_1|, |a_2|), (|b_1|, |b_2|))`` for ``quadrants``.
+    """
+
+    record: TermRecord
+    step_seconds: float
+    teacher_seconds: float
+    quadrants: Tensor | None = None
+    quadrant_sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
+
+
+@runtime_checkable
+class LossObserver(Protocol):
+    """What [`CARVLoss`][carv_pyro.CARVLoss] asks of an observer (e.g. an
+    [`Accountant`][carv_pyro.accounting.Accountant]), in the order it asks within a step.
+
+    1. ``inner_size()``: the size of the reserved inner plates for this step (``None``: the
+       guide's ``K`` or the model's own).
+    2. ``select(records)``: the record of the term it observes (``None``: none this step).
+    3. ``wants_components()``: whether this step runs the quadrant backward, which also yields
+       per-step estimates of the variance components (four vector-Jacobian products instead of
+       one, the same accumulated gradient).
+    4. ``observe(report)``: the step's `StepReport`, once per particle.
+    5. ``end_step()``: after the last particle of a step that ran a backward.
+    """
+
+    def inner_size(self) -> int | None: ...
+
+    def select(self, records: list[TermRecord]) -> TermRecord | None: ...
+
+    def wants_components(self) -> bool: ...
+
+    def observe(self, report: StepReport) -> None: ...
+
+    def end_step(self) -> None: ...
+
+
+# -- the particle ---------------------------------------------------------------------------
+
+
+@dataclass
+class TermDiagnostics:
+    """Diagnostics of one teacher term in the last step.
+
+    Attributes:
+        name: the term's site name.
+        batch_shape: the draws' batch shape, e.g. ``(R, K)``.
+        ess: effective sample size ``(sum w)^2 / sum w^2`` of the importance weights.
+        max_weight: the largest importance weight.
+        min_weight: the smallest importance weight.
+        mean_weight: the average weight (about 1 under a valid proposal).
+        n_nonfinite: draws with NaN/Inf teacher output (dropped under ``nonfinite="zero"``).
+        value: the term's importance-weighted mean value.
+    """
+
+    name: str
+    batch_shape: tuple[int, ...]
+    ess: float
+    max_weight: float
+    min_weight: float
+    mean_weight: float
+    n_nonfinite: int
+    value: float
+
+
+@dataclass
+class Particle:
+    """One particle's estimate.
+
+    Attributes:
+        loss: the reported value (detached): observed sites' ``-log p`` plus every term's
+            weighted mean value.
+        surrogate: the differentiable surrogate whose gradient is the estimate.
+        records: the teacher terms' records, in trace order.
+        weights: per term, the ``batch_shape`` float64 importance weights.
+        per_draw: per term, the ``batch_shape`` weighted, scaled and masked per-draw surrogates
+            (their sum over draws divided by the number of draws is the term's surrogate).
+    """
+
+    loss: Tensor
+    surrogate: Tensor
+    records: list[TermRecord] = field(default_factory=list)
+    weights: dict[str, Tensor] = field(default_factory=dict)
+    per_draw: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _plate_names(frames) -> set[tuple[str, int | None]]:
+    return {(f.name, f.dim) for f in frames if f.vectorized}
+
+
+def _factorizing_plates(model_trace, guide_trace, weighted: list[str]) -> set[tuple[str, int]]:
+    """Plates along which the importance weight factorizes over the plate's indices.
+
+    A plate factorizes when every weighted guide site is inside it, or is outside it in both the
+    guide and the model (a global site). A guide site outside a plate whose model site is inside
+    it, or an auxiliary site outside it (``AutoDiagonalNormal``'s joint latent), couples the
+    plate's indices: the weight along that plate is then the joint one.
+    """
+    plates: set[tuple[str, int]] = set()
+    for name in weighted:
+        plates |= _plate_names(guide_trace.nodes[name]["cond_indep_stack"])
+        if name in model_trace.nodes:
+            plates |= _plate_names(model_trace.nodes[name]["cond_indep_stack"])
+    ok = set()
+    for plate in plates:
+        good = True
+        for name in weighted:
+            inside = plate in _plate_names(guide_trace.nodes[name]["cond_indep_stack"])
+            msite = model_trace.nodes.get(name)
+            in_model = msite is not None and not msite["is_observed"]
+            model_inside = in_model and plate in _plate_names(msite["cond_indep_stack"])
+            if not inside and (not in_model or model_inside):
+                good = False
+                break
+        if good:
+            ok.add(plate)
+    return ok
+
+
+def _reduce_to(
+    lp: Tensor, frames, layout: TermLayout, keep: set[tuple[str, int]], name: str, term: str
+) -> Tensor:
+    """Sum ``lp`` over every dim that is not a factorizing plate enclosing the term, then shape
+    it to broadcast against the term's batch shape."""
+    term_plates = {(f.name, f.dim) for f in layout.plates}
+    by_dim = {f.dim: f for f in frames if f.vectorized}
+    lp = lp.to(torch.float64)
+    sum_dims = []
+    for d in range(-lp.dim(), 0):
+        f = by_dim.get(d)
+        kept = f is not None and (f.name, f.dim) in term_plates and (f.name, f.dim) in keep
+        if not kept and lp.shape[d] != 1:
+            sum_dims.append(d)
+    if sum_dims:
+        lp = lp.sum(sum_dims, keepdim=True)
+    n = len(layout.batch_shape)
+    while lp.dim() > n:
+        lp = lp.squeeze(0)
+    try:
+        return lp.expand(layout.batch_shape) if lp.dim() else lp
+    except RuntimeError:
+        raise ValueError(
+            f"site {name!r} has batch shape {tuple(lp.shape)}, which does not line up with the "
+            f"plates of teacher term {term!r} (batch shape {tuple(layout.batch_shape)}); its "
+            f"importance weight cannot be applied"
+        ) from None
+
+
+def log_weights(
+    records: list[TermRecord], model_trace, guide_trace
+) -> dict[str, Tensor]:
+    """``log p - log q`` of every proposed site, reduced to each term's draws.
+
+    Every guide site enters (auxiliary sites included) except those whose draw has exactly the
+    prior's marginal (teacher designs under the prior, prior-drawn latents). A site's log-density
+    is kept per index along the plates that enclose the term and along which the weight
+    factorizes, and summed over every other dim (the joint weight): unbiased in every case.
+
+    Returns:
+        ``{term: batch_shape float64 log-weights}``.
+
+    Raises:
+        ValueError: if a proposed site's prior depends on parameters (its score-function term
+            would be dropped), or a site's shape does not line up with a term's plates.
+    """
+    weighted = []
+    for name, gsite in guide_trace.nodes.items():
+        if gsite["type"] != "sample" or gsite["is_observed"] or site_is_subsample(gsite):
+            continue
+        if gsite["infer"].get(EXACT_KEY):
+            continue
+        weighted.append(name)
+    out = {r.name: torch.zeros((), dtype=torch.float64, device=r.t.device) for r in records}
+    if not weighted:
+        return {r.name: w.expand(r.batch_shape) for r, w in zip(records, out.values())}
+    upstream = [n for n in weighted if guide_trace.nodes[n]["infer"].get(ROLE_KEY) is None]
+    if upstream and all(
+        isinstance(getattr(guide_trace.nodes[n]["fn"], "base", guide_trace.nodes[n]["fn"]), Delta)
+        for n in upstream
+    ):
+        raise ValueError(
+            f"the guide proposes the upstream sites {upstream} by point masses only (Delta "
+            f"sites, as AutoDelta does): a point mass has no density against the prior, so it "
+            f"cannot be an importance proposal and the gradient would be biased. Leave these "
+            f"sites to their prior (no upstream guide), or use a guide with a density such as "
+            f"AutoNormal"
+        )
+    keep = _factorizing_plates(model_trace, guide_trace, weighted)
+    pieces = []
+    for name in weighted:
+        gsite = guide_trace.nodes[name]
+        with torch.no_grad():
+            lq = gsite["fn"].log_prob(gsite["value"])
+        pieces.append((name, -lq, gsite["cond_indep_stack"]))
+        msite = model_trace.nodes.get(name)
+        if msite is not None and not msite["is_observed"]:
+            lp = msite["fn"].log_prob(msite["value"])
+            if lp.requires_grad:
+                raise ValueError(
+                    f"latent site {name!r} is proposed by the guide but its prior depends on "
+                    f"parameters: the importance weight p/q would then depend on them, and "
+                    f"CARVLoss has no score-function term for it. Draw the site from its prior "
+                    f"(leave it out of the guide) or move the dependence into the upstream "
+                    f"computation"
+                )
+            pieces.append((name, lp, msite["cond_indep_stack"]))
+    for record in records:
+        total = out[record.name]
+        for name, lp, frames in pieces:
+            total = total + _reduce_to(
+                lp.to(record.t.device), frames, record.layout, keep, name, record.name
+            )
+        out[record.name] = total.expand(record.batch_shape)
+    return out
+
+
+def _user_scale(site) -> Tensor | float:
+    """The site's scale without the plates' subsampling factors (a term is a plate average)."""
+    scale = site["scale"]
+    for f in site["cond_indep_stack"]:
+        if f.full_size is not None and f.size and f.full_size != f.size:
+            scale = scale * (f.size / f.full_size)
+    return scale
+
+
+def _check_prior_site(name: str, site) -> None:
+    """A latent site drawn from its prior must not depend on parameters except by rsample."""
+    fn = site["fn"]
+    if getattr(fn, "has_rsample", False):
+        return
+    with torch.enable_grad():
+        lp = fn.log_prob(site["value"])
+    if lp.requires_grad:
+        raise ValueError(
+            f"latent site {name!r} is not reparameterizable but its distribution depends on "
+            f"parameters; CARVLoss has no score-function term for it, so its gradient would be "
+            f"silently dropped. Make it reparameterizable, or move the dependence into the "
+            f"upstream computation"
+        )
+
+
+def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Particle:
+    """One particle's loss and surrogate from its traces (a pure function).
+
+    Args:
+        model_trace: the model's trace (run under a [`TimestepGuide`][carv_pyro.TimestepGuide]).
+        guide_trace: the guide's trace.
+        nonfinite: ``"raise"`` or ``"zero"`` (see [`CARVLoss`][carv_pyro.CARVLoss]).
+
+    Returns:
+        A `Particle`.
+
+    Raises:
+        NonFiniteTeacherError: under ``nonfinite="raise"``, if an unmasked draw is NaN/Inf.
+        ValueError: on compositions the estimator cannot support (see `log_weights`).
+    """
+    records: list[TermRecord] = []
+    term_sites = {}
+    loss = torch.zeros((), dtype=torch.float64)
+    surrogate = torch.zeros(())
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        infer = site["infer"]
+        if TERM_KEY in infer:
+            records.append(infer[TERM_KEY])
+            term_sites[infer[TERM_KEY].name] = site
+        elif infer.get(ROLE_KEY) is not None:
+            continue  # a teacher site (a conditioned one is a fixed design: no -log p)
+        elif site["is_observed"]:
+            lp = site["fn"].log_prob(site["value"])
+            scale, mask = site["scale"], site["mask"]
+            if mask is not None and mask is not True:
+                lp = torch.where(torch.as_tensor(mask, device=lp.device), lp, lp.new_zeros(()))
+            term = -(lp * scale).sum()
+            loss = loss + term.detach().to(loss.dtype).cpu()
+            surrogate = surrogate + term
+        elif guide_trace.nodes.get(name, {}).get("infer", {}).get(EXACT_KEY):
+            _check_prior_site(name, site)
+
+    particle = Particle(loss=loss, surrogate=surrogate, records=records)
+    all_log_w = log_weights(records, model_trace, guide_trace)
+    for record in records:
+        site = term_sites[record.name]
+        w = all_log_w[record.name].exp()
+        scale = _user_scale(site)
+        mask = site["mask"]
+        bad = record.nonfinite
+        if mask is not None and mask is not True:
+            mask = torch.as_tensor(mask, device=w.device).expand(record.batch_shape)
+            w = torch.where(mask, w, w.new_zeros(()))
+            bad = bad & mask
+        elif mask is False:
+            w = torch.zeros_like(w)
+            bad = torch.zeros_like(bad)
+        if nonfinite == "raise":
+            if bad.any():
+                bad_t = record.t[bad]
+                raise NonFiniteTeacherError(
+                    f"teacher term {record.name!r} produced NaN/Inf at {int(bad.sum())} of "
+                    f"{bad.numel()} draws (timesteps {bad_t[:10].tolist()}); check the teacher's "
+                    f"weights and the upstream x fed to it, or pass CARVLoss(nonfinite='zero') "
+                    f"to drop such draws"
+                )
+        else:
+            w = torch.where(record.nonfinite, w.new_zeros(()), w)
+        n = record.layout.n_draws
+        wt = (w * scale) if not isinstance(scale, Tensor) else w * scale.to(w)
+        per_draw = wt.to(record.surrogate.dtype) * record.surrogate
+        particle.per_draw[record.name] = per_draw
+        particle.weights[record.name] = w
+        particle.surrogate = particle.surrogate + per_draw.sum() / n
+        value = (wt.to(record.value.dtype) * record.value).sum() / n
+        particle.loss = particle.loss + value.detach().to(torch.float64).cpu()
+    return particle
+
+
+def _params_of(*traces) -> list[Tensor]:
+    params: dict[int, Tensor] = {}
+    for tr in traces:
+        for site in tr.nodes.values():
+            if site["type"] == "param":
+                p = site["value"].unconstrained()
+                if p.requires_grad:
+                    params[id(p)] = p
+    return list(params.values())
+
+
+def _halves(n: int, interleaved: bool) -> tuple[Tensor, Tensor]:
+    idx = torch.arange(n)
+    if interleaved:
+        return idx[0::2], idx[1::2]
+    return idx[: n // 2], idx[n // 2 :]
+
+
+def quadrant_backward(
+    per_draw: Tensor,
+    layout: TermLayout,
+    rest: Tensor | None,
+    params: list[Tensor],
+    scale: float,
+) -> tuple[Tensor, tuple[tuple[int, int], tuple[int, int]]]:
+    """Accumulate a step's gradient into ``.grad`` by quadrants; return their sums.
+
+    The draws are split into two halves of the upstream samples times two interleaved halves of
+    the inner draws; four vector-Jacobian products give the quadrants' gradient sums, whose total
+    divided by the number of draws is the usual gradient.
+
+    Args:
+        per_draw: the observed term's ``batch_shape`` per-draw surrogates.
+        layout: its layout.
+        rest: the rest of the surrogate (other terms, observed sites) or ``None``.
+        params: the unconstrained parameters to differentiate.
+        scale: factor on the accumulated gradient (``1 / num_particles``).
+
+    Returns:
+        ``(quadrants (2, 2, P) float64 sums of per-draw gradients, sizes)``.
+    """
+    grouped = layout.group(per_draw)  # (n_outer, n_inner)
+    n_outer, n_inner = grouped.shape
+    rows = _halves(n_outer, interleaved=False)
+    cols = _halves(n_inner, interleaved=True)
+    n = layout.n_draws
+    total = [torch.zeros_like(p) for p in params]
+    sums = []
+    pieces = [(a, b) for a in range(2) for b in range(2) if len(rows[a]) and len(cols[b])]
+    has_rest = rest is not None and rest.requires_grad
+    for i, (a, b) in enumerate(pieces):
+        s = grouped[rows[a]][:, cols[b]].sum()
+        last = i == len(pieces) - 1 and not has_rest
+        grads = torch.autograd.grad(s, params, retain_graph=not last, allow_unused=True)
+        flat = []
+        for j, (p, g) in enumerate(zip(params, grads)):
+            g = torch.zeros_like(p) if g is None else g
+            total[j] += g / n
+            flat.append(g.reshape(-1))
+        sums.append(((a, b), torch.cat(flat).to(torch.float64)))
+    if has_rest:
+        for j, g in enumerate(torch.autograd.grad(rest, params, allow_unused=True)):
+            if g is not None:
+                total[j] += g
+    for p, g in zip(params, total):
+        g = g * scale
+        p.grad = g if p.grad is None else p.grad + g
+    q = torch.zeros(2, 2, sum(p.numel() for p in params), dtype=torch.float64)
+    for (a, b), g in sums:
+        q[a, b] = g.cpu()
+    return q, ((len(rows[0]), len(rows[1])), (len(cols[0]), len(cols[1])))
+
+
+# -- the loss -------------------------------------------------------------------------------
+
+_WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def as_timestep_guide(guide: Callable) -> TimestepGuide:
+    """``guide`` itself if it is a [`TimestepGuide`][carv_pyro.TimestepGuide], else a
+    prior-proposal `TimestepGuide` with ``guide`` as its upstream guide (cached per guide)."""
+    if isinstance(guide, TimestepGuide):
+        return guide
+    try:
+        hit = _WRAPPED.get(guide)
+    except TypeError:
+        hit = None
+    if hit is None:
+        hit = TimestepGuide(upstream=guide)
+        try:
+            _WRAPPED[guide] = hit
+        except TypeError:
+            pass
+    return hit
+
+
+class CARVLoss(ELBO):
+    """The CARV gradient estimator as a Pyro loss for ``SVI``.
+
+    For every [`teacher_term`][carv_pyro.teacher_term] in the model it forms
+
+        surrogate = (1 / N) sum over the term's N draws of  scale * mask * w * s,
+
+    where ``s`` is the term's per-draw surrogate (``<x, h.detach()>`` for residual objectives)
+    and ``w = p / q`` the importance weight of the proposed sites enclosing the draw, so that
+    after `loss_and_grads` every parameter's ``.grad`` holds an unbiased estimate of ``E[J^T h]``
+    (threestudio's sign: the direction SGD descends), averaged over the plates that enclose the
+    term. ``poutine.scale`` multiplies a term; ``poutine.mask`` zeroes masked draws, and the
+    average stays over all ``N`` draws; a subsampled plate's average estimates the full plate's.
+    The returned value is the real quantity (the weighted mean of the terms' values plus the
+    observed sites' ``-log p``); the gradient comes from the surrogate.
+
+    The guide may be a [`TimestepGuide`][carv_pyro.TimestepGuide] (e.g. ``estimator.guide()``)
+    or any Pyro guide for the upstream latent sites, which is then used as the upstream guide of a
+    prior-proposal `TimestepGuide`. Its values reach the model detached and its full
+    log-density enters the weights, so its parameters get no gradient from teacher terms.
+
+    Args:
+        num_particles: independent estimates averaged per step.
+        vectorize_particles: draw the particles in one vectorized run (an outer plate).
+        nonfinite: ``"raise"`` (default) raises `NonFiniteTeacherError` naming the term and the
+            timesteps before any gradient exists; ``"zero"`` drops such draws (biased, so
+            opt-in) and reports how many in `diagnostics`.
+        accountant: a `LossObserver` such as an
+            [`Accountant`][carv_pyro.accounting.Accountant] (measures variance components and
+            costs; may resize the reserved inner plate).
+        max_plate_nesting: as in Pyro's ELBOs (guessed when vectorizing particles).
+
+    Attributes:
+        last_records: the [`TermRecord`][carv_pyro.infer.primitives.TermRecord] objects of the
+            last particle.
+        hooks: callables ``hook(loss, records, model_trace, guide_trace)`` run after each
+            particle (e.g. to record the draws of a step).
+
+    Note:
+        Checking teacher outputs for NaN reads one boolean back from the device per term and
+        step; reading the loss value reads one number.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        *,
+        vectorize_particles: bool = False,
+        nonfinite: str = "raise",
+        accountant: LossObserver | None = None,
+        max_plate_nesting: float = float("inf"),
+    ):
+        _checks.positive_int("num_particles", num_particles)
+        _checks.instance("vectorize_particles", vectorize_particles, bool, "True or False")
+        _checks.choice("nonfinite", nonfinite, NONFINITE)
+        if accountant is not None and not isinstance(accountant, LossObserver):
+            raise TypeError(
+                f"accountant must be a LossObserver such as carv_pyro.Accountant(...), got "
+                f"{type(accountant).__name__} ({accountant!r:.60})"
+            )
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+        )
+        self.nonfinite = nonfinite
+        self.accountant = accountant
+        self.last_records: list[TermRecord] = []
+        self.hooks: list = []
+        self._last: Particle | None = None
+        self._diagnostics: dict[str, TermDiagnostics] | None = None
+
+    # -- traces ----------------------------------------------------------------------------
+    def _get_trace(self, model, guide, args, kwargs):
+        """One particle's ``(model_trace, guide_trace)`` (Pyro's ELBO hook)."""
+        guide = as_timestep_guide(guide)
+        acc = self.accountant
+        inner = acc.inner_size() if acc is not None else None
+        return guide.run(model, args, kwargs, inner_size=inner)
+
+    def _particle_traces(self, model, guide, args, kwargs):
+        guide = as_timestep_guide(guide)
+        acc = self.accountant
+        inner = acc.inner_size() if acc is not None else None
+        if self.vectorize_particles and self.num_particles > 1:
+            if self.max_plate_nesting == float("inf"):
+                with poutine.block():
+                    mt, gt = guide.run(model, args, kwargs, inner_size=inner)
+                dims = [
+                    f.dim
+                    for tr in (mt, gt)
+                    for s in tr.nodes.values()
+                    if s["type"] == "sample"
+                    for f in s["cond_indep_stack"]
+                    if f.vectorized
+                ]
+                self.max_plate_nesting = (-min(dims) if dims else 0) + 1
+            particles = pyro.plate(
+                "num_particles_vectorized", self.num_particles, dim=-self.max_plate_nesting
+            )
+            yield guide, guide.run(model, args, kwargs, inner_size=inner, wrap=particles), 1
+            return
+        for _ in range(self.num_particles):
+            yield guide, guide.run(model, args, kwargs, inner_size=inner), self.num_particles
+
+    # -- the estimator ---------------------------------------------------------------------
+    def _run(self, model, guide, args, kwargs, backward: bool):
+        loss = 0.0
+        surrogate = 0.0
+        acc = self.accountant
+        traces = self._particle_traces(model, guide, args, kwargs)
+        while True:
+            watch = Stopwatch(_default_device())
+            host = Stopwatch()
+            try:
+                tguide, (model_trace, guide_trace), n_particles = next(traces)
+            except StopIteration:
+                break
+            particle = particle_estimate(model_trace, guide_trace, self.nonfinite)
+            self._last = particle
+            self._diagnostics = None
+            self.last_records = particle.records
+            if backward:
+                tguide.update(particle.records)
+            for hook in self.hooks:
+                hook(self, particle.records, model_trace, guide_trace)
+            part = particle.surrogate / n_particles
+            record = acc.select(particle.records) if acc is not None else None
+            report_q = None
+            if backward and part.requires_grad:
+                if record is not None and acc.wants_components():
+                    rest = particle.surrogate - particle.per_draw[record.name].sum() / (
+                        record.layout.n_draws
+                    )
+                    report_q = quadrant_backward(
+                        particle.per_draw[record.name],
+                        record.layout,
+                        rest,
+                        _params_of(model_trace, guide_trace),
+                        1.0 / n_particles,
+                    )
+                else:
+                    part.backward()
+            elif not backward:
+                surrogate = surrogate + part
+            loss = loss + float(particle.loss) / n_particles
+            if record is not None:
+                on_device = record.t.device.type == "cuda"
+                elapsed = (watch if on_device else host).stop().seconds()
+                teacher = record.teacher_time.seconds() if record.teacher_time else 0.0
+                acc.observe(
+                    StepReport(
+                        record=record,
+                        step_seconds=elapsed,
+                        teacher_seconds=teacher,
+                        quadrants=None if report_q is None else report_q[0],
+                        quadrant_sizes=None if report_q is None else report_q[1],
+                    )
+                )
+        if acc is not None and backward:
+            acc.end_step()
+        return loss, surrogate
+
+    @property
+    def diagnostics(self) -> dict[str, TermDiagnostics]:
+        """Per-term `TermDiagnostics` of the last particle (computed when first read)."""
+        if self._diagnostics is None:
+            self._diagnostics = {}
+            particle = self._last
+            for record in particle.records if particle is not None else []:
+                self._diagnostics[record.name] = _diagnose(record, particle.weights[record.name])
+        return self._diagnostics
+
+    def summary(self) -> dict[str, float]:
+        """A flat, loggable dict of the last step's diagnostics.
+
+        Keys: ``{term}/ess``, ``{term}/max_weight``, ``{term}/n_nonfinite``, ``{term}/value``,
+        ``{term}/K`` (inner draws per upstream sample), plus the observer's own ``summary()``
+        if it has one (the accountant adds ``K``, ``k_star``, ``ecm_predicted``, ``v_between``,
+        ``v_within``, ``c_outer``, ``c_inner``).
+        """
+        out: dict[str, float] = {}
+        for record in self.last_records:
+            d = self.diagnostics[record.name]
+            out[f"{d.name}/ess"] = d.ess
+            out[f"{d.name}/max_weight"] = d.max_weight
+            out[f"{d.name}/n_nonfinite"] = float(d.n_nonfinite)
+            out[f"{d.name}/value"] = d.value
+            out[f"{d.name}/K"] = float(record.n_inner)
+        extra = getattr(self.accountant, "summary", None)
+        if callable(extra):
+            out.update(extra())
+        return out
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The importance-weighted mean of the teacher terms' values (no gradients).
+
+        Returns:
+            float: the loss estimate.
+        """
+        with torch.no_grad():
+            loss, _ = self._run(model, guide, args, kwargs, backward=False)
+        return loss
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Estimate the loss and accumulate the CARV gradient estimate into ``.grad``.
+
+        Returns:
+            float: the loss estimate.
+        """
+        loss, _ = self._run(model, guide, args, kwargs, backward=True)
+        return loss
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        """``loss + (surrogate - surrogate.detach())``: the value is the loss, the gradient CARV's."""
+        loss, surrogate = self._run(model, guide, args, kwargs, backward=False)
+        if not isinstance(surrogate, Tensor):
+            surrogate = torch.zeros(())
+        return loss + (surrogate - surrogate.detach())
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _diagnose(record: TermRecord, w: Tensor) -> TermDiagnostics:
+    w = w.detach()
+    n = w.numel()
+    # one device-to-host read for all of a term's diagnostics
+    s1, s2, w_max, w_min, n_bad, value = torch.stack(
+        [
+            w.sum(),
+            (w * w).sum(),
+            w.max(),
+            w.min(),
+            record.nonfinite.sum().to(w.dtype),
+            (w.to(record.value.dtype) * record.value).sum().to(w.dtype) / n,
+        ]
+    ).tolist()
+    return TermDiagnostics(
+        name=record.name,
+        batch_shape=tuple(record.batch_shape),
+        ess=(s1 * s1 / s2) if s2 > 0 else 0.0,
+        max_weight=w_max,
+        min_weight=w_min,
+        mean_weight=s1 / n,
+        n_nonfinite=int(n_bad),
+        value=value,
+    )
+

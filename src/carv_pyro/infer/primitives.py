@@ -1,0 +1,322 @@
+"""The Pyro primitives of a teacher objective: `teacher_term` and the reserved inner plate `draws`.
+
+Inside the model's plates, ``teacher_term`` samples the timestep and noise sites of one teacher
+expectation, evaluates all draws in one batched teacher call, and records the per-draw surrogate
+as an observed site that [`CARVLoss`][carv_pyro.CARVLoss] turns into an importance-weighted,
+plate-averaged gradient estimate.
+
+Sites it creates, for ``name="sds"`` inside plates of sizes ``(R, K)`` at dims ``(-2, -1)``:
+
+| site | shape | meaning |
+| --- | --- | --- |
+| ``sds.t`` | ``(R, K)`` | timesteps, ``Categorical(p)`` under the prior |
+| ``sds.eps`` | ``(R, K, *event)`` | noise, ``Normal(0, I)`` |
+| ``sds`` | ``(R, K)`` | the term itself (observed; it carries the `TermRecord`) |
+
+The inner plate, the ``K`` cheap draws that share one upstream sample, is best written as
+``carv_pyro.draws(K)``: an ordinary ``pyro.plate`` that an [`Estimator`][carv_pyro.Estimator]
+or an [`Accountant`][carv_pyro.accounting.Accountant] may resize. A plain ``pyro.plate`` works
+too (see [`carv_pyro.layout`][carv_pyro.layout] for how the inner plate is found).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK, _inspect
+from torch import Tensor
+
+from .. import _checks
+from ..layout import DRAWS_KEY, TermLayout, flatten_draws, unflatten_draws
+from ..objectives import TeacherObjective
+from ..timing import Stopwatch
+
+__all__ = [
+    "DrawsPlate",
+    "DrawsSizer",
+    "LAYOUT_KEY",
+    "OBJECTIVE_KEY",
+    "ROLE_KEY",
+    "TERM_KEY",
+    "TermRecord",
+    "draws",
+    "teacher_term",
+]
+
+#: ``infer`` key marking the timestep and noise sites of a teacher term, with their role.
+ROLE_KEY = "carv_role"
+#: ``infer`` key holding the `TermRecord` on a term's own site.
+TERM_KEY = "carv_term"
+#: ``infer`` key holding the term's [`TermLayout`][carv_pyro.layout.TermLayout] on its sites.
+LAYOUT_KEY = "carv_layout"
+#: ``infer`` key holding the term's objective on its timestep site.
+OBJECTIVE_KEY = "carv_objective"
+
+
+# -- the reserved inner plate -----------------------------------------------------------------
+
+
+class DrawsSizer(Messenger):
+    """Sets the size of the reserved inner plates (`draws`) created while it is active.
+
+    Estimators and accountants run the model under one of these; the model itself keeps declaring
+    its default size.
+
+    Args:
+        size: the number of inner draws, or ``None`` to keep each plate's own size.
+    """
+
+    def __init__(self, size: int | None):
+        super().__init__()
+        self.size = None if size is None else _checks.positive_int("size", size)
+
+
+class DrawsPlate(pyro.plate):
+    """The reserved inner plate: a ``pyro.plate`` whose size an active `DrawsSizer` may set.
+
+    Every site inside it is marked (``infer["carv_draws"]``, the innermost such plate's name),
+    so the layout of a teacher term is read from the frames, never guessed from shapes.
+    """
+
+    def __init__(self, name: str, size: int, dim: int | None = None, **kwargs: Any):
+        _checks.positive_int(f"draws({name!r}) size", size)
+        for frame in reversed(_PYRO_STACK):
+            if isinstance(frame, DrawsSizer):
+                if frame.size is not None:
+                    size = frame.size
+                break
+        super().__init__(name, size, dim=dim, **kwargs)
+
+    def _process_message(self, msg) -> None:
+        super()._process_message(msg)
+        infer = msg.get("infer")
+        if infer is not None:
+            infer.setdefault(DRAWS_KEY, self.name)
+
+
+def draws(size: int, name: str = "draws", *, dim: int | None = None) -> DrawsPlate:
+    """The reserved inner plate of ``size`` cheap ``(t, eps)`` draws per upstream sample.
+
+    Use it like ``pyro.plate`` around [`teacher_term`][carv_pyro.teacher_term]:
+
+    ```python
+    with pyro.plate("views", R, dim=-2):
+        x = render(...)                       # once per view
+        with carv.draws(K):                   # K teacher draws per view
+            carv.teacher_term("sds", sds, x)
+    ```
+
+    An [`Estimator`][carv_pyro.Estimator] with ``K`` set, or an adapting
+    [`Accountant`][carv_pyro.accounting.Accountant], sets the size actually used.
+
+    Args:
+        size: the model's default number of inner draws.
+        name: the plate's name (give distinct names to the inner plates of different terms).
+        dim: the plate's dim, as for ``pyro.plate`` (default: allocated).
+
+    Returns:
+        A `DrawsPlate` context manager.
+    """
+    return DrawsPlate(name, size, dim=dim)
+
+
+# -- the teacher term -------------------------------------------------------------------------
+
+
+@dataclass
+class TermRecord:
+    """What a teacher term leaves in the trace for the loss and the accountant.
+
+    Attributes:
+        name: the term's site name.
+        objective: its objective.
+        layout: where its draws sit (batch shape, inner plate).
+        t: ``batch_shape`` timesteps.
+        value: ``batch_shape`` reported per-draw losses.
+        surrogate: ``batch_shape`` differentiable per-draw surrogates.
+        residual: ``(*batch_shape, *event)`` weighted residuals (detached) or ``None``.
+        nonfinite: ``batch_shape`` bool, draws whose value or residual was NaN/Inf (zeroed).
+        teacher_time: a stopped [`Stopwatch`][carv_pyro.timing.Stopwatch] around the teacher call.
+    """
+
+    name: str
+    objective: TeacherObjective
+    layout: TermLayout
+    t: Tensor
+    value: Tensor
+    surrogate: Tensor
+    residual: Tensor | None
+    nonfinite: Tensor
+    teacher_time: Stopwatch | None = None
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        """The draws' batch shape, e.g. ``(R, K)``."""
+        return self.layout.batch_shape
+
+    @property
+    def n_inner(self) -> int:
+        """Inner draws per upstream sample (``K`` in the usual layout)."""
+        return self.layout.n_inner
+
+    @property
+    def n_outer(self) -> int:
+        """Upstream samples (``R`` in the usual layout)."""
+        return self.layout.n_outer
+
+
+def _check_site_value(name: str, value: Tensor, layout: TermLayout, event_shape: tuple) -> None:
+    want = tuple(layout.batch_shape) + tuple(event_shape)
+    if tuple(value.shape) != want:
+        raise ValueError(
+            f"site {name!r} has shape {tuple(value.shape)}, expected {want} (the draws' batch "
+            f"shape {tuple(layout.batch_shape)}); a value given by poutine.condition or a guide "
+            f"must cover every draw"
+        )
+
+
+def teacher_term(
+    name: str,
+    objective: TeacherObjective,
+    x: Tensor,
+    cond: Any = None,
+    *,
+    infer: dict | None = None,
+) -> Tensor | None:
+    """Record one teacher expectation ``E_{t, eps}[f(x, t, eps)]`` inside the current plates.
+
+    ``x`` follows Pyro's batching convention: its batch dims are aligned to the right with the
+    enclosing plates and are 1 along the inner (resampling) plate. For the usual layout
+    ``views`` at ``dim=-2`` and ``draws`` at ``dim=-1``, ``x`` has shape ``(R, 1, *event)`` and the
+    sites have batch shape ``(R, K)``. All ``R * K`` draws go to the teacher in one call.
+
+    Args:
+        name: the term's name; the sites are ``{name}.t``, ``{name}.eps`` and ``{name}``.
+        objective: a [`TeacherObjective`][carv_pyro.objectives.TeacherObjective] (e.g. ``SDS``).
+        x: ``(*outer_batch, *event)`` floating-point upstream samples, differentiable w.r.t. the
+            parameters.
+        cond: teacher conditioning (e.g. a class label or prompt embeddings), broadcast against
+            the draws.
+        infer: extra ``infer`` entries for the term's site (for guides or handlers).
+
+    Returns:
+        ``(*batch, *event)`` weighted residuals (detached) for residual objectives, else ``None``.
+
+    Raises:
+        TypeError: if ``objective`` is not a teacher objective or ``x`` not a floating tensor.
+        ValueError: if ``x``'s trailing shape is not the teacher's event shape, or its batch
+            shape does not broadcast with the enclosing plates.
+    """
+    _checks.instance("name", name, str, "a string")
+    _checks.instance(
+        "objective", objective, TeacherObjective, "a TeacherObjective (e.g. carv_pyro.SDS)"
+    )
+    _checks.instance("x", x, Tensor, "a torch.Tensor")
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"teacher_term {name!r}: x must be a floating-point tensor (the upstream output), got "
+            f"dtype {x.dtype}; convert it with x.float()"
+        )
+    event_shape = tuple(objective.event_shape)
+    event_ndim = len(event_shape)
+    if x.dim() < event_ndim or tuple(x.shape[x.dim() - event_ndim :]) != event_shape:
+        raise ValueError(
+            f"teacher_term {name!r}: x must end with the teacher's event shape {event_shape}, "
+            f"got x.shape = {tuple(x.shape)}"
+        )
+    outer_shape = x.shape[: x.dim() - event_ndim]
+    here = _inspect()
+    layout = TermLayout.from_frames(
+        name, here["cond_indep_stack"], here["infer"].get(DRAWS_KEY), outer_shape
+    )
+    batch_shape = layout.batch_shape
+    cond_flat = _broadcast_cond(objective, cond, batch_shape, x.device)
+
+    prior_probs = objective.prior.probs_on(x.device)
+    t = pyro.sample(
+        f"{name}.t",
+        # our own draws are valid by construction: skip torch's argument validation (hot path)
+        dist.Categorical(probs=prior_probs, validate_args=False),
+        infer={ROLE_KEY: "timestep", OBJECTIVE_KEY: objective, LAYOUT_KEY: layout},
+    )
+    _check_site_value(f"{name}.t", t, layout, ())
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"site {name + '.t'!r} must hold integer timesteps, got dtype {t.dtype}")
+    zeros = torch.zeros(event_shape, dtype=x.dtype, device=x.device)
+    eps = pyro.sample(
+        f"{name}.eps",
+        dist.Normal(zeros, zeros.new_ones(()), validate_args=False).to_event(event_ndim),
+        infer={ROLE_KEY: "noise", LAYOUT_KEY: layout},
+    )
+    _check_site_value(f"{name}.eps", eps, layout, event_shape)
+
+    x_flat, packed = flatten_draws(x.expand(batch_shape + event_shape), event_ndim)
+    eps_flat, _ = flatten_draws(eps.to(x.dtype), event_ndim)
+    watch = Stopwatch(x.device)
+    out = objective.evaluate(x_flat, t.reshape(-1), eps_flat, cond_flat)
+    watch.stop()
+
+    value = out.value.reshape(batch_shape)
+    surrogate = out.surrogate.reshape(batch_shape)
+    residual = None
+    if out.residual is not None:
+        residual = unflatten_draws(out.residual, packed, event_ndim)
+    record = TermRecord(
+        name=name,
+        objective=objective,
+        layout=layout,
+        t=t,
+        value=value,
+        surrogate=surrogate,
+        residual=residual,
+        nonfinite=out.nonfinite.reshape(batch_shape),
+        teacher_time=watch,
+    )
+    log_factor = -(value + surrogate - surrogate.detach())
+    site_infer = {TERM_KEY: record, LAYOUT_KEY: layout}
+    site_infer.update(infer or {})
+    pyro.sample(
+        name,
+        dist.Unit(log_factor, has_rsample=True, validate_args=False),
+        obs=log_factor.new_empty(batch_shape + (0,)),
+        infer=site_infer,
+    )
+    return residual
+
+
+def _broadcast_cond(
+    objective: TeacherObjective, cond: Any, batch_shape: torch.Size, device: torch.device
+) -> Tensor | None:
+    """Encode ``cond`` and broadcast it to ``(N, *cond_event)`` over the draws."""
+    if cond is None:
+        return None
+    teacher = objective.teacher
+    cond_event = teacher.cond_event_shape
+    if cond_event is None:
+        raise ValueError("cond was given but the teacher is unconditional (cond_event_shape None)")
+    c = teacher.encode_cond(cond)
+    if not isinstance(c, Tensor):
+        c = torch.as_tensor(c)
+    c = c.to(device)
+    ndim = len(cond_event)
+    cond_batch = c.shape[: c.dim() - ndim]
+    try:
+        full = torch.broadcast_shapes(batch_shape, cond_batch)
+    except RuntimeError:
+        full = None
+    item_shape = tuple(c.shape[c.dim() - ndim :])
+    item_ok = len(item_shape) == ndim and all(
+        e < 0 or s == e for s, e in zip(item_shape, cond_event)
+    )
+    if full != batch_shape or not item_ok:
+        raise ValueError(
+            f"cond of shape {tuple(c.shape)} does not broadcast to the draws' batch shape "
+            f"{tuple(batch_shape)} with per-draw conditioning shape {tuple(cond_event)}"
+        )
+    c = c.expand(batch_shape + item_shape)
+    return c.reshape((-1,) + item_shape)
