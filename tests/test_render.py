@@ -9,10 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 from torch.func import functional_call
 
 from carv_pyro.pipelines.render import (
     Cameras,
+    Lighting,
     VoxelField,
     emission_absorption,
     random_cameras,
@@ -164,6 +166,255 @@ def test_chunked_render_matches_unchunked_with_gradients():
         torch.testing.assert_close(a, b)
 
 
+# --------------------------------------------------------------------------------- shading
+
+
+class _Functional(nn.Module):
+    """A field's forward and density_albedo_gradient, both callable with given parameters."""
+
+    def __init__(self, field: VoxelField):
+        super().__init__()
+        self.field = field
+
+    def forward(self, points, gradient=False):
+        return self.field.density_albedo_gradient(points) if gradient else self.field(points)
+
+
+def _with_params(field: VoxelField, density_logits, albedo_logits, use_gradient_method=True):
+    """A radiance field evaluating ``field`` at the given logits (differentiable w.r.t. them)."""
+    wrapper = _Functional(field)
+    values = {"field.density_logits": density_logits, "field.albedo_logits": albedo_logits}
+
+    class Field:
+        def __call__(self, points):
+            return functional_call(wrapper, values, (points,))
+
+    if use_gradient_method:
+        Field.density_albedo_gradient = lambda self, points: functional_call(
+            wrapper, values, (points,), {"gradient": True}
+        )
+    return Field()
+
+
+def test_voxel_density_gradient_is_exact_for_a_linear_density_and_zero_outside():
+    # Central (and one-sided) differences are exact for a linear density; this pins the
+    # (d/dx, d/dy, d/dz) channel order against the (z, y, x) voxel axes.
+    field = VoxelField(6, dtype=F64, noise_std=0.0)
+    slope = torch.tensor([0.7, -1.3, 2.1], dtype=F64)
+    density = 5.0 + field.voxel_centers() @ slope
+    _set_logits(field, density)
+    torch.testing.assert_close(field.density(), density)
+    assert field.density_gradient().shape == (3, 6, 6, 6)
+    points = 1.6 * torch.rand(4, 7, 3, generator=_gen(0), dtype=F64) - 0.8
+    d, a, g = field.density_albedo_gradient(points)
+    assert d.shape == (4, 7) and a.shape == (4, 7, 1) and g.shape == (4, 7, 3)
+    torch.testing.assert_close(g, slope.expand(4, 7, 3))
+    torch.testing.assert_close((d, a), field(points))
+    outside = torch.tensor([[1.2, 0.0, 0.0], [0.0, 0.0, -1.5]], dtype=F64)
+    assert torch.all(field.density_albedo_gradient(outside)[2] == 0)
+
+
+def _half_space(k: float = 25.0, peak: float = 400.0):
+    """A smooth opaque half-space x < 0 of albedo 0.8: its outward normal is +x everywhere."""
+
+    def field(points):
+        density = peak * torch.sigmoid(-k * points[..., 0])
+        return density, torch.full(points.shape[:-1] + (1,), 0.8, dtype=points.dtype)
+
+    return field
+
+
+@pytest.mark.parametrize(
+    "lighting",
+    [
+        Lighting(),
+        Lighting(ambient=0.1, diffuse=0.9, light_right=0.0, light_up=0.0, light_back=1.0),
+        Lighting(ambient=0.2, diffuse=0.5, light_right=0.3, light_up=-0.8, light_back=0.5),
+        Lighting(ambient=0.25, diffuse=0.75, light_right=0.0, light_up=0.0, light_back=-1.0),
+    ],
+)
+def test_lambertian_pixel_of_a_surface_facing_the_camera(lighting):
+    # Camera on +x looks at the face of x < 0: n = +x = -forward = the camera's "back" axis, so
+    # n . l = light_back / |l| and the pixel is 2 c (ambient + diffuse max(0, n . l)) - 1.
+    img = render(
+        _half_space(),
+        0.0,
+        0.0,
+        image_size=3,
+        n_samples=400,
+        shading="lambertian",
+        lighting=lighting,
+    )
+    norm = math.sqrt(lighting.light_right**2 + lighting.light_up**2 + lighting.light_back**2)
+    cosine = max(0.0, lighting.light_back / norm)
+    expected = 2 * 0.8 * (lighting.ambient + lighting.diffuse * cosine) - 1
+    torch.testing.assert_close(img, torch.full_like(img, expected), atol=2e-3, rtol=0)
+    # The same surface unshaded is its albedo.
+    flat = render(_half_space(), 0.0, 0.0, image_size=3, n_samples=400)
+    torch.testing.assert_close(flat, torch.full_like(flat, 2 * 0.8 - 1), atol=2e-3, rtol=0)
+
+
+def _sphere_field(resolution=24, radius=0.6):
+    field = VoxelField(resolution, channels=1, dtype=F64, noise_std=0.0)
+    r = field.voxel_centers().norm(dim=-1)
+    _set_logits(field, 1e-6 + 30.0 * torch.sigmoid((radius - r) / 0.05))
+    return field
+
+
+@pytest.mark.parametrize(
+    ("light", "bright", "dark"),
+    [
+        ((-1.0, 0.0, 0.3), "left", "right"),
+        ((1.0, 0.0, 0.3), "right", "left"),
+        ((0.0, 1.0, 0.3), "top", "bottom"),
+    ],
+)
+def test_a_sphere_lit_from_one_side_is_brighter_on_that_side(light, bright, dark):
+    lighting = Lighting(light_right=light[0], light_up=light[1], light_back=light[2])
+    img = render(
+        _sphere_field(),
+        0.7,
+        0.3,
+        image_size=16,
+        n_samples=48,
+        shading="lambertian",
+        lighting=lighting,
+    )[0]
+    halves = {"left": img[:, :8], "right": img[:, 8:], "top": img[:8], "bottom": img[8:]}
+    # The silhouette is symmetric, so the difference of the halves is the shading alone: the
+    # lit half sends at least 1.5 times as much light above the background (measured: ~2.3).
+    assert (halves[bright] + 1).mean() > 1.5 * (halves[dark] + 1).mean()
+    # The default key light is upper left: the upper-left quadrant is the brightest.
+    img = render(_sphere_field(), 0.7, 0.3, image_size=16, n_samples=48, shading="lambertian")[0]
+    quadrants = [img[:8, :8], img[:8, 8:], img[8:, :8], img[8:, 8:]]
+    means = torch.stack([q.mean() for q in quadrants])
+    assert int(means.argmax()) == 0 and int(means.argmin()) == 3
+
+
+def test_shading_only_darkens_and_keeps_the_background():
+    field = _field(resolution=6, channels=2, seed=11)
+    az, el = random_cameras((3,), _gen(11), dtype=F64)
+    flat = render(field, az, el, image_size=6, n_samples=12, background=-1.0)
+    shaded = render(
+        field, az, el, image_size=6, n_samples=12, background=-1.0, shading="lambertian"
+    )
+    # pixel = sum w (2 c s - 1) + T bg with s in [0, 1]: never brighter than unshaded, never
+    # darker than the same weights on black albedo.
+    assert torch.all(shaded <= flat + 1e-12)
+    assert torch.all(shaded >= -1.0 - 1e-12)
+    assert not torch.allclose(shaded, flat)
+
+
+def test_finite_differences_and_the_voxel_gradient_give_the_same_shading():
+    # A smooth field: the volume's central differences and central differences of the
+    # interpolated density agree to discretisation error, far below the shading's range.
+    field = _sphere_field(resolution=24)
+    params = (field.density_logits.detach(), field.albedo_logits.detach())
+    kw = dict(image_size=10, n_samples=48, shading="lambertian")
+    own = render(_with_params(field, *params, use_gradient_method=True), 0.4, 0.2, **kw)
+    fd = render(_with_params(field, *params, use_gradient_method=False), 0.4, 0.2, **kw)
+    torch.testing.assert_close(own, render(field, 0.4, 0.2, **kw))
+    torch.testing.assert_close(fd, own, atol=0.05, rtol=0)
+    assert (own - render(field, 0.4, 0.2, image_size=10, n_samples=48)).abs().max() > 0.2
+
+
+@pytest.mark.parametrize(
+    ("seed", "use_gradient_method", "fast_mode"), [(0, True, False), (1, False, True)]
+)
+def test_gradcheck_of_shaded_render_wrt_logits(seed, use_gradient_method, fast_mode):
+    # First-order derivatives through the normals (volume gradient, or finite differences of
+    # the density for generic fields), against central differences of the whole render.
+    field = _field(resolution=4, channels=1, seed=seed)
+    azimuth, elevation = random_cameras((2,), _gen(seed), dtype=F64)
+    lighting = Lighting(normal_eps=0.5)  # keeps the normal smooth where the field is flat
+
+    def image(density_logits, albedo_logits):
+        fn = _with_params(field, density_logits, albedo_logits, use_gradient_method)
+        return render(
+            fn,
+            azimuth,
+            elevation,
+            image_size=3,
+            n_samples=5,
+            shading="lambertian",
+            lighting=lighting,
+            supersample=2,
+        )
+
+    inputs = (
+        field.density_logits.detach().clone().requires_grad_(),
+        field.albedo_logits.detach().clone().requires_grad_(),
+    )
+    assert torch.autograd.gradcheck(
+        image, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast_mode
+    )
+
+
+def test_shaded_render_backward_needs_no_double_backward():
+    # The shading's normal is a linear function of the densities (no autograd.grad inside), so
+    # one ordinary backward reaches the logits, and chunking with checkpointing agrees.
+    field = _field(resolution=5, channels=1, seed=12)
+    az, el = random_cameras((3,), _gen(12), dtype=F64)
+    out = []
+    for chunk in (None, 7):
+        field.zero_grad()
+        img = render(
+            field, az, el, image_size=6, n_samples=10, chunk_size=chunk, shading="lambertian"
+        )
+        (img * torch.linspace(-1, 1, img.numel(), dtype=F64).view_as(img)).sum().backward()
+        out.append((img.detach(), field.density_logits.grad.clone(), field.albedo_logits.grad))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b)
+    assert out[0][1].abs().sum() > 0
+
+
+def test_lighting_validates_its_settings():
+    for kwargs, name in [
+        ({"ambient": -0.1}, "ambient"),
+        ({"diffuse": float("nan")}, "diffuse"),
+        ({"ambient": 0.5, "diffuse": 0.6}, "ambient \\+ diffuse"),
+        ({"light_right": 0.0, "light_up": 0.0, "light_back": 0.0}, "light direction"),
+        ({"normal_eps": 0.0}, "normal_eps"),
+        ({"finite_difference_step": -1.0}, "finite_difference_step"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            Lighting(**kwargs)
+    cams = Cameras(torch.tensor([0.3, 2.0]), torch.tensor([0.1, -0.4]))
+    light = Lighting(light_right=0.0, light_up=0.0, light_back=2.0).direction(cams)
+    torch.testing.assert_close(light, -cams.frames()[1])  # straight toward the camera
+
+
+# ---------------------------------------------------------------------------- anti-aliasing
+
+
+def test_supersampling_averages_a_finer_render():
+    field = _field(resolution=6, channels=2, seed=13)
+    az, el = random_cameras((2, 1), _gen(13), dtype=F64)
+    for shading in ("none", "lambertian"):
+        kw = dict(n_samples=10, shading=shading)
+        coarse = render(field, az, el, image_size=4, supersample=3, **kw)
+        fine = render(field, az, el, image_size=12, **kw)
+        assert coarse.shape == (2, 1, 2, 4, 4)
+        expected = fine.reshape(2, 1, 2, 4, 3, 4, 3).mean(dim=(-3, -1))
+        torch.testing.assert_close(coarse, expected)
+    torch.testing.assert_close(
+        render(field, az, el, image_size=4, supersample=1), render(field, az, el, image_size=4)
+    )
+
+
+def test_supersampling_anti_aliases_an_edge():
+    # A sharp edge through the middle of a pixel column renders as an intermediate grey.
+    def slab(points):  # opaque for y < 1/8: the edge splits pixel column 4 of 8 in half
+        density = 1e4 * (points[..., 1] < 0.125).to(points.dtype)
+        return density, torch.ones(points.shape[:-1] + (1,), dtype=points.dtype)
+
+    zero = torch.zeros((), dtype=F64)
+    aliased = render(slab, zero, zero, image_size=8, n_samples=16)[0]
+    smooth = render(slab, zero, zero, image_size=8, n_samples=16, supersample=4)[0]
+    assert set(aliased[3].round().tolist()) <= {-1.0, 1.0}
+    torch.testing.assert_close(smooth[3, 4], torch.tensor(0.0, dtype=F64), atol=1e-6, rtol=0)
+
+
 # -------------------------------------------------------------------------- quadrature laws
 
 
@@ -291,16 +542,17 @@ def test_azimuth_is_two_pi_periodic():
     torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("fov", [None, 0.8])
-def test_centred_sphere_looks_the_same_from_every_azimuth(fov):
+@pytest.mark.parametrize(("fov", "shading"), [(None, "none"), (0.8, "none"), (None, "lambertian")])
+def test_centred_sphere_looks_the_same_from_every_azimuth(fov, shading):
     field = VoxelField(24, channels=1, dtype=F64, noise_std=0.0)
     centers = field.voxel_centers()
     r = centers.norm(dim=-1)
     albedo = 3.0 * centers[..., 2]  # varies with height only: symmetric about the z axis
     _set_logits(field, 1e-6 + 3.0 * torch.sigmoid((0.6 - r) / 0.08), albedo)
     # Fixed near/far: the sample points of one view are a rotation of another's, so only the
-    # voxelisation of the sphere (not the quadrature) can break the symmetry.
-    kw = dict(image_size=12, n_samples=32, near=1.2, far=4.8, fov=fov)
+    # voxelisation of the sphere (not the quadrature) can break the symmetry. The light is fixed
+    # to the camera, so shading does not break it either.
+    kw = dict(image_size=12, n_samples=32, near=1.2, far=4.8, fov=fov, shading=shading)
     azimuth = torch.linspace(-math.pi, math.pi, 9, dtype=F64)[:-1] + 0.1
     views = render(field, azimuth, torch.full_like(azimuth, 0.4), **kw)
     assert views.max() > 0.0  # the sphere is actually visible
@@ -334,6 +586,11 @@ def test_centred_sphere_looks_the_same_from_every_azimuth(fov):
         ({"near": -1.0}, "near"),
         ({"generator": torch.Generator()}, "generator"),
         ({"background": torch.zeros(2, 2)}, "background"),
+        ({"supersample": 0}, "supersample"),
+        ({"supersample": 1.5}, "supersample"),
+        ({"shading": "phong"}, "shading"),
+        ({"lighting": Lighting()}, "lighting"),
+        ({"shading": "lambertian", "lighting": {"ambient": 0.2}}, "lighting"),
     ],
 )
 def test_bad_render_arguments_raise_value_error_naming_them(kwargs, name):

@@ -26,15 +26,29 @@ Conventions (shared by every function in this module):
   and its up vector ``(-sin theta cos phi, -sin theta sin phi, cos theta)`` (both well defined at
   the poles). Row ``0`` of an image is its top, column ``0`` its left: at ``phi = theta = 0``
   the image shows the ``yz`` plane with ``+y`` to the right and ``+z`` up.
-* **Images.** Renders lie in ``[-1, 1]`` like the digits teacher's data (white strokes on a
-  black background): a pixel is ``sum_i w_i (2 c_i - 1) + T * background`` with albedo
-  ``c_i in [0, 1]``, so a fully opaque white surface gives ``+1`` and empty space gives the
-  background, ``-1`` (black) by default.
+* **Images.** Renders lie in ``[-1, 1]`` like the teachers' data (white on a black
+  background). Unshaded (``shading="none"``, the default, the digits teacher's emission
+  model) a pixel is ``sum_i w_i (2 c_i - 1) + T * background`` with albedo ``c_i in [0, 1]``,
+  so a fully opaque white surface gives ``+1`` and empty space gives the background, ``-1``
+  (black) by default.
+* **Shading.** With ``shading="lambertian"`` (the shapes teacher's renders) a pixel is
+  ``sum_i w_i (2 c_i s_i - 1) + T * background`` with the Lambertian factor
+  ``s_i = ambient + diffuse * max(0, n_i . l)`` in ``[0, 1]``. The normal is
+  ``n = -grad(density) / sqrt(|grad(density)|^2 + normal_eps^2)`` (it points out of the
+  object, where the density falls); for a `VoxelField` the gradient is the trilinear
+  interpolation of the density volume's central differences, sampled in the same
+  ``grid_sample`` call as density and albedo (first-order differentiable w.r.t. the logits, no
+  double backward). The key light ``l`` is fixed to the camera (see `Lighting`: by default
+  from the upper left, in front), so a view's shading depends on the shape only.
+* **Anti-aliasing.** ``supersample=s`` renders ``s * image_size`` pixels per side and averages
+  each ``s x s`` block (the pixel is the mean over a regular grid of ``s^2`` rays inside it).
 
 Examples:
     >>> field = VoxelField(resolution=16, seed=0)
     >>> azimuth, elevation = random_cameras((4, 1), generator=torch.Generator().manual_seed(0))
     >>> render(field, azimuth, elevation).shape  # a plate of 4 views at dim -2
+    torch.Size([4, 1, 1, 16, 16])
+    >>> render(field, azimuth, elevation, shading="lambertian", supersample=2).shape
     torch.Size([4, 1, 1, 16, 16])
 """
 
@@ -43,17 +57,19 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import pack, rearrange, unpack
+from einops import pack, rearrange, reduce, unpack
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "Cameras",
+    "Lighting",
     "RadianceField",
     "RayRender",
     "VoxelField",
@@ -68,6 +84,8 @@ __all__ = [
 
 # Smallest |direction component| used by the slab test (avoids 0 * inf = nan).
 _TINY_DIRECTION = 1e-12
+
+SHADINGS = ("none", "lambertian")
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -98,6 +116,12 @@ class RadianceField(Protocol):
     A field maps points ``(..., 3)`` in world coordinates to a non-negative density ``(...)``
     (extinction per unit length) and an albedo ``(..., C)`` in ``[0, 1]``. `VoxelField`
     is one; an MLP or hash-grid NeRF with the same call signature renders unchanged.
+
+    Shaded renders need the density's gradient. A field may provide it with a method
+    ``density_albedo_gradient(points) -> (density, albedo, gradient)`` (shapes ``(...)``,
+    ``(..., C)``, ``(..., 3)``), as `VoxelField` does; otherwise it is taken by central finite
+    differences of the field's density (six more evaluations per point, step
+    `Lighting.finite_difference_step`).
     """
 
     def __call__(self, points: Tensor) -> tuple[Tensor, Tensor]: ...
@@ -222,6 +246,49 @@ class VoxelField(nn.Module):
         """Voxel albedos ``sigmoid(albedo_logits)``, shape ``(C, D, D, D)``, in ``[0, 1]``."""
         return torch.sigmoid(self.albedo_logits)
 
+    def density_gradient(self) -> Tensor:
+        """Central differences of the voxel densities, in world units.
+
+        Entry ``[k, j, i]`` approximates ``grad(density)`` at the voxel centre
+        ``(x_i, y_j, z_k)``: ``(rho[.., i + 1] - rho[.., i - 1]) / (2 h)`` with the voxel size
+        ``h = 2 / D`` inside, one-sided differences on the outermost voxels. It is a linear map
+        of `density`, so it costs one pass over the grid and is differentiable w.r.t. the
+        logits like the density itself.
+
+        Returns:
+            ``(3, D, D, D)``: channels ``(d/dx, d/dy, d/dz)``, voxel axes ``(z, y, x)``.
+        """
+        h = 2.0 / self.resolution
+        d_dz, d_dy, d_dx = torch.gradient(self.density(), spacing=h, edge_order=1)
+        return torch.stack([d_dx, d_dy, d_dz])
+
+    def _sample(self, points: Tensor, with_gradient: bool) -> tuple[Tensor, ...]:
+        if points.shape[-1:] != (3,):
+            raise ValueError(
+                f"points must have a trailing axis of size 3, got {tuple(points.shape)}"
+            )
+        p = self.density_logits
+        flat, ps = pack([points.to(dtype=p.dtype, device=p.device)], "* xyz")
+        # grid_sample on 5-D input: grid (N, D_out, H_out, W_out, 3) with (x, y, z) -> (W, H, D).
+        grid = rearrange(flat, "n xyz -> 1 n 1 1 xyz")
+        parts = [self.density()[None], self.albedo()]
+        if with_gradient:
+            parts.append(self.density_gradient())
+        volume = torch.cat(parts, dim=0)  # (1 + C [+ 3], D, D, D)
+        values = F.grid_sample(
+            volume[None], grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
+        values = rearrange(values, "1 c n 1 1 -> n c")
+        inside = (flat.abs() <= 1.0).all(dim=-1)
+        density = torch.where(inside, values[:, 0], torch.zeros_like(values[:, 0]))
+        [density] = unpack(density, ps, "*")
+        [albedo] = unpack(values[:, 1 : 1 + self.channels], ps, "* c")
+        if not with_gradient:
+            return density, albedo
+        gradient = values[:, 1 + self.channels :] * inside[:, None]
+        [gradient] = unpack(gradient, ps, "* xyz")
+        return density, albedo, gradient
+
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """Trilinearly interpolated density and albedo at world points.
 
@@ -231,24 +298,22 @@ class VoxelField(nn.Module):
         Returns:
             ``(density, albedo)`` of shapes ``(...)`` and ``(..., C)``.
         """
-        if points.shape[-1:] != (3,):
-            raise ValueError(
-                f"points must have a trailing axis of size 3, got {tuple(points.shape)}"
-            )
-        p = self.density_logits
-        flat, ps = pack([points.to(dtype=p.dtype, device=p.device)], "* xyz")
-        # grid_sample on 5-D input: grid (N, D_out, H_out, W_out, 3) with (x, y, z) -> (W, H, D).
-        grid = rearrange(flat, "n xyz -> 1 n 1 1 xyz")
-        volume = torch.cat([self.density()[None], self.albedo()], dim=0)  # (1 + C, D, D, D)
-        values = F.grid_sample(
-            volume[None], grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
-        values = rearrange(values, "1 c n 1 1 -> n c")
-        inside = (flat.abs() <= 1.0).all(dim=-1)
-        density = torch.where(inside, values[:, 0], torch.zeros_like(values[:, 0]))
-        [density] = unpack(density, ps, "*")
-        [albedo] = unpack(values[:, 1:], ps, "* c")
-        return density, albedo
+        return self._sample(points, with_gradient=False)
+
+    def density_albedo_gradient(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Density, albedo and density gradient at world points, in one ``grid_sample``.
+
+        The gradient is the trilinear interpolation of `density_gradient` (central differences
+        of the voxel densities), so it is smooth between voxels and its derivative w.r.t. the
+        logits needs no double backward. Like the density it is zero outside the cube.
+
+        Args:
+            points: ``(..., 3)`` world ``(x, y, z)`` coordinates; cast to the field's dtype.
+
+        Returns:
+            ``(density, albedo, gradient)`` of shapes ``(...)``, ``(..., C)`` and ``(..., 3)``.
+        """
+        return self._sample(points, with_gradient=True)
 
     def extra_repr(self) -> str:
         return f"resolution={self.resolution}, channels={self.channels}"
@@ -360,6 +425,83 @@ class Cameras:
             directions = directions / directions.norm(dim=-1, keepdim=True)
             origins = expand(position).expand_as(directions)
         return origins, directions
+
+
+@dataclass(frozen=True)
+class Lighting:
+    """Lambertian shading: a key light fixed to the camera, plus ambient light.
+
+    A sample's shading factor is ``s = ambient + diffuse * max(0, n . l)`` (see the module
+    docstring for the normal ``n``), so with ``ambient + diffuse <= 1`` it lies in ``[0, 1]``
+    and a shaded pixel stays in ``[-1, 1]``. The light direction ``l`` is given in the camera's
+    frame, so every view is lit the same way relative to the viewer: the picture of an object
+    changes with the camera only through the object's own geometry (a centred sphere looks the
+    same from every side).
+
+    Attributes:
+        ambient: light reaching every surface, ``>= 0``.
+        diffuse: strength of the key light, ``>= 0``; ``ambient + diffuse <= 1``.
+        light_right: component of ``l`` along the image's right vector (negative: from the left).
+        light_up: component of ``l`` along the image's up vector.
+        light_back: component of ``l`` toward the camera (``-forward``; positive: the light is
+            on the viewer's side). The three components are normalised; the default
+            ``(-0.5, 0.6, 0.62)`` is a key light from the upper left, in front.
+        normal_eps: softening of the normal, ``n = -g / sqrt(|g|^2 + normal_eps^2)`` for the
+            density gradient ``g`` (densities per unit length per unit length): where the field
+            is flat (empty space, deep inside) the normal fades to zero and ``s`` to
+            ``ambient``, and its derivative stays finite.
+        finite_difference_step: step of the central differences that give ``g`` for fields
+            without a ``density_albedo_gradient`` method, in world units.
+
+    Raises:
+        ValueError: naming the attribute, on negative terms, ``ambient + diffuse > 1``, a zero
+            light direction or non-positive ``normal_eps`` / ``finite_difference_step``.
+
+    Examples:
+        >>> cams = Cameras(torch.zeros(2), torch.zeros(2))
+        >>> Lighting().direction(cams).shape
+        torch.Size([2, 3])
+    """
+
+    ambient: float = 0.3
+    diffuse: float = 0.7
+    light_right: float = -0.5
+    light_up: float = 0.6
+    light_back: float = 0.62
+    normal_eps: float = 1e-3
+    finite_difference_step: float = 1e-2
+
+    def __post_init__(self) -> None:
+        for name in ("ambient", "diffuse"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)!r}")
+        if self.ambient + self.diffuse > 1.0 + 1e-12:
+            raise ValueError(
+                f"ambient + diffuse must be <= 1 (so shaded pixels stay in [-1, 1]), got "
+                f"ambient={self.ambient!r}, diffuse={self.diffuse!r}"
+            )
+        components = (self.light_right, self.light_up, self.light_back)
+        if not all(math.isfinite(float(c)) for c in components) or not any(components):
+            raise ValueError(
+                f"light direction (light_right, light_up, light_back) must be finite and "
+                f"non-zero, got {components!r}"
+            )
+        _check_positive_float("normal_eps", self.normal_eps)
+        _check_positive_float("finite_difference_step", self.finite_difference_step)
+
+    def direction(self, cameras: Cameras) -> Tensor:
+        """The key light's unit direction in world coordinates, one per camera.
+
+        Args:
+            cameras: the cameras whose frames the light is attached to.
+
+        Returns:
+            ``(*B, 3)``: unit vectors from the surface toward the light.
+        """
+        _, forward, right, up = cameras.frames()
+        light = self.light_right * right + self.light_up * up - self.light_back * forward
+        return light / light.norm(dim=-1, keepdim=True)
 
 
 def random_cameras(
@@ -489,13 +631,17 @@ def render_rays(
     stratified: bool = False,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    light: Tensor | None = None,
+    lighting: Lighting | None = None,
 ) -> RayRender:
     """Render rays through a field by emission-absorption quadrature.
 
     Each ray's interval ``[near, far]`` is split into ``n_samples`` equal bins of width
     ``delta``; the field is evaluated at each bin's midpoint (deterministic, the default) or at a
     uniform point inside it (``stratified=True``), and the bin's optical depth is
-    ``sigma * delta``. The pixel is ``sum_i w_i (2 c_i - 1) + T_final * background``.
+    ``sigma * delta``. The pixel is ``sum_i w_i (2 c_i - 1) + T_final * background``, or with a
+    ``light`` ``sum_i w_i (2 c_i s_i - 1) + T_final * background`` with the Lambertian factor
+    ``s_i`` of `Lighting`.
 
     Memory: the intermediates are ``O(N * S * (C + 4))`` numbers. With ``chunk_size`` the rays
     are processed ``chunk_size`` at a time and, when autograd is recording, each chunk is
@@ -516,11 +662,20 @@ def render_rays(
             optical depth) instead of taking the midpoints.
         generator: randomness for ``stratified=True`` (the global RNG if ``None``).
         chunk_size: rays per chunk, or ``None`` for all at once.
+        light: ``None`` (default) for unshaded rendering, or the unit world direction toward
+            the key light, broadcastable to ``(*N, 3)`` (`render` derives it from the camera
+            and `Lighting.direction`).
+        lighting: ambient and diffuse strengths and the normal's settings for a ``light``
+            (default `Lighting()`); ignored without one.
 
     Returns:
         A `RayRender` with leading shape ``N...``.
     """
     n_samples = _check_positive_int("n_samples", n_samples)
+    if lighting is not None and not isinstance(lighting, Lighting):
+        raise ValueError(f"lighting must be a Lighting or None, got {type(lighting).__name__}")
+    if light is not None and lighting is None:
+        lighting = Lighting()
     if chunk_size is not None:
         chunk_size = _check_positive_int("chunk_size", chunk_size)
     if generator is not None and not stratified:
@@ -532,6 +687,17 @@ def render_rays(
         )
     flat_o, ps = pack([origins], "* xyz")
     flat_d, _ = pack([directions], "* xyz")
+    flat_l = None
+    if light is not None:
+        light = torch.as_tensor(light, dtype=origins.dtype, device=origins.device)
+        try:
+            light = light.expand(origins.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"light must broadcast to the ray shape {tuple(origins.shape)}, got "
+                f"{tuple(light.shape)}"
+            ) from None
+        flat_l, _ = pack([light], "* xyz")
     box_near, box_far = ray_box_intersection(flat_o, flat_d)
     t_near = _bound(near, box_near, ps[0], "near")
     t_far = _bound(far, box_far, ps[0], "far")
@@ -547,21 +713,33 @@ def render_rays(
     depths = t_near[:, None] + (bins + offsets) / n_samples * length[:, None]  # (n, S)
     deltas = (length / n_samples)[:, None].expand_as(depths)
 
-    def shade(o: Tensor, d: Tensor, t: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def shade(
+        o: Tensor, d: Tensor, t: Tensor, dt: Tensor, lt: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         o, d = (rearrange(v, "n xyz -> n 1 xyz") for v in (o, d))
         points = o + rearrange(t, "n s -> n s 1") * d  # (n, S, 3)
-        density, albedo = field(points)  # (n, S), (n, S, C)
+        if lt is None:
+            density, albedo = field(points)  # (n, S), (n, S, C)
+            emitted = 2.0 * albedo - 1.0
+        else:
+            density, albedo, gradient = _density_albedo_gradient(
+                field, points, lighting.finite_difference_step
+            )
+            scale = torch.rsqrt(gradient.square().sum(-1) + lighting.normal_eps**2)  # (n, S)
+            cosine = -torch.einsum("nsx,nx->ns", gradient, lt.to(gradient.dtype)) * scale
+            factor = lighting.ambient + lighting.diffuse * cosine.clamp_min(0.0)
+            emitted = 2.0 * albedo * factor[..., None] - 1.0
         weights, transmittance = emission_absorption(density, dt.to(density.dtype))
-        color = torch.einsum("ns,nsc->nc", weights, 2.0 * albedo - 1.0)
+        color = torch.einsum("ns,nsc->nc", weights, emitted)
         return color, weights, transmittance
 
     if chunk_size is None or chunk_size >= flat_o.shape[0]:
-        color, weights, transmittance = shade(flat_o, flat_d, depths, deltas)
+        color, weights, transmittance = shade(flat_o, flat_d, depths, deltas, flat_l)
     else:
         recompute = torch.is_grad_enabled()
         pieces = []
         for start in range(0, flat_o.shape[0], chunk_size):
-            args = (flat_o, flat_d, depths, deltas)
+            args = (flat_o, flat_d, depths, deltas) + (() if flat_l is None else (flat_l,))
             args = tuple(a[start : start + chunk_size] for a in args)
             if recompute:
                 pieces.append(checkpoint(shade, *args, use_reentrant=False))
@@ -587,6 +765,21 @@ def render_rays(
     return RayRender(color, weights, transmittance, depths)
 
 
+def _density_albedo_gradient(
+    field: RadianceField, points: Tensor, step: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(density, albedo, gradient)`` at ``points (..., 3)``: the field's own, or central differences."""
+    method = getattr(field, "density_albedo_gradient", None)
+    if callable(method):
+        return method(points)
+    offsets = step * torch.eye(3, dtype=points.dtype, device=points.device)  # (3, xyz)
+    offsets = offsets.view(3, *([1] * (points.dim() - 1)), 3)
+    shifted = torch.cat([points[None], points + offsets, points - offsets])  # (7, ..., 3)
+    density, albedo = field(shifted)
+    gradient = (density[1:4] - density[4:7]) / (2.0 * step)  # (xyz, ...)
+    return density[0], albedo[0], rearrange(gradient, "xyz ... -> ... xyz")
+
+
 def render(
     field: RadianceField,
     azimuth: Tensor | float,
@@ -603,6 +796,9 @@ def render(
     stratified: bool = False,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    shading: str = "none",
+    lighting: Lighting | None = None,
+    supersample: int = 1,
 ) -> Tensor:
     """Render a field from orbit cameras.
 
@@ -624,18 +820,37 @@ def render(
             so rendering is deterministic.
         generator: randomness for ``stratified=True``.
         chunk_size: rays per chunk (see `render_rays`).
+        shading: ``"none"`` (default): emission only, ``sum_i w_i (2 c_i - 1)``, the digits
+            teacher's model; ``"lambertian"``: ``sum_i w_i (2 c_i s_i - 1)`` with the
+            Lambertian factor of ``lighting``, a key light fixed to the camera (the shapes
+            teacher's renders; see the module docstring).
+        lighting: the `Lighting` of ``shading="lambertian"`` (default `Lighting()`).
+        supersample: anti-aliasing factor ``s``: render ``s * image_size`` pixels per side and
+            average each ``s x s`` block (cost ``s^2``; 1, the default, for none).
 
     Returns:
         ``(*B, C, H, W)`` images in ``[-1, 1]``.
 
     Raises:
-        ValueError: naming the offending argument (non-positive ``image_size`` / ``n_samples``,
-            azimuth / elevation shapes that do not broadcast, ...).
+        ValueError: naming the offending argument (non-positive ``image_size`` / ``n_samples`` /
+            ``supersample``, an unknown ``shading``, azimuth / elevation shapes that do not
+            broadcast, ...).
     """
     image_size = _check_positive_int("image_size", image_size)
     n_samples = _check_positive_int("n_samples", n_samples)
+    supersample = _check_positive_int("supersample", supersample)
+    if shading not in SHADINGS:
+        raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
+    if lighting is not None and shading != "lambertian":
+        raise ValueError("lighting is only used with shading='lambertian'")
     cameras = Cameras(azimuth, elevation, radius=radius, fov=fov, ortho_half_width=ortho_half_width)
-    origins, directions = cameras.rays(image_size)  # (*B, H, W, 3)
+    origins, directions = cameras.rays(image_size * supersample)  # (*B, sH, sW, 3)
+    light = None
+    if shading == "lambertian":
+        lighting = Lighting() if lighting is None else lighting
+        if not isinstance(lighting, Lighting):
+            raise ValueError(f"lighting must be a Lighting, got {type(lighting).__name__}")
+        light = rearrange(lighting.direction(cameras), "... xyz -> ... 1 1 xyz")
     out = render_rays(
         field,
         origins,
@@ -647,8 +862,14 @@ def render(
         stratified=stratified,
         generator=generator,
         chunk_size=chunk_size,
+        light=light,
+        lighting=lighting,
     )
-    return rearrange(out.color, "... h w c -> ... c h w")
+    image = rearrange(out.color, "... h w c -> ... c h w")
+    if supersample > 1:
+        s = supersample
+        image = reduce(image, "... c (h s1) (w s2) -> ... c h w", "mean", s1=s, s2=s)
+    return image
 
 
 def turntable(
