@@ -25,8 +25,6 @@ Examples:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,10 @@ import torch
 from torch import Tensor
 
 from ..data import parse_prompt
+from . import manifest as _manifest
 from .diffusers_teacher import DiffusersTeacher
+from .manifest import MANIFEST_FILE as MANIFEST_FILE  # re-exported (scripts import it here)
+from .manifest import file_sha256
 
 __all__ = [
     "DEFAULT_ETA",
@@ -63,7 +64,7 @@ DEFAULT_ETA = 1.0
 few speckled samples that deterministic DDIM (``eta=0``) gives this small teacher; the
 manifest's ``quality.samples.sweep`` reports ``eta=0`` too."""
 
-MANIFEST_FILE = "manifest.json"
+_SCRIPT = "scripts/train_default_teacher.py"
 
 
 def load_default(
@@ -83,12 +84,15 @@ def load_default(
 
     Raises:
         FileNotFoundError: if the shipped weights are missing.
+        carv_pyro.teachers.manifest.TeacherFilesError: if a shipped file is missing or differs
+            from ``manifest.json`` (checked once per process; see `verify_default_weights`).
     """
     if not (DEFAULT_TEACHER_DIR / "unet").is_dir():
         raise FileNotFoundError(
             f"the default teacher's weights are missing from {DEFAULT_TEACHER_DIR}; "
             f"run scripts/train_default_teacher.py to create them"
         )
+    verify_default_weights()
     return DiffusersTeacher.from_pretrained(
         DEFAULT_TEACHER_DIR, dtype=dtype, max_batch=max_batch, null_class=NULL_CLASS
     )
@@ -111,52 +115,31 @@ def default_prompt_cond(prompt: str | int) -> Tensor:
     return torch.tensor(parse_prompt(prompt), dtype=torch.long)
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_manifest(folder: str | Path | None = None) -> dict[str, Any]:
-    """Read ``manifest.json`` of the default teacher (or of ``folder``)."""
-    path = Path(folder or DEFAULT_TEACHER_DIR) / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST_FILE} in {path.parent}; run scripts/train_default_teacher.py"
-        )
-    return json.loads(path.read_text())
+    """Read ``manifest.json`` of the default teacher (or of ``folder``).
+
+    Raises:
+        FileNotFoundError: if there is no manifest.
+        carv_pyro.teachers.manifest.TeacherFilesError: if it is not valid JSON.
+    """
+    return _manifest.load_manifest(Path(folder or DEFAULT_TEACHER_DIR), script=_SCRIPT)
 
 
 def verify_default_weights(folder: str | Path | None = None) -> None:
     """Check every file listed in ``manifest.json`` against its recorded sha256.
+
+    A thin wrapper of ``carv_pyro.teachers.manifest.verify_teacher_files`` (cached per
+    process by the files' sizes and modification times).
 
     Args:
         folder: the teacher folder (default: `DEFAULT_TEACHER_DIR`).
 
     Raises:
         FileNotFoundError: if the manifest is missing.
-        RuntimeError: naming each file that is missing or whose sha256 differs from the
-            manifest (the weights were modified or are from another training run).
+        RuntimeError: (a ``TeacherFilesError``) naming each file that is missing or whose
+            sha256 differs from the manifest (the weights were modified or are from another
+            training run).
     """
-    root = Path(folder or DEFAULT_TEACHER_DIR)
-    files = load_manifest(root).get("files", {})
-    if not files:
-        raise RuntimeError(f"{root / MANIFEST_FILE} lists no files to verify")
-    problems = []
-    for rel, expected in sorted(files.items()):
-        path = root / rel
-        if not path.is_file():
-            problems.append(f"  {rel}: missing")
-            continue
-        actual = file_sha256(path)
-        if actual != expected:
-            problems.append(f"  {rel}: sha256 {actual} != manifest {expected}")
-    if problems:
-        raise RuntimeError(
-            f"default teacher files in {root} do not match {MANIFEST_FILE}:\n"
-            + "\n".join(problems)
-            + "\nreinstall carv-pyro or rerun scripts/train_default_teacher.py"
-        )
+    _manifest.verify_teacher_files(
+        Path(folder or DEFAULT_TEACHER_DIR), script=_SCRIPT, what="default teacher"
+    )
