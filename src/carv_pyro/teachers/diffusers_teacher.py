@@ -42,6 +42,13 @@ class DiffusersTeacher(AbstractTeacher):
       Guidance needs ``null_encoder_hidden_states`` (e.g. the text encoder's output for the
       empty prompt). ``L`` is taken from ``null_encoder_hidden_states`` or ``cond_length``;
       without either it is ``-1`` (any length).
+    - `diffusers.UNet2DConditionModel` without cross-attention blocks and with
+      ``class_embed_type="projection"`` (or ``"simple_projection"``): a conditioning VECTOR
+      added to the timestep embedding, as MVDream adds its camera (``cond``: ``(N, D)``
+      floating, passed as ``class_labels``, ``cond_event_shape == (D,)`` with
+      ``D = projection_class_embeddings_input_dim``). It has no fixed null conditioning
+      (``null_cond`` returns ``None``); a subclass that knows the vector's layout provides one
+      (e.g. ``carv_pyro.teachers.shapes.ShapesTeacher``).
 
     ``cond=None`` on a conditional teacher means the unconditional prediction (the null class,
     or ``null_encoder_hidden_states``), and raises if there is none.
@@ -136,8 +143,11 @@ class DiffusersTeacher(AbstractTeacher):
         self.null_class: int | None = None
         self.null_encoder_hidden_states: Tensor | None = None
 
-        if isinstance(unet, UNet2DConditionModel):
-            self._cond_kind: str | None = "encoder_hidden_states"
+        if isinstance(unet, UNet2DConditionModel) and _is_vector_conditional(config):
+            self._cond_kind: str | None = "class_vector"
+            self._init_class_vector(config, null_class, null_encoder_hidden_states, cond_length)
+        elif isinstance(unet, UNet2DConditionModel):
+            self._cond_kind = "encoder_hidden_states"
             self._init_cross_attention(config, null_class, null_encoder_hidden_states, cond_length)
         else:
             if config.class_embed_type is not None:
@@ -174,6 +184,32 @@ class DiffusersTeacher(AbstractTeacher):
         if isinstance(null, bool) or not isinstance(null, int) or not 0 <= null < n_classes:
             raise ValueError(f"null_class must be an int in [0, {n_classes - 1}], got {null!r}")
         self.null_class = int(null)
+
+    def _init_class_vector(
+        self,
+        config: Any,
+        null_class: int | None,
+        null_ehs: Tensor | None,
+        cond_length: int | None,
+    ) -> None:
+        self.num_class_embeds = None
+        for name, value in (
+            ("null_class", null_class),
+            ("null_encoder_hidden_states", null_ehs),
+            ("cond_length", cond_length),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{name} does not apply to a UNet2DConditionModel conditioned on a vector "
+                    f"(class_embed_type={config.class_embed_type!r})"
+                )
+        dim = config.projection_class_embeddings_input_dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(
+                f"class_embed_type={config.class_embed_type!r} needs a positive "
+                f"projection_class_embeddings_input_dim, got {dim!r}"
+            )
+        self.cond_event_shape = torch.Size([dim])
 
     def _init_cross_attention(
         self,
@@ -402,6 +438,9 @@ class DiffusersTeacher(AbstractTeacher):
                 raise ValueError(
                     "cond is required: this teacher is conditional on encoder_hidden_states and "
                     "has no null_encoder_hidden_states for an unconditional prediction"
+                    if self._cond_kind == "encoder_hidden_states"
+                    else "cond is required: this teacher is conditional on a vector and has no "
+                    "null conditioning for an unconditional prediction"
                 )
             cond = cond.to(x_t.device)
         compute = self.dtype or x_t.dtype
@@ -423,6 +462,11 @@ class DiffusersTeacher(AbstractTeacher):
                     f"cond must be floating-point encoder_hidden_states, got dtype {cond.dtype}"
                 )
             kwargs["encoder_hidden_states"] = cond.to(compute)
+        elif self._cond_kind == "class_vector":
+            if not cond.dtype.is_floating_point:
+                raise TypeError(f"cond must be a floating-point vector, got dtype {cond.dtype}")
+            kwargs["encoder_hidden_states"] = None
+            kwargs["class_labels"] = cond.to(compute)
         out = unet(x_t.to(compute), t, return_dict=False, **kwargs)[0].to(x_t.dtype)
         if out.shape != x_t.shape:
             raise RuntimeError(
@@ -445,6 +489,16 @@ class DiffusersTeacher(AbstractTeacher):
             f"prediction_type={self.prediction_type!r}, event_shape={tuple(self.event_shape)}, "
             f"cond_event_shape={cond}, schedule={self.schedule!r})"
         )
+
+
+def _is_vector_conditional(config: Any) -> bool:
+    """A UNet2DConditionModel conditioned on a projected vector only (no cross-attention)."""
+    if getattr(config, "class_embed_type", None) not in ("projection", "simple_projection"):
+        return False
+    blocks = tuple(config.down_block_types) + tuple(config.up_block_types)
+    mid = getattr(config, "mid_block_type", None)
+    cross = any("CrossAttn" in b for b in blocks) or (mid is not None and "CrossAttn" in mid)
+    return not cross and getattr(config, "addition_embed_type", None) is None
 
 
 def _cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Any:
