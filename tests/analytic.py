@@ -46,10 +46,12 @@ def sds_constant(objective: carv.TeacherObjective) -> float:
     return float((objective.prior.probs() * w * a * s / (a * a * STD**2 + s * s)).sum())
 
 
-def make_model(objective, R: int, K: int, xi: torch.Tensor | None = None):
+def make_model(objective, R: int, K: int, xi: torch.Tensor | None = None, *, inner: str = "plain"):
     """``x_r = theta + xi_r d`` at plates views (dim -2, R) and noise (dim -1, K).
 
-    With ``xi`` given the upstream samples are fixed data; else ``xi_r ~ N(0, 1)``.
+    With ``xi`` given the upstream samples are fixed data; else ``xi_r ~ N(0, 1)``. The inner
+    plate is a plain ``pyro.plate("noise")`` or, with ``inner="draws"``, the reserved
+    ``carv.draws(K, "noise")`` that estimators may resize.
     """
 
     def model():
@@ -60,7 +62,12 @@ def make_model(objective, R: int, K: int, xi: torch.Tensor | None = None):
             else:
                 z = xi.reshape(R, 1)
             x = theta + z.unsqueeze(-1) * DIRECTION  # (R, 1, D)
-            with pyro.plate("noise", K, dim=-1):
+            plate = (
+                carv.draws(K, "noise", dim=-1)
+                if inner == "draws"
+                else pyro.plate("noise", K, dim=-1)
+            )
+            with plate:
                 carv.teacher_term("sds", objective, x)
 
     return model
@@ -72,12 +79,18 @@ def expected_grad(objective, xi: torch.Tensor | None) -> torch.Tensor:
     return sds_constant(objective) * (THETA0 + mean_xi * DIRECTION - MEAN)
 
 
-def grad_of(loss, model, guide) -> torch.Tensor:
+def grad_of(loss, model, guide, *args, **kwargs) -> torch.Tensor:
     """One gradient estimate w.r.t. ``theta``."""
     theta = pyro.param("theta", THETA0.clone()).unconstrained()
     theta.grad = None
-    loss.loss_and_grads(model, guide)
+    loss.loss_and_grads(model, guide, *args, **kwargs)
     return theta.grad.detach().clone()
+
+
+def z_scores(grads: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Per-coordinate z-scores of the mean of ``grads`` (N, D) against ``want`` (D,)."""
+    mean, se = grads.mean(0), grads.std(0) / grads.shape[0] ** 0.5
+    return (mean - want) / se
 
 
 def closed_form_components(objective, proposal_probs=None) -> tuple[float, float]:

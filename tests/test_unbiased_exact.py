@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import carv_pyro as carv
-from carv_pyro.guides import AbstractNoiseGuide
+from carv_pyro.infer.samplers import AbstractNoiseSampler, RandomSource
 from carv_pyro.proposals import (
     DefensiveMixture,
     HistogramProposal,
@@ -29,27 +29,35 @@ from carv_pyro.proposals import (
 from .analytic import T, expected_grad, grad_of, make_model, sds
 
 
-class ZeroNoise(AbstractNoiseGuide):
+class ZeroNoise(AbstractNoiseSampler):
     """``eps = 0``: the exact expectation over eps for residuals affine in eps."""
 
-    def sample(self, batch_shape, inner, event_shape, dtype, device, generator=None):
-        return torch.zeros(tuple(batch_shape) + tuple(event_shape), dtype=dtype, device=device)
+    def sample(self, layout, event_shape, dtype, device, source):
+        return torch.zeros(
+            tuple(layout.batch_shape) + tuple(event_shape), dtype=dtype, device=device
+        )
 
 
-class FixedUniformGuide(carv.TimestepGuide):
+class FixedUniforms(RandomSource):
     """All base uniforms equal ``u``; strata assigned by a fixed cyclic shift."""
 
     u = 0.5
     shift = 0
 
-    def _uniform(self, shape):
-        return torch.full(shape, self.u, dtype=torch.float64)
+    def uniform(self, shape, device="cpu"):
+        return torch.full(shape, self.u, dtype=torch.float64, device=device)
 
-    def _permutation_keys(self, shape):
+    def permutation_keys(self, shape, device="cpu"):
         # argsort(keys)[j] = (j + shift) mod B  <=>  keys[i] = (i - shift) mod B
         b = shape[-1]
-        keys = (torch.arange(b) - self.shift) % b
+        keys = (torch.arange(b, device=device) - self.shift) % b
         return keys.to(torch.float32).expand(shape).clone()
+
+
+def _guide(model, proposal, stratify, source):
+    return carv.TimestepGuide(
+        model, proposal=proposal, stratify=stratify, noise=ZeroNoise(), source=source
+    )
 
 
 def _breakpoints(proposal, n_strata: int) -> list[float]:
@@ -60,20 +68,21 @@ def _breakpoints(proposal, n_strata: int) -> list[float]:
     return pts
 
 
-def exact_expectation(objective, proposal_obj, stratify, R, K, xi):
-    model = make_model(objective, R, K, xi)
-    guide = FixedUniformGuide(model, proposal=proposal_obj, stratify=stratify, noise=ZeroNoise())
+def exact_expectation(objective, proposal_obj, stratify, R, K, xi, inner="plain"):
+    model = make_model(objective, R, K, xi, inner=inner)
+    source = FixedUniforms()
+    guide = _guide(model, proposal_obj, stratify, source)
     loss = carv.CARVLoss()
     n_strata = {None: 1, "per_outer": K, "global": R * K}[stratify]
     shifts = range(R * K) if stratify == "global" else range(1)
     pts = _breakpoints(guide.proposal_for("sds", objective), n_strata)
     total = torch.zeros(2, dtype=torch.float64)
     for shift in shifts:
-        guide.shift = shift
+        source.shift = shift
         for lo, hi in zip(pts[:-1], pts[1:]):
             if hi - lo < 1e-15:
                 continue
-            guide.u = 0.5 * (lo + hi)
+            source.u = 0.5 * (lo + hi)
             total += (hi - lo) * grad_of(loss, model, guide)
     return total / len(shifts)
 
@@ -99,12 +108,13 @@ def _proposal(kind: str, objective, seed: int):
     K=st.integers(1, 4),
     weighting=st.sampled_from(["sds", "uniform", "fantasia3d"]),
     seed=st.integers(0, 1000),
+    inner=st.sampled_from(["plain", "draws"]),
 )
-def test_estimator_expectation_is_exact(kind, stratify, R, K, weighting, seed):
+def test_estimator_expectation_is_exact(kind, stratify, R, K, weighting, seed, inner):
     objective = sds(weighting)
     xi = torch.linspace(-1.0, 1.5, R, dtype=torch.float64) * (1 + seed % 3)
     proposal_obj = _proposal(kind, objective, seed)
-    got = exact_expectation(objective, proposal_obj, stratify, R, K, xi)
+    got = exact_expectation(objective, proposal_obj, stratify, R, K, xi, inner)
     want = expected_grad(objective, xi)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
@@ -115,20 +125,24 @@ def test_breakpoint_quadrature_is_sensitive():
     xi = torch.tensor([0.3, -0.2], dtype=torch.float64)
     proposal = WeightedProposal(objective.prior, objective.schedule, objective.weight)
 
-    class Unweighted(FixedUniformGuide):
-        def sample_timesteps(self, *args, **kwargs):
-            t, _ = super().sample_timesteps(*args, **kwargs)
-            return t, objective.prior.log_prob(t)  # pretends q = p
+    class Unweighted(PriorProposal):
+        """Draws from q but reports log q = log p: weights of one, a biased estimator."""
+
+        def __init__(self):
+            super().__init__(objective.prior)
+
+        def icdf(self, u):
+            return proposal.icdf(u)
 
     model = make_model(objective, 2, 3, xi)
-    guide = Unweighted(model, proposal=proposal, stratify=None, noise=ZeroNoise())
+    source = FixedUniforms()
+    guide = _guide(model, Unweighted(), None, source)
     loss = carv.CARVLoss()
     pts = _breakpoints(proposal, 1)
-    total = sum(
-        (hi - lo) * grad_of(loss, model, guide)
-        for lo, hi in zip(pts[:-1], pts[1:])
-        if not setattr(guide, "u", 0.5 * (lo + hi))
-    )
+    total = torch.zeros(2, dtype=torch.float64)
+    for lo, hi in zip(pts[:-1], pts[1:]):
+        source.u = 0.5 * (lo + hi)
+        total += (hi - lo) * grad_of(loss, model, guide)
     assert not torch.allclose(total, expected_grad(objective, xi), rtol=1e-3)
 
 

@@ -360,8 +360,6 @@ class AccountingReport:
         return path
 
 
-
-
 # -- the measured cost curve ------------------------------------------------------------------
 
 

@@ -157,7 +157,11 @@ class UniformTimesteps(AbstractTimestepDistribution):
     """
 
     def __init__(self, num_timesteps: int, t_range: tuple[float, float] = (0.02, 0.98)):
-        if not isinstance(num_timesteps, int) or isinstance(num_timesteps, bool) or num_timesteps < 2:
+        if (
+            not isinstance(num_timesteps, int)
+            or isinstance(num_timesteps, bool)
+            or num_timesteps < 2
+        ):
             raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
         lo, hi = _checks.ordered_pair("t_range", t_range, 0.0, 1.0, strict=False)
         if hi >= 1.0:

@@ -175,6 +175,7 @@ class TimestepGuide(GuideMessenger):
         self._proposals: dict[str, tuple[weakref.ref, AbstractTimestepDistribution]] = {}
         self._upstream_trace = None
         self._msg = None
+        self._size: int | None = None
 
     # -- running ---------------------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> dict[str, Tensor]:  # type: ignore[override]
@@ -183,7 +184,9 @@ class TimestepGuide(GuideMessenger):
             raise ValueError("this TimestepGuide has no model; pass TimestepGuide(model, ...)")
         model_trace, _ = self.run(self.model, args, kwargs)
         return {
-            name: site["value"] for name, site in model_trace.nodes.items() if site["type"] == "sample"
+            name: site["value"]
+            for name, site in model_trace.nodes.items()
+            if site["type"] == "sample"
         }
 
     def run(
@@ -217,6 +220,7 @@ class TimestepGuide(GuideMessenger):
                 trace = poutine.trace(wrap(self.upstream)).get_trace(*args, **kwargs)
             self._upstream_trace = self._checked_upstream(trace)
         self.args_kwargs = args, kwargs
+        self._size = size
         try:
             with self, DrawsSizer(size):
                 wrap(model)(*args, **kwargs)
@@ -226,7 +230,13 @@ class TimestepGuide(GuideMessenger):
         model_trace, guide_trace = self.get_traces()
         if self._upstream_trace is not None:
             for name, site in self._upstream_trace.nodes.items():
-                if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace:
+                if site["type"] != "sample" or site["is_observed"]:
+                    continue
+                if name in guide_trace:
+                    # the upstream guide's own plates, not the model's: its density may be
+                    # joint over a plate the model declares (AutoDiagonalNormal, to_event)
+                    guide_trace.nodes[name]["cond_indep_stack"] = site["cond_indep_stack"]
+                else:
                     guide_trace.add_node(name, **site)
         self._upstream_trace = None
         return model_trace, guide_trace
@@ -255,12 +265,18 @@ class TimestepGuide(GuideMessenger):
         msg = self._msg
         role = msg["infer"].get(ROLE_KEY)
         term = name.rsplit(".", 1)[0]
+        up = self._upstream_trace
+        if role is not None and up is not None and name in up.nodes:
+            raise ValueError(
+                f"the upstream guide samples the teacher site {name!r}; the estimator proposes "
+                f"teacher sites itself: block them from the upstream guide, e.g. "
+                f"AutoNormal(poutine.block(model, hide=['{term}.t', '{term}.eps', '{term}']))"
+            )
         if role is not None and (self.sites is None or term in self.sites):
             layout = msg["infer"][LAYOUT_KEY]
             if role == "timestep":
                 return self._timesteps(term, msg["infer"][OBJECTIVE_KEY], layout, prior, msg)
             return self._noise(layout, prior, msg)
-        up = self._upstream_trace
         if up is not None and name in up and up.nodes[name]["type"] == "sample":
             site = up.nodes[name]
             if not site["is_observed"]:
@@ -269,6 +285,18 @@ class TimestepGuide(GuideMessenger):
         return prior
 
     def _timesteps(self, term, objective, layout: TermLayout, prior, msg) -> _Designed:
+        size = getattr(self, "_size", None)
+        if size is not None and not layout.reserved and layout.n_inner != size:
+            where = (
+                f"the plain pyro.plate {layout.inner_plate!r}, which holds {layout.n_inner}"
+                if layout.inner_plate
+                else f"no inner plate ({layout.n_inner} draw per upstream sample)"
+            )
+            raise ValueError(
+                f"the estimator asks for K={size} inner draws, but teacher term {term!r} has "
+                f"{where} and cannot be resized; write its inner plate as "
+                f"carv_pyro.draws(K, ...) or use an estimator with K=None (the model's own size)"
+            )
         q = self.proposal_for(term, objective)
         device = prior.probs.device
         u = _stratified_uniforms(layout, self.stratify, self.source, device)

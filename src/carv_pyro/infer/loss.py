@@ -151,31 +151,43 @@ def _plate_names(frames) -> set[tuple[str, int | None]]:
     return {(f.name, f.dim) for f in frames if f.vectorized}
 
 
-def _factorizing_plates(model_trace, guide_trace, weighted: list[str]) -> set[tuple[str, int]]:
-    """Plates along which the importance weight factorizes over the plate's indices.
+def _factorizing_plates(model_trace, guide_trace, upstream: list[str]) -> set[tuple[str, int]]:
+    """Plates along which the upstream guide's importance weight factorizes over the indices.
 
-    A plate factorizes when every weighted guide site is inside it, or is outside it in both the
-    guide and the model (a global site). A guide site outside a plate whose model site is inside
-    it, or an auxiliary site outside it (``AutoDiagonalNormal``'s joint latent), couples the
-    plate's indices: the weight along that plate is then the joint one.
+    The weight of index ``i`` of a plate may use only the sites inside the plate at ``i`` (and
+    the global ones) when the guide's density factorizes like the model's. It does not when a
+    guide site outside the plate carries the density of model sites inside it: a site the model
+    has inside the plate but the guide samples outside it (jointly, with ``to_event``), or an
+    auxiliary site outside the plate while the guide proposes model sites inside it
+    (``AutoDiagonalNormal``'s joint latent). Along such a plate the weight is the joint one.
     """
     plates: set[tuple[str, int]] = set()
-    for name in weighted:
+    for name in upstream:
         plates |= _plate_names(guide_trace.nodes[name]["cond_indep_stack"])
         if name in model_trace.nodes:
             plates |= _plate_names(model_trace.nodes[name]["cond_indep_stack"])
+    proposed_inside: dict[tuple[str, int], bool] = {}
+    for plate in plates:
+        proposed_inside[plate] = any(
+            name in model_trace.nodes
+            and not model_trace.nodes[name]["is_observed"]
+            and plate in _plate_names(model_trace.nodes[name]["cond_indep_stack"])
+            for name in upstream
+        )
     ok = set()
     for plate in plates:
-        good = True
-        for name in weighted:
-            inside = plate in _plate_names(guide_trace.nodes[name]["cond_indep_stack"])
+        coupled = False
+        for name in upstream:
+            if plate in _plate_names(guide_trace.nodes[name]["cond_indep_stack"]):
+                continue
             msite = model_trace.nodes.get(name)
-            in_model = msite is not None and not msite["is_observed"]
-            model_inside = in_model and plate in _plate_names(msite["cond_indep_stack"])
-            if not inside and (not in_model or model_inside):
-                good = False
+            if msite is not None and not msite["is_observed"]:
+                coupled = plate in _plate_names(msite["cond_indep_stack"])
+            else:  # an auxiliary site
+                coupled = proposed_inside[plate]
+            if coupled:
                 break
-        if good:
+        if not coupled:
             ok.add(plate)
     return ok
 
@@ -209,9 +221,7 @@ def _reduce_to(
         ) from None
 
 
-def log_weights(
-    records: list[TermRecord], model_trace, guide_trace
-) -> dict[str, Tensor]:
+def log_weights(records: list[TermRecord], model_trace, guide_trace) -> dict[str, Tensor]:
     """``log p - log q`` of every proposed site, reduced to each term's draws.
 
     Every guide site enters (auxiliary sites included) except those whose draw has exactly the
@@ -248,13 +258,16 @@ def log_weights(
             f"sites to their prior (no upstream guide), or use a guide with a density such as "
             f"AutoNormal"
         )
-    keep = _factorizing_plates(model_trace, guide_trace, weighted)
+    # The teacher sites' designs are per-draw marginals, independent of everything else: their
+    # weights are kept per draw. The upstream guide's factorize only where its density does.
+    keep_upstream = _factorizing_plates(model_trace, guide_trace, upstream)
     pieces = []
     for name in weighted:
         gsite = guide_trace.nodes[name]
         with torch.no_grad():
             lq = gsite["fn"].log_prob(gsite["value"])
-        pieces.append((name, -lq, gsite["cond_indep_stack"]))
+        keep = None if gsite["infer"].get(ROLE_KEY) is not None else keep_upstream
+        pieces.append((name, -lq, gsite["cond_indep_stack"], keep))
         msite = model_trace.nodes.get(name)
         if msite is not None and not msite["is_observed"]:
             lp = msite["fn"].log_prob(msite["value"])
@@ -266,12 +279,18 @@ def log_weights(
                     f"(leave it out of the guide) or move the dependence into the upstream "
                     f"computation"
                 )
-            pieces.append((name, lp, msite["cond_indep_stack"]))
+            pieces.append((name, lp, msite["cond_indep_stack"], keep))
     for record in records:
         total = out[record.name]
-        for name, lp, frames in pieces:
+        term_plates = {(f.name, f.dim) for f in record.layout.plates}
+        for name, lp, frames, keep in pieces:
             total = total + _reduce_to(
-                lp.to(record.t.device), frames, record.layout, keep, name, record.name
+                lp.to(record.t.device),
+                frames,
+                record.layout,
+                term_plates if keep is None else keep,
+                name,
+                record.name,
             )
         out[record.name] = total.expand(record.batch_shape)
     return out
@@ -725,4 +744,3 @@ def _diagnose(record: TermRecord, w: Tensor) -> TermDiagnostics:
         n_nonfinite=int(n_bad),
         value=value,
     )
-

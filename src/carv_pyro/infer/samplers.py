@@ -114,7 +114,9 @@ class RandomSource:
         """Base uniforms ``U[0, 1)`` of ``shape``, float64, on ``device``."""
         return self._draw(torch.rand, shape, torch.float64, device)
 
-    def permutation_keys(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
+    def permutation_keys(
+        self, shape: tuple[int, ...], device: torch.device | str = "cpu"
+    ) -> Tensor:
         """Keys whose ``argsort`` along the last dim is a uniformly random permutation."""
         return self._draw(torch.rand, shape, torch.float32, device)
 
@@ -137,10 +139,11 @@ class RandomSource:
         return {str(d): g.get_state() for d, g in self._generators.items()}
 
     def set_state(self, state: dict) -> None:
-        """Restore `get_state`'s result (generators created on demand)."""
+        """Restore `get_state`'s result (a device's generator not in it starts afresh)."""
         if self.generator is not None:
             self.generator.set_state(state["generator"])
             return
+        self._generators.clear()
         for key, value in state.items():
             gen = self.generator_for(torch.device(key))
             if gen is not None:
