@@ -5,6 +5,7 @@ weights, an expectation over (t, eps) estimated with K teacher evaluations per e
 baseline draws t i.i.d. from the uniform prior. CARV, at the same K (so the same compute),
 importance-samples t from q*(t) ∝ p(t) sqrt(E||g||^2 | t), estimated once from a pilot on two
 other digits, stratifies it (one draw per stratum of q*) and draws eps by scrambled-Sobol QMC.
+Each estimator is a carv_pyro.Estimator, built from the bench's table of methods.
 Scores are TRAK's Q (F^T F + lambda I)^-1 F^T.
 
     python examples/attribution.py              # a few minutes on one CPU core
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+from carv_pyro import Estimator
 from carv_pyro.data import load_digits_images
 from carv_pyro.pipelines.attribution import (
     BENCH_METHODS,
@@ -60,20 +62,26 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def spearman_vs_reference(featurizer, images, labels, n_train, ref_scores, K, method, repeats):
+def bench_estimators(q_star) -> dict[str, Estimator]:
+    """The bench's methods as estimators ("pilot" is the proposal q*); K is set per use."""
+    return {
+        name: Estimator(
+            proposal=q_star if proposal == "pilot" else proposal,
+            stratify=stratify,
+            noise=noise,
+            name=name,
+        )
+        for name, (proposal, stratify, noise) in BENCH_METHODS.items()
+    }
+
+
+def spearman_vs_reference(featurizer, images, labels, n_train, ref_scores, estimator, repeats):
     """Mean rank correlation (over queries and repeats) of the scores with the reference's."""
-    proposal, stratify, noise = method
     rhos, secs = [], []
     for r in range(repeats):
         t0 = time.perf_counter()
         f = featurizer.features(
-            images,
-            labels,
-            K=K,
-            proposal=proposal,
-            stratify=stratify,
-            noise=noise,
-            seed=1000 * K + r,
+            images, labels, estimator=estimator, seed=1000 * estimator.K + r
         ).features
         secs.append(time.perf_counter() - t0)
         scores = attribution_scores(f[:n_train], f[n_train:])
@@ -82,7 +90,7 @@ def spearman_vs_reference(featurizer, images, labels, n_train, ref_scores, K, me
     return statistics.fmean(rhos), se, statistics.median(secs)
 
 
-def ecm_table(featurizer, images, labels, methods, q_star, reference_n, repeats):
+def ecm_table(featurizer, images, labels, methods, reference_estimator, reference_n, repeats):
     """ECM against the baseline at the same K: Var_base cost_base / (Var cost).
 
     Var is the protocol's mean ||g - g_ref||^2 against a high-sample reference; tr Cov (the
@@ -90,26 +98,21 @@ def ecm_table(featurizer, images, labels, methods, q_star, reference_n, repeats)
     methods run interleaved, so that a changing load on the machine hits them alike.
     """
     reference = featurizer.reference(
-        images, labels, n=reference_n, K=64, proposal=q_star, seed=123, progress=True
+        images, labels, n=reference_n, estimator=reference_estimator, seed=123, progress=True
     ).flatten()
     print(f"\nECM at equal K ({images.shape[0]} examples, {repeats} estimates per row, reference")
-    print(f"of {reference_n * 64} evaluations per example); Var = mean ||g - g_ref||^2 (+- se)")
+    evals = reference_n * reference_estimator.K
+    print(f"of {evals} evaluations per example); Var = mean ||g - g_ref||^2 (+- se)")
     head = f"{'method':<22}{'K':>4}{'Var':>11}{'+-':>9}{'tr Cov':>11}{'cost (s)':>10}{'ECM':>7}"
     print(head + f"{'ECM (tr Cov)':>14}")
     for K in (4, 64):
         est = {m: [] for m in methods}
         secs = {m: [] for m in methods}
         for r in range(repeats):
-            for method, (proposal, stratify, noise) in methods.items():
+            for method, estimator in methods.items():
                 t0 = time.perf_counter()
                 g = featurizer.features(
-                    images,
-                    labels,
-                    K=K,
-                    proposal=proposal,
-                    stratify=stratify,
-                    noise=noise,
-                    seed=7 + r,
+                    images, labels, estimator=estimator.replace(K=K), seed=7 + r
                 ).features
                 secs[method].append(time.perf_counter() - t0)
                 est[method].append(g.flatten().to(torch.float64))
@@ -178,24 +181,27 @@ def main() -> None:
     )
     early = float(q_star.cdf(torch.tensor(49)))
     print(f"pilot q*: {time.perf_counter() - t0:.0f} s; q*(t < 50) = {early:.2f} (prior: 0.05)")
-    methods = {
-        name: (q_star if proposal == "pilot" else proposal, stratify, noise)
-        for name, (proposal, stratify, noise) in BENCH_METHODS.items()
-    }
+    methods = bench_estimators(q_star)
+    # the reference: q* stratified, 64 evaluations per example per estimate
+    reference_estimator = methods["IS*+strat"].replace(K=64)
 
     t0 = time.perf_counter()
     reference = featurizer.reference(
-        images, labels, n=args.reference_n, K=64, proposal=q_star, seed=args.seed, progress=True
+        images,
+        labels,
+        n=args.reference_n,
+        estimator=reference_estimator,
+        seed=args.seed,
+        progress=True,
     )
     print(
-        f"reference: {args.reference_n * 64} evaluations per example "
+        f"reference: {args.reference_n * reference_estimator.K} evaluations per example "
         f"({time.perf_counter() - t0:.0f} s)"
     )
     ref_scores = attribution_scores(reference[:n], reference[n:])
 
-    proposal, stratify, noise = methods["IS*+strat+QMC"]
     carv = featurizer.features(
-        images, labels, K=args.K, proposal=proposal, stratify=stratify, noise=noise, seed=args.seed
+        images, labels, estimator=methods["IS*+strat+QMC"].replace(K=args.K), seed=args.seed
     )
     scores = attribution_scores(carv.features[:n], carv.features[n:])
     top = scores.topk(5, dim=1).indices
@@ -208,8 +214,9 @@ def main() -> None:
     print(f"\nSpearman of the scores with the reference's ({args.repeats} repeats, mean +- se)")
     for K in sorted({4, args.K}):
         for name in ("baseline", "strat", "IS+strat", "IS*+strat", "IS*+strat+QMC"):
+            estimator = methods[name].replace(K=K)
             rho, se, sec = spearman_vs_reference(
-                featurizer, images, labels, n, ref_scores, K, methods[name], args.repeats
+                featurizer, images, labels, n, ref_scores, estimator, args.repeats
             )
             print(f"  K = {K:>3}  {name:<14} rho = {rho:.3f} +- {se:.3f}   {sec:.2f} s/estimate")
 
@@ -223,7 +230,7 @@ def main() -> None:
             images[:e],
             labels[:e],
             methods,
-            q_star,
+            reference_estimator,
             args.ecm_reference_n,
             args.ecm_repeats,
         )
