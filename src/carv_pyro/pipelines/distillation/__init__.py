@@ -25,7 +25,7 @@ for _ in range(100):
 ```
 
 [`train_distillation`][carv_pyro.pipelines.distillation.train_distillation] wraps that loop in
-the shared [`TrainLoop`][carv_pyro.pipelines.base.TrainLoop]: a compute budget or a number of
+the shared ``carv_pyro.pipelines.base.TrainLoop``: a compute budget or a number of
 steps, evaluation by the Fréchet distance in the digit classifier's feature space (`fid_digits`),
 and, with an ``out_dir``, checkpoints from which a stopped run resumes bit for bit.
 [`DistillationBench`][carv_pyro.pipelines.distillation.DistillationBench] is the adapter used by

@@ -53,7 +53,7 @@ class FakeScore:
     Between student steps `update` trains the network with AdamW on clean student samples, using
     the standard denoising loss ([`DenoisingLoss`][carv_pyro.objectives.DenoisingLoss],
     eps-space MSE) with ``t`` from ``U(t_range)``; the network is opened for training only inside
-    `update` ([`trainable`][carv_pyro.teachers.trainable.trainable]), so every objective that
+    `update` (``carv_pyro.teachers.trainable.trainable``), so every objective that
     queries it between updates sees a frozen teacher. The ``(t, eps)`` draws of the updates come
     from the fake score's own ``torch.Generator``.
 

@@ -3,7 +3,7 @@
 Each generator step is ``config.fake_updates`` fake-score updates on fresh generator samples
 followed by one ``SVI`` step of the generator with the config's estimator (its
 [`TimestepGuide`][carv_pyro.TimestepGuide] and [`CARVLoss`][carv_pyro.CARVLoss]). The steps run
-in a [`TrainLoop`][carv_pyro.pipelines.base.TrainLoop]: a number of steps or a compute budget,
+in a ``carv_pyro.pipelines.base.TrainLoop``: a number of steps or a compute budget,
 the Fréchet distance on a cadence (not counted by the clock), and, given an ``out_dir``,
 checkpoints from which a stopped run resumes bit for bit.
 """
@@ -226,7 +226,7 @@ def train_distillation(
         checkpoint_every: also checkpoint every this many steps.
         checkpoint_every_s: also checkpoint every this many wall seconds (``None``: never).
         hooks: ``hook(state, metrics)`` after every step (see
-            [`TrainLoop`][carv_pyro.pipelines.base.TrainLoop]).
+            ``carv_pyro.pipelines.base.TrainLoop``).
 
     Returns:
         A `DistillationHistory`.
@@ -235,7 +235,7 @@ def train_distillation(
         ValueError: naming the first invalid argument (an unknown estimator, neither ``steps``
             nor ``budget_seconds``, non-positive values, ``resume`` without ``out_dir``, a
             config that differs from the checkpoint's); a
-            [`RunFolderError`][carv_pyro.pipelines.base.RunFolderError] (a ``ValueError``) when
+            ``carv_pyro.pipelines.base.RunFolderError`` (a ``ValueError``) when
             ``out_dir`` may not be used as asked.
         TypeError: on a config or ``init`` of the wrong type.
         RunStopped: after SIGINT/SIGTERM, once the last completed step is checkpointed.
