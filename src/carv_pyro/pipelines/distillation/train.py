@@ -142,7 +142,13 @@ def _restore_param_store(
 
 def _resumed_config(saved: dict[str, Any], given: DistillationConfig | None) -> DistillationConfig:
     if given is None:
-        return DistillationConfig.from_dict(saved["config"])
+        try:
+            return DistillationConfig.from_dict(saved["config"])
+        except ValueError as err:  # e.g. an estimator whose proposal is an object, not a name
+            raise ValueError(
+                f"the checkpoint's config cannot be rebuilt from its settings ({err}); resume "
+                f"with the run's own config (config=...)"
+            ) from None
     ours = given.to_dict()
     differ = sorted(
         k for k in set(ours) | set(saved["config"]) if ours.get(k) != saved["config"].get(k)
