@@ -10,7 +10,8 @@ from pyro.infer import SVI
 import carv_pyro as carv
 from carv_pyro.objectives import TeacherObjective
 from carv_pyro.proposals import Categorical, DefensiveMixture, HistogramProposal
-from carv_pyro.schedules import DiscreteSchedule, UniformTimesteps
+from carv_pyro.schedules import DiscreteSchedule
+from carv_pyro.timesteps import UniformTimesteps
 
 from .analytic import THETA0, D, T, make_model, sds
 
@@ -107,9 +108,9 @@ def test_timestep_guide_on_a_model_without_teacher_terms():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"proposal": "fancy"}, "unknown proposal"),
-        ({"stratify": "per_view"}, "unknown stratify"),
-        ({"noise": "halton"}, "unknown noise"),
+        ({"proposal": "fancy"}, "proposal must be one of"),
+        ({"stratify": "per_view"}, "stratify must be one of"),
+        ({"noise": "halton"}, "noise must be one of"),
     ],
 )
 def test_unknown_guide_options(kwargs, match):

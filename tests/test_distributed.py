@@ -14,6 +14,7 @@ import pyro
 import pytest
 import torch
 import torch.multiprocessing as mp
+from pyro import poutine
 
 import carv_pyro as carv
 from carv_pyro.accounting import Accountant, VarianceComponents
@@ -44,33 +45,16 @@ def fixed_draws(objective, step: int):
     return xi, t, eps
 
 
-class FixedDraws(carv.TimestepGuide):
-    """Proposes the given ``t`` and ``eps`` (prior proposal, so all weights are 1).
-
-    Inside a :class:`ShardMessenger` it hands out the rank's rows, found by ``shard``.
-    """
-
-    def __init__(self, model, t, eps, shard):
-        super().__init__(model, proposal="prior")
-        self.t, self.eps, self.shard = t, eps, shard
-
-    def sample_timesteps(self, name, objective, batch_shape, outer_shape, device):
-        t = self.t[self.shard()]
-        assert t.shape == tuple(batch_shape)
-        return t, self.proposal_for(name, objective).log_prob(t)
-
-    def sample_noise(self, batch_shape, outer_shape, event_shape, dtype, device):
-        return self.eps[self.shard()]
-
-
-def make_model(objective, xi):
-    """``x_r = theta + xi_r d``; the plate's indices pick the rank's upstream samples."""
+def make_model(objective, xi, t, eps):
+    """``x_r = theta + xi_r d`` with the draws ``t``, ``eps`` fixed by ``poutine.condition``;
+    the plate's indices pick the rank's upstream samples and their draws."""
 
     def model():
         theta = pyro.param("theta", THETA0.clone())
         with pyro.plate("views", len(xi), dim=-2) as idx:
             x = theta + xi[idx].reshape(-1, 1, 1) * DIRECTION  # (R_i, 1, D)
-            with pyro.plate("noise", K, dim=-1):
+            fixed = {"sds.t": t[idx], "sds.eps": eps[idx]}
+            with pyro.plate("noise", K, dim=-1), poutine.condition(data=fixed):
                 carv.teacher_term("sds", objective, x)
 
     return model
@@ -87,12 +71,11 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     objective = sds("sds")
     accountant = DistributedAccountant(every=1, window=50)
     loss = DistributedCARVLoss(carv.CARVLoss(accountant=accountant), outer_plate="views")
-    shard = shard_range(R)  # the rows of the plate this rank gets from ShardMessenger
     grads, values, thetas = [], [], []
     for step in range(STEPS):
         xi, t, eps = fixed_draws(objective, step)
-        model = make_model(objective, xi)
-        guide = FixedDraws(model, t, eps, lambda: slice(shard.start, shard.stop))
+        model = make_model(objective, xi, t, eps)
+        guide = carv.TimestepGuide(model)
         theta = pyro.param("theta", THETA0.clone()).unconstrained()
         values.append(loss.loss_and_grads(model, guide))
         grads.append(theta.grad.detach().clone())
@@ -124,8 +107,8 @@ def _single_process(objective, accountant=None):
     grads, values, per_shard = [], [], []
     for step in range(STEPS):
         xi, t, eps = fixed_draws(objective, step)
-        model = make_model(objective, xi)
-        guide = FixedDraws(model, t, eps, lambda: slice(None))
+        model = make_model(objective, xi, t, eps)
+        guide = carv.TimestepGuide(model)
         theta = pyro.param("theta", THETA0.clone()).unconstrained()
         # per-shard quadrant estimates at the current theta (what each rank measures)
         for rank in range(WORLD):
@@ -133,8 +116,8 @@ def _single_process(objective, accountant=None):
             acc = Accountant(every=1, window=50)
             shard_loss = carv.CARVLoss(accountant=acc)
             sl = slice(rows.start, rows.stop)
-            shard_model = make_model(objective, xi[sl])
-            shard_guide = FixedDraws(shard_model, t[sl], eps[sl], lambda: slice(None))
+            shard_model = make_model(objective, xi[sl], t[sl], eps[sl])
+            shard_guide = carv.TimestepGuide(shard_model)
             saved = theta.grad
             theta.grad = None
             shard_loss.loss_and_grads(shard_model, shard_guide)

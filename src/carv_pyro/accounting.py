@@ -615,7 +615,11 @@ class Accountant:
         return max(vc.mean_between, floor)
 
     def cost_of(self, K: int) -> float:
-        """The predicted seconds of a step at ``K`` (measured where run, else fitted)."""
+        """The predicted seconds of a step at ``K``: from the declared costs if given, else
+        measured where run and a line fitted through the measurements elsewhere."""
+        if self.costs is not None:
+            c_outer, c_inner = self.costs
+            return (self.last_R or 1) * (c_outer + K * c_inner)
         measured = self.step_costs
         if K in measured:
             return measured[K]

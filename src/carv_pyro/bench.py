@@ -10,7 +10,7 @@ The paper's protocol, for one pipeline at a fixed checkpoint ``theta``:
    ``ECM = Var_base cost_base / (Var_method cost_method)`` against the baseline
    (uniform ``t``, ``K = 1``, same ``R``);
 4. next to the measured ECM, the accountant's prediction from ``V_b``, ``V_w`` and costs
-   measured at the same checkpoint ([`carv_pyro.accounting.measure`][carv_pyro.accounting.measure]).
+   measured at the same checkpoint ([`carv_pyro.measure.measure`][carv_pyro.measure.measure]).
 
 A pipeline plugs in with a small adapter: ``configs()``, ``estimate(config) -> (P,)`` gradient,
 ``reference(n) -> (P,)``, ``extras() -> dict`` (end-to-end comparisons) and, optionally,
@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["BenchRow", "BenchPipeline", "run_protocol", "TextTo3DBench", "PIPELINES", "main"]
+__all__ = ["BenchRow", "BenchPipeline", "run_protocol", "PIPELINES", "main"]
 
 
 @dataclass
@@ -263,226 +263,6 @@ def plot_rows(rows: list[BenchRow], path: str, title: str) -> str:
 # -- text-to-3D ---------------------------------------------------------------------------------
 
 
-class TextTo3DBench:
-    """The text-to-3D SDS pipeline on the embedded teacher, at a fixed checkpoint.
-
-    The checkpoint is a voxel field trained for a few baseline SDS steps from its seeded
-    initialisation, so that ``theta`` is a realistic mid-training state.
-
-    Args:
-        quick: small sizes (minutes on a laptop CPU).
-        seed: seeds everything.
-        smoke: tiny sizes for the test suite (seconds; the numbers mean nothing).
-        device: ``"cpu"`` or ``"cuda"``.
-        prompt: the digit to distil.
-    """
-
-    name = "text-to-3d"
-
-    def __init__(
-        self,
-        quick: bool,
-        seed: int = 0,
-        device: str = "cpu",
-        prompt: str = "3",
-        smoke: bool = False,
-    ):
-        import pyro
-
-        from .data import parse_prompt
-        from .objectives import SDS
-        from .pipelines.render import VoxelField
-        from .pipelines.text_to_3d import TextTo3DConfig, make_model
-        from .teachers import load_default
-
-        self.quick = quick or smoke
-        self.smoke = smoke
-        self.seed = seed
-        self.device = torch.device(device)
-        self.R = 2 if quick else 4
-        cfg = TextTo3DConfig(prompt=prompt)
-        self.teacher = load_default()
-        self.objective = SDS(
-            self.teacher,
-            weighting=cfg.weighting,
-            t_range=cfg.t_range,
-            guidance_scale=cfg.guidance_scale,
-        )
-        self.label = parse_prompt(prompt)
-        pyro.clear_param_store()
-        pyro.set_rng_seed(seed)
-        self.field = VoxelField(cfg.resolution, 1, seed=seed).to(self.device)
-        self._make_model = lambda R, K, gen: make_model(
-            self.field,
-            self.objective,
-            torch.tensor(self.label, device=self.device),
-            R,
-            K,
-            gen,
-            image_size=cfg.image_size,
-            n_samples=cfg.n_samples,
-        )
-        self._pretrain(steps=2 if smoke else 20 if quick else 100, lr=cfg.lr)
-        self._cache: dict[tuple, Any] = {}
-        self.k_adaptive: int | None = None
-
-    def _pretrain(self, steps: int, lr: float) -> None:
-        import pyro
-        from pyro.infer import SVI
-
-        from .infer.guide import TimestepGuide
-        from .infer.loss import CARVLoss
-
-        gen = torch.Generator().manual_seed(self.seed + 11)
-        model = self._make_model(self.R, 1, gen)
-        svi = SVI(model, TimestepGuide(model), pyro.optim.Adam({"lr": lr}), loss=CARVLoss())
-        for _ in range(steps):
-            svi.step()
-
-    def params(self) -> list[Tensor]:
-        return [p for p in self.field.parameters()]
-
-    def _setup(self, config: dict):
-        from .infer.guide import TimestepGuide
-        from .infer.loss import CARVLoss
-
-        key = (
-            config["method"],
-            config["R"],
-            config["K"],
-            config.get("proposal", "prior"),
-            config.get("stratify"),
-            config.get("noise", "iid"),
-        )
-        if key not in self._cache:
-            gen = torch.Generator().manual_seed(self.seed + 100 + len(self._cache))
-            model = self._make_model(config["R"], config["K"], gen)
-            guide = TimestepGuide(
-                model,
-                proposal=config.get("proposal", "prior"),
-                stratify=config.get("stratify"),
-                noise=config.get("noise", "iid"),
-            )
-            self._cache[key] = (model, guide, CARVLoss())
-            if config.get("proposal") == "adaptive":
-                self._warm_adaptive(*self._cache[key])
-        return self._cache[key]
-
-    def _warm_adaptive(self, model, guide, loss, steps: int = 30) -> None:
-        """Let the adaptive proposal learn q(t) at the fixed checkpoint (no parameter steps)."""
-        for _ in range(steps):
-            self._grad(model, guide, loss)
-
-    def _grad(self, model, guide, loss) -> Tensor:
-        for p in self.params():
-            p.grad = None
-        loss.loss_and_grads(model, guide)
-        return torch.cat([p.grad.reshape(-1) for p in self.params()]).detach().cpu()
-
-    def estimate(self, config: dict) -> Tensor:
-        return self._grad(*self._setup(config))
-
-    def reference(self, n: int) -> Tensor:
-        R, K = (2, 4) if self.smoke else (8, 16)
-        config = dict(method="reference", R=R, K=K, proposal="weighted", stratify="per_outer")
-        return torch.stack([self.estimate(config) for _ in range(n)]).mean(0)
-
-    def accounting(self, R: int, n_repeats: int):
-        """V_b, V_w and measured costs at the checkpoint (plain reuse draws)."""
-        from .measure import measure
-
-        model, guide, loss = self._setup(dict(method="accounting", R=R, K=8))
-        for p in self.params():
-            p.grad = None
-        return measure(model, guide, loss=loss, n_repeats=n_repeats, candidate_ks=(1, 2, 4, 8, 16))
-
-    def configs(self) -> list[dict]:
-        R = self.R
-        rows = [dict(method="baseline", R=R, K=1)]
-        rows += [dict(method="reuse", R=R, K=k) for k in (2, 4, 8, 16)]
-        rows += [
-            dict(method="IS", R=R, K=8, proposal="weighted"),
-            dict(method="strat", R=R, K=8, stratify="per_outer"),
-            dict(method="strat global", R=R, K=1, stratify="global"),
-            dict(method="IS+strat global", R=R, K=1, proposal="weighted", stratify="global"),
-        ]
-        rows += [
-            dict(method="IS+strat", R=R, K=k, proposal="weighted", stratify="per_outer")
-            for k in (2, 4, 8)
-        ]
-        rows += [
-            dict(
-                method="IS+strat+antithetic",
-                R=R,
-                K=8,
-                proposal="weighted",
-                stratify="per_outer",
-                noise="antithetic",
-            ),
-            dict(
-                method="IS+strat+QMC",
-                R=R,
-                K=8,
-                proposal="weighted",
-                stratify="per_outer",
-                noise="sobol",
-            ),
-        ]
-        if self.k_adaptive is not None:
-            rows.append(
-                dict(
-                    method="adaptive K*",
-                    R=R,
-                    K=self.k_adaptive,
-                    proposal="adaptive",
-                    stratify="per_outer",
-                )
-            )
-        return rows
-
-    def extras(self) -> dict:
-        """Quality against wall-clock for the baseline and CARV at equal compute.
-
-        Both runs get the same wall-clock budget (the baseline's time for ``steps`` steps);
-        quality is the classifier's mean probability of the prompt over held-out views, and
-        ``t_to_0.9`` the wall-clock at which a run first reached 0.9.
-        """
-        import tempfile
-
-        from .pipelines.text_to_3d import TextTo3DConfig, dream
-
-        steps = 2 if self.smoke else 30 if self.quick else 120
-        every = 5
-        out: dict[str, Any] = {}
-        with tempfile.TemporaryDirectory() as tmp:
-
-            def run(name: str, n: int) -> dict:
-                cfg = TextTo3DConfig.from_estimator(name, steps=n, seed=self.seed, eval_every=every)
-                return dream(cfg, os.path.join(tmp, name), progress=False, teacher=self.teacher)
-
-            base = run("baseline", steps)
-            # equal compute: CARV gets the baseline's steps scaled by the per-estimate cost
-            # ratio measured round-robin by the bench (IS+strat at K=8 against K=1)
-            rows = {(r.method, r.K): r for r in getattr(self, "rows", [])}
-            ratio = 3.0
-            if ("baseline", 1) in rows and ("IS+strat", 8) in rows:
-                ratio = rows[("IS+strat", 8)].cost_s / rows[("baseline", 1)].cost_s
-            carv_steps = max(1, round(steps / ratio))
-            carv = run("carv", carv_steps)
-        for name, summary in (("baseline", base), ("carv", carv)):
-            hist = summary["history"]
-            reached = [h["wall_s"] for h in hist if h["mean_prob"] >= 0.9]
-            out.setdefault("end_to_end", {})[name] = {
-                "steps": summary["steps"],
-                "wall_s": summary["wall_s"],
-                "quality": summary["final_quality"]["mean_prob"],
-                "accuracy": summary["final_quality"]["accuracy"],
-                "t_to_0.9": reached[0] if reached else None,
-                "curve": [(h["wall_s"], h["mean_prob"]) for h in hist],
-            }
-        return out
-
-
 def _lazy(module: str, cls: str) -> Callable[..., Any]:
     def build(*args, **kwargs):
         import importlib
@@ -494,7 +274,7 @@ def _lazy(module: str, cls: str) -> Callable[..., Any]:
 
 #: The pipelines ``carv-pyro bench --pipeline`` knows.
 PIPELINES: dict[str, Callable[..., Any]] = {
-    "text-to-3d": TextTo3DBench,
+    "text-to-3d": _lazy(".pipelines.text_to_3d", "TextTo3DBench"),
     "distillation": _lazy(".pipelines.distillation", "DistillationBench"),
     "attribution": _lazy(".pipelines.attribution", "AttributionBench"),
 }

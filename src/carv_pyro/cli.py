@@ -2,8 +2,10 @@
 
 Subcommands:
 
-- ``carv-pyro dream "3" --out DIR``: carve a digit into a voxel field by score distillation
-  with the embedded teacher ([`carv_pyro.pipelines.text_to_3d.dream`][carv_pyro.pipelines.text_to_3d.dream]).
+- ``carv-pyro dream torus``: carve a shape into a voxel field by score distillation with the
+  embedded 3D-aware teacher ([`carv_pyro.pipelines.text_to_3d.dream`][carv_pyro.pipelines.text_to_3d.dream]).
+- ``carv-pyro race torus``: estimators against the clock to the same quality
+  ([`carv_pyro.pipelines.text_to_3d.race`][carv_pyro.pipelines.text_to_3d.race]).
 - ``carv-pyro bench``: the benchmark tables ([`carv_pyro.bench`][carv_pyro.bench]).
 
 Every argument is checked before any work starts (the prompt, positive sizes, a writable output
@@ -70,32 +72,68 @@ def _check_writable(folder: str) -> str | None:
 # -------------------------------------------------------------------------------- dream
 
 
-def _add_dream(subparsers: Any) -> None:
-    from .pipelines.text_to_3d import ESTIMATORS
+#: The estimator presets, named here so that ``--help`` needs no torch import; a test checks
+#: them against `carv_pyro.PRESETS`, the one table.
+ESTIMATOR_NAMES = ("baseline", "reuse", "stratified", "carv", "adaptive", "auto")
 
+
+def _estimator_names() -> tuple[str, ...]:
+    return ESTIMATOR_NAMES
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by dream and race."""
+    p.add_argument(
+        "--teacher",
+        default="shapes",
+        metavar="NAME|DIR",
+        help="the teacher: shapes (the embedded 3D-aware teacher, default), digits (the 16x16 "
+        "digits teacher) or a local diffusers folder",
+    )
+    p.add_argument("--R", type=_positive_int, help="rendered views per step (default 4)")
+    p.add_argument("--K", type=_positive_int, help="teacher draws per view (the preset's)")
+    p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 0.05)")
+    p.add_argument(
+        "--guidance-scale",
+        type=_positive_float,
+        help="classifier-free guidance scale, e_u + s (e_c - e_u) (default: the teacher's)",
+    )
+    p.add_argument("--resolution", type=_positive_int, help="voxels per side (default 32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; e.g. cuda)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="the teacher's compute dtype (default float32)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_dream(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "dream",
-        help="carve a digit into a 3-D voxel field by score distillation",
+        help="carve a prompt into a 3-D voxel field by score distillation",
         description=(
-            "Optimize a voxel field so that its renders from random cameras look like the "
-            "prompt's digit to the embedded diffusion teacher (SDS through Pyro's SVI), then "
-            "write turntable.png, curves.png, summary.json and checkpoint.pt into --out."
+            "Optimize a voxel field so that its renders from random cameras around the full "
+            "circle look like the prompt to the embedded 3D-aware diffusion teacher (SDS "
+            "through Pyro's SVI), then write turntable.png, curves.png, summary.json and "
+            "checkpoint.pt into --out. Ctrl-C or SIGTERM stop after the step in progress with a "
+            "checkpoint; --resume continues exactly."
         ),
     )
-    p.add_argument("prompt", help="a digit 0-9 or its English name, e.g. 3 or three")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    p.add_argument("--steps", type=_positive_int, help="SVI steps (default 200)")
+    p.add_argument(
+        "prompt",
+        help="the object: a shape (sphere, cube, cylinder, cone, torus, pyramid, ...), or a "
+        "digit with --teacher digits",
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/PROMPT)")
+    p.add_argument("--steps", type=_positive_int, help="SVI steps (default 300)")
     p.add_argument(
         "--estimator",
-        choices=list(ESTIMATORS),
-        help="gradient estimator preset (default carv): baseline = one t ~ p(t) per view; "
-        "reuse = K prior draws per view; carv = K importance-sampled, stratified draws",
-    )
-    p.add_argument("--K", type=_positive_int, help="teacher draws per view (preset's default)")
-    p.add_argument("--R", type=_positive_int, help="rendered views per step (default 4)")
-    p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 0.1)")
-    p.add_argument(
-        "--guidance-scale", type=_positive_float, help="classifier-free guidance scale (default 10)"
+        choices=_estimator_names(),
+        help="gradient estimator (default auto: K and costs measured online; baseline = one "
+        "t ~ p(t) per view, threestudio's; reuse = K prior draws per view; carv = K "
+        "importance-sampled, stratified draws)",
     )
     p.add_argument("--seed", type=_non_negative_int, help="random seed (default 0)")
     p.add_argument(
@@ -104,104 +142,348 @@ def _add_dream(subparsers: Any) -> None:
     p.add_argument(
         "--checkpoint-every",
         type=_positive_int,
-        help="also checkpoint every N steps (the last step always is)",
+        help="also checkpoint every N steps (it always does every minute and at the end)",
     )
-    p.add_argument(
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
         "--resume",
         action="store_true",
-        help="continue from DIR/checkpoint.pt (its settings are reused; pass --steps to extend)",
+        help="continue the run in --out (its settings are reused; pass --steps to extend)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace the run (or other files) in --out"
+    )
+    _add_run_options(p)
     p.set_defaults(handler=partial(_run_dream, parser=p))
+
+
+def _check_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    import torch  # the first heavy import: only once a command runs
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: not a torch device: {args.device!r} (try cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            f"--device {args.device}: no CUDA device here (torch {torch.__version__} sees none); "
+            f"use --device cpu"
+        )
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: use cpu or cuda, got {args.device!r}")
+
+
+def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {
+        "R": args.R,
+        "lr": args.lr,
+        "guidance_scale": args.guidance_scale,
+        "resolution": args.resolution,
+        "teacher": args.teacher,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def _estimator(name: str | None, K: int | None, parser: argparse.ArgumentParser) -> Any:
+    from .infer.estimator import Estimator
+
+    try:
+        if K is None:
+            return Estimator.preset(name or "auto")
+        return Estimator.preset(name or "auto", K=K)
+    except ValueError as err:
+        parser.error(f"--estimator/--K: {err}")
 
 
 def _dream_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
     """Validate the dream arguments and return the config, before any heavy work."""
-    from .data import parse_prompt
+    from .pipelines.base import RunFolder, RunFolderError
+    from .pipelines.text_to_3d import CHECKPOINT_FILE, TextTo3DConfig, load_checkpoint_config
 
+    _check_device(args, parser)
+    args.out = args.out or os.path.join("runs", args.prompt.strip().replace(" ", "_") or "run")
+    folder = RunFolder(args.out, "dream", CHECKPOINT_FILE)
     try:
-        parse_prompt(args.prompt)
-    except ValueError:
-        parser.error(
-            f"unknown prompt {args.prompt!r}: expected a digit 0-9 or its English name "
-            f"(zero, one, ..., nine)"
-        )
-    reason = _check_writable(args.out)
+        folder.check(resume=args.resume, overwrite=args.overwrite)
+    except RunFolderError as err:
+        parser.error(f"--out: {err}")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    reason = _check_writable(parent)
     if reason is not None:
-        parser.error(f"--out: cannot write to the output folder {args.out!r} ({reason})")
-
-    from .pipelines.text_to_3d import (
-        CHECKPOINT_FILE,
-        TextTo3DConfig,
-        check_resumable,
-        estimator_preset,
-        load_checkpoint_config,
-    )
-
-    overrides = {
-        "steps": args.steps,
-        "K": args.K,
-        "R": args.R,
-        "lr": args.lr,
-        "guidance_scale": args.guidance_scale,
-        "seed": args.seed,
-        "eval_every": args.eval_every,
-    }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if args.estimator is not None:
-        settings = estimator_preset(args.estimator).settings()
-        settings.update(overrides)
-        overrides = settings
+        parser.error(f"--out: cannot write to {args.out!r} ({reason})")
+    overrides = _run_overrides(args)
+    for key in ("steps", "seed", "eval_every"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     try:
         if args.resume:
-            try:
-                saved = load_checkpoint_config(args.out)
-            except (OSError, ValueError, RuntimeError) as err:
+            saved = load_checkpoint_config(args.out)
+            if saved.prompt.strip().lower() != args.prompt.strip().lower():
                 parser.error(
-                    f"--resume: cannot read {os.path.join(args.out, CHECKPOINT_FILE)}: {err}"
+                    f"--resume: the run in {args.out!r} is for prompt {saved.prompt!r}, not "
+                    f"{args.prompt!r}"
                 )
-            if saved is None:
-                parser.error(f"--resume: no {CHECKPOINT_FILE} in {args.out!r} to resume from")
             fields = saved.to_dict()
-            fields.update(overrides)
+            fields.update({k: v for k, v in overrides.items() if k == "steps"})
             config = TextTo3DConfig.from_dict(fields)
-            if parse_prompt(config.prompt) != parse_prompt(args.prompt):
-                parser.error(
-                    f"--resume: the checkpoint in {args.out!r} is for prompt {saved.prompt!r}, "
-                    f"not {args.prompt!r}"
-                )
-            check_resumable(saved, config)
+            config.resumable_from(saved)
+            ignored = sorted(k for k in overrides if k != "steps" and fields.get(k) != overrides[k])
+            if ignored and any(getattr(args, k, None) is not None for k in ignored):
+                parser.error(f"--resume reuses the run's settings; do not change {ignored}")
         else:
-            config = TextTo3DConfig(prompt=args.prompt, **overrides)
-    except ValueError as err:
+            estimator = _estimator(args.estimator, args.K, parser)
+            config = TextTo3DConfig(prompt=args.prompt, estimator=estimator, **overrides)
+            _check_prompt(config, parser)
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     return config
+
+
+def _check_prompt(config: Any, parser: argparse.ArgumentParser) -> None:
+    """The prompt against the teacher's classes, read from its settings (no weights loaded)."""
+    import json
+    from pathlib import Path
+
+    if config.teacher == "digits":
+        from .data import parse_prompt
+
+        try:
+            parse_prompt(config.prompt)
+        except ValueError as err:
+            parser.error(f"prompt: {err}")
+        return
+    if config.teacher == "shapes":
+        from .teachers.shapes import SHAPES_TEACHER_CONFIG, SHAPES_TEACHER_DIR
+
+        settings = SHAPES_TEACHER_DIR / SHAPES_TEACHER_CONFIG
+    else:
+        folder = Path(config.teacher)
+        if not (folder / "unet").is_dir():
+            parser.error(
+                f"--teacher: expected shapes, digits or a local diffusers folder with unet/ and "
+                f"scheduler/, got {config.teacher!r}"
+            )
+        settings = folder / "shapes_teacher.json"
+    if settings.is_file():
+        from .teachers.shapes import parse_shape_prompt
+
+        names = tuple(json.loads(settings.read_text())["class_names"])
+        try:
+            parse_shape_prompt(config.prompt, names)
+        except ValueError as err:
+            parser.error(f"prompt: {err}")
+
+
+def _stopped(err: BaseException, out: str) -> int:
+    from .pipelines.base import RunStopped
+
+    if isinstance(err, RunStopped):
+        print(f"carv-pyro: {err}", file=sys.stderr)
+        return err.exit_code
+    print(
+        f"carv-pyro: interrupted; the step in progress was not saved, the last checkpoint in "
+        f"{out} is kept (continue with --resume)",
+        file=sys.stderr,
+    )
+    return 130
 
 
 def _run_dream(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = _dream_config(args, parser)
 
+    from .pipelines.base import RunStopped
     from .pipelines.text_to_3d import dream
 
-    summary = dream(
-        config,
-        args.out,
-        progress=not args.quiet,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-    )
+    try:
+        summary = dream(
+            config,
+            args.out,
+            progress=not args.quiet,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+    except (RunStopped, KeyboardInterrupt) as err:
+        return _stopped(err, args.out)
     first, last = summary["initial_quality"], summary["final_quality"]
-    views = summary["eval_views"]
+    parts = []
+    if "iou" in last:
+        parts.append(
+            f"3D IoU with the true {config.prompt} {last['iou']:.2f} (start {first['iou']:.2f})"
+        )
+    if "p" in last:
+        parts.append(
+            f"held-out views read as {config.prompt!r}: p = {last['p']:.2f}, {last['accuracy']:.0%}"
+        )
     print(
-        f"dream {config.prompt!r} [{summary['estimator']}, R={config.R}, K={config.K}]: "
-        f"{summary['steps']} steps in {summary['wall_s']:.1f} s "
-        f"({summary['sec_per_step'] * 1e3:.0f} ms/step)\n"
-        f"  held-out views read as {summary['label']}: {last['accuracy']:.0%} of {views} "
-        f"(mean p = {last['mean_prob']:.2f}); at step 0: {first['accuracy']:.0%} "
-        f"(mean p = {first['mean_prob']:.2f})\n"
-        f"  wrote {', '.join(os.path.basename(f) for f in summary['files'].values())} "
-        f"to {args.out}"
+        f"dream {config.prompt!r} [{summary['estimator']}, R={config.R}, K={summary['K']['last']}, "
+        f"teacher {config.teacher}, {config.device}]: {summary['steps']} steps in "
+        f"{summary['wall_s']:.1f} s of training\n  " + "; ".join(parts) + "\n"
+        f"  wrote {', '.join(os.path.basename(f) for f in summary['files'].values())} to "
+        f"{args.out}"
     )
+    return 0
+
+
+# --------------------------------------------------------------------------------- race
+
+
+def _add_race(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "race",
+        help="race estimators to the same quality under one wall-clock budget",
+        description=(
+            "Run each estimator for several seeds under the same wall-clock budget of training, "
+            "interleaved, and report the time each needs to reach the baseline's median final "
+            "3D IoU, as a ratio to the baseline with a paired bootstrap 95% interval."
+        ),
+    )
+    p.add_argument("prompt", help="the object to carve (a shape name)")
+    p.add_argument("--seeds", type=_positive_int, default=7, help="seeds per estimator (7)")
+    p.add_argument("--first-seed", type=_non_negative_int, default=100, help="the first seed (100)")
+    p.add_argument(
+        "--budget-s", type=_positive_float, default=120.0, help="seconds of training per run"
+    )
+    p.add_argument(
+        "--estimators",
+        default="baseline,reuse,carv,auto",
+        help="comma-separated presets; the first is the baseline (default baseline,reuse,carv,auto)",
+    )
+    p.add_argument(
+        "--lrs",
+        metavar="NAME=LR,...",
+        help="learning rate per estimator, e.g. baseline=0.1,auto=0.05 (default --lr for all)",
+    )
+    p.add_argument(
+        "--lr-grid",
+        metavar="LR,LR,...",
+        help="first pick each estimator's learning rate from this grid on --tune-seeds seeds of "
+        "their own (reported beside the race)",
+    )
+    p.add_argument("--tune-seeds", type=_positive_int, default=2, help="seeds per rate (2)")
+    p.add_argument("--out", metavar="DIR", help="the race's folder (default runs/race_PROMPT)")
+    p.add_argument("--json", metavar="PATH", help="also write the results here")
+    p.add_argument("--plot", metavar="PATH", help="write quality against wall-clock (PNG)")
+    p.add_argument(
+        "--quick", action="store_true", help="a small race (seconds per run; for smoke tests)"
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue a stopped race")
+    group.add_argument("--overwrite", action="store_true", help="replace a race in --out")
+    _add_run_options(p)
+    p.set_defaults(handler=partial(_run_race, parser=p))
+
+
+def _parse_lrs(text: str | None, names: list[str], parser: argparse.ArgumentParser):
+    if text is None:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in names:
+            parser.error(f"--lrs: {name!r} is not one of the racing estimators {names}")
+        try:
+            out[name] = _positive_float(value)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--lrs: {name}: {err}")
+    return out
+
+
+def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    _check_device(args, parser)
+    names = [n.strip() for n in args.estimators.split(",") if n.strip()]
+    known = _estimator_names()
+    for n in names:
+        if n not in known:
+            parser.error(f"--estimators: unknown estimator {n!r}; expected some of {known}")
+    if len(set(names)) != len(names) or not names:
+        parser.error(f"--estimators: give distinct estimators, got {args.estimators!r}")
+    lrs = _parse_lrs(args.lrs, names, parser)
+    grid = None
+    if args.lr_grid is not None:
+        try:
+            grid = [_positive_float(v) for v in args.lr_grid.split(",")]
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--lr-grid: {err}")
+    for flag in ("json", "plot"):
+        path = getattr(args, flag)
+        if path is not None:
+            reason = _check_writable(os.path.dirname(os.path.abspath(path)))
+            if reason is not None:
+                parser.error(f"--{flag}: cannot write {path!r} ({reason})")
+    args.out = args.out or os.path.join("runs", f"race_{args.prompt.strip().replace(' ', '_')}")
+    from .pipelines.base import RunFolder, RunFolderError, RunStopped
+    from .pipelines.text_to_3d import TextTo3DConfig, lr_sweep, race, save_race_plot
+
+    try:
+        RunFolder(args.out, "race", "race.json").check(resume=args.resume, overwrite=args.overwrite)
+        base = TextTo3DConfig(prompt=args.prompt, **_run_overrides(args))
+        _check_prompt(base, parser)
+    except (RunFolderError, ValueError) as err:
+        parser.error(str(err))
+    if args.quick:
+        base = base.replace(resolution=min(base.resolution, 16), R=min(base.R, 2), eval_views=4)
+        args.budget_s = min(args.budget_s, 4.0)
+        args.seeds = min(args.seeds, 2)
+    estimators = [_estimator(n, args.K if n != "baseline" else None, parser) for n in names]
+    progress = not args.quiet
+    sweep = None
+    try:
+        if grid is not None:
+            sweep = lr_sweep(
+                args.prompt,
+                os.path.join(args.out, "lr_sweep"),
+                grid,
+                estimators=estimators,
+                seeds=args.tune_seeds,
+                first_seed=0,
+                budget_s=args.budget_s,
+                base=base,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                progress=progress,
+            )
+            lrs = sweep["best"]
+        results = race(
+            args.prompt,
+            args.out,
+            estimators=estimators,
+            seeds=args.seeds,
+            first_seed=args.first_seed,
+            budget_s=args.budget_s,
+            lr=lrs,
+            base=base,
+            resume=args.resume,
+            overwrite=args.overwrite and grid is None,
+            progress=progress,
+        )
+    except (RunStopped, KeyboardInterrupt) as err:
+        return _stopped(err, args.out)
+    if sweep is not None:
+        results["lr_sweep"] = sweep
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=lambda o: None)
+    if args.plot:
+        save_race_plot(results, args.plot)
+    target = results["target"]
+    print(
+        f"race {args.prompt!r} on {results['device']}: {args.seeds} seeds x {args.budget_s:g} s; "
+        f"target {target['metric']} = {target['value']:.3f} ({target['of']})"
+    )
+    for name, entry in results["estimators"].items():
+        r = entry["ratio_to_baseline"]
+        times = ", ".join("-" if t is None else f"{t:.1f}" for t in entry["time_to_target_s"])
+        lo, hi = r["ci95"]
+        print(
+            f"  {name:>10} (lr {entry['lr']:g}): time to target / baseline's = {r['median']:.2f} "
+            f"[95% {lo:.2f}, {hi:.2f}]; per seed (s): {times}"
+        )
     return 0
 
 
@@ -256,17 +538,22 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``carv-pyro`` argument parser (subcommands ``dream`` and ``bench``)."""
+    """The ``carv-pyro`` argument parser (subcommands ``dream``, ``race`` and ``bench``)."""
     parser = argparse.ArgumentParser(
         prog="carv-pyro",
         description="Cheaper gradients from frozen diffusion teachers (CARV, as a Pyro plugin).",
     )
-    from . import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        __version__ = version("carv-pyro")
+    except PackageNotFoundError:  # run from a source tree
+        __version__ = "unknown"
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     _add_dream(subparsers)
+    _add_race(subparsers)
     _add_bench(subparsers)
     return parser
 

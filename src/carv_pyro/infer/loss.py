@@ -612,6 +612,11 @@ class CARVLoss(ELBO):
             except StopIteration:
                 break
             particle = particle_estimate(model_trace, guide_trace, self.nonfinite)
+            if not particle.records and isinstance(guide, TimestepGuide):
+                raise ValueError(
+                    "the guide is a TimestepGuide but the model has no teacher_term it could "
+                    "propose for; add carv_pyro.teacher_term(...) to the model"
+                )
             self._last = particle
             self._diagnostics = None
             self.last_records = particle.records

@@ -116,10 +116,36 @@ class RunFolder:
         return data if isinstance(data, dict) else {"kind": "unreadable", "state": "unknown"}
 
     def prepare(self, *, resume: bool, overwrite: bool) -> bool:
-        """Check the folder and make it ready; return whether the run resumes.
+        """Check the folder (`check`) and make it ready; return whether the run resumes.
 
         Raises:
             RunFolderError: the folder may not be used as asked (nothing was changed).
+            ValueError: ``resume`` and ``overwrite`` together.
+        """
+        resuming = self.check(resume=resume, overwrite=overwrite)
+        if resuming:
+            return True
+        marker = self._marker()
+        entries = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        if overwrite and marker is not None:
+            for name in entries:
+                target = self.path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.mark("running")
+        return False
+
+    def check(self, *, resume: bool, overwrite: bool) -> bool:
+        """Whether the run would resume; raise if the folder may not be used as asked.
+
+        Writes nothing, so a command can check its folder before any work and prepare it after
+        its other inputs are known to be good.
+
+        Raises:
+            RunFolderError: the folder may not be used as asked.
             ValueError: ``resume`` and ``overwrite`` together.
         """
         if resume and overwrite:
@@ -147,15 +173,6 @@ class RunFolder:
                 f"{self.path} is not empty ({shown}) and is not a {self.kind!r} run folder; "
                 f"choose an empty or new folder, or pass --overwrite to write into it anyway"
             )
-        if overwrite and marker is not None:
-            for name in entries:
-                target = self.path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.mark("running")
         return False
 
     def mark(self, state: str) -> None:

@@ -165,6 +165,8 @@ class TrainLoop:
         evaluate: ``state -> metrics``, run at the start (if there is no evaluation yet), every
             ``eval_every`` steps and after the last step; not counted by the clock.
         eval_every: steps between evaluations (``None``: only at the start and the end).
+        eval_every_s: also evaluate whenever the clock passes another multiple of this many
+            seconds (curves against wall-clock at an even resolution).
         hooks: ``hook(state, metrics)`` called after every step (schedules, logging).
         save: ``state -> None`` writes a checkpoint of everything (the loop's state included).
         checkpoint_every: also checkpoint every this many steps.
@@ -187,6 +189,7 @@ class TrainLoop:
         clock: Clock | None = None,
         evaluate: Callable[[LoopState], dict[str, Any]] | None = None,
         eval_every: int | None = None,
+        eval_every_s: float | None = None,
         hooks: Sequence[Callable[[LoopState, dict[str, Any]], None]] = (),
         save: Callable[[LoopState], None] | None = None,
         checkpoint_every: int | None = None,
@@ -203,6 +206,8 @@ class TrainLoop:
             _checks.positive_float("budget_s", budget_s)
         if eval_every is not None:
             _checks.positive_int("eval_every", eval_every)
+        if eval_every_s is not None:
+            _checks.positive_float("eval_every_s", eval_every_s)
         if checkpoint_every is not None:
             _checks.positive_int("checkpoint_every", checkpoint_every)
         if checkpoint_every_s is not None:
@@ -213,6 +218,7 @@ class TrainLoop:
         self.clock = clock or Clock("wall")
         self.evaluate = evaluate
         self.eval_every = eval_every
+        self.eval_every_s = eval_every_s
         self.hooks = list(hooks)
         self.save = save
         self.checkpoint_every = checkpoint_every
@@ -279,6 +285,11 @@ class TrainLoop:
                         hook(state, metrics)
                     bar.update((min(state.seconds, total) - bar.n) if budget else 1)
                     regular = self.eval_every is not None and state.step % self.eval_every == 0
+                    if self.eval_every_s is not None and state.evals:
+                        last = state.evals[-1]["seconds"]
+                        regular = regular or (
+                            state.seconds // self.eval_every_s > last // self.eval_every_s
+                        )
                     if regular or self.done(state):
                         entry = self._evaluate(state)
                         if entry is not None:

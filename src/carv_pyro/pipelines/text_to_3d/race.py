@@ -1,0 +1,397 @@
+"""The race: estimators against the clock, to the same quality (``carv-pyro race``).
+
+The product's promise is the same quality in less wall-clock. The race runs each estimator for
+several seeds under one wall-clock budget of training (evaluation excluded), interleaved (for
+each seed, every estimator in turn, the order rotating from seed to seed) so that changes of
+machine load hit all alike, and reports the time each needs to reach the target quality: the
+baseline's median final quality (3D IoU against the true shape for the shapes teacher, which
+cannot be gamed by a simpler image and does not saturate).
+
+For every estimator the time to target of a seed is where its quality curve first crosses the
+target (linear between the two evaluations around the crossing; ``None`` if never within the
+budget). The ratio to the baseline is ``median_s t(s) / median_s t_baseline(s)``, a run that
+never reaches the target counting as infinitely slow, with a 95% interval from a paired
+bootstrap over seeds (the same resampled seeds for both medians).
+
+Every run is a [`dream`][carv_pyro.pipelines.text_to_3d.dream] run in its own folder, so a
+race stopped by a signal resumes with ``resume=True``: finished runs are kept, the interrupted
+one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ... import _checks
+from ...infer.estimator import Estimator, resolve_estimator
+from ..base import RunFolder
+from .config import TextTo3DConfig
+from .dream import dream
+from .scene import make_scene
+
+__all__ = ["lr_sweep", "race", "save_race_plot", "time_to_target"]
+
+RACE_FILE = "race.json"
+
+
+def time_to_target(
+    curve: Sequence[Sequence[float]], target: float, column: int = 2
+) -> float | None:
+    """The first wall-clock second at which a quality curve reaches ``target``.
+
+    Args:
+        curve: rows ``[wall_s, step, iou, p]`` in time order.
+        target: the quality to reach.
+        column: which quality (2: IoU, 3: p).
+
+    Returns:
+        Seconds (linear between the evaluation before the crossing and the one at it), or
+        ``None`` if the curve never reaches the target.
+    """
+    prev = None
+    for row in curve:
+        value = row[column]
+        if value is not None and value >= target:
+            if prev is None or prev[column] is None:
+                return float(row[0])
+            t0, v0, t1, v1 = prev[0], prev[column], row[0], value
+            return float(t0 + (t1 - t0) * (target - v0) / (v1 - v0)) if v1 > v0 else float(t1)
+        prev = row
+    return None
+
+
+def _median_time(times: Sequence[float | None]) -> float:
+    return statistics.median(math.inf if t is None else t for t in times)
+
+
+def _ratio(times: Sequence[float | None], base: Sequence[float | None]) -> float:
+    num, den = _median_time(times), _median_time(base)
+    if math.isinf(num) and math.isinf(den):
+        return math.nan
+    return num / den if den > 0 else math.nan
+
+
+def _bootstrap(times, base, n: int = 4000, seed: int = 0) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(seed)
+    k = len(times)
+    ratios = []
+    for _ in range(n):
+        idx = torch.randint(0, k, (k,), generator=g).tolist()
+        r = _ratio([times[i] for i in idx], [base[i] for i in idx])
+        if not math.isnan(r):
+            ratios.append(r)
+    if not ratios:
+        return math.nan, math.nan
+    ratios.sort()
+    lo = ratios[int(0.025 * (len(ratios) - 1))]
+    hi = ratios[int(math.ceil(0.975 * (len(ratios) - 1)))]
+    return lo, hi
+
+
+def _curve(summary: dict[str, Any]) -> list[list[float | None]]:
+    return [[e["seconds"], e["step"], e.get("iou"), e.get("p")] for e in summary["history"]]
+
+
+def race(
+    prompt: str,
+    out_dir: str | Path,
+    *,
+    estimators: Sequence[str | Estimator] = ("baseline", "reuse", "carv", "auto"),
+    seeds: int = 7,
+    first_seed: int = 100,
+    budget_s: float = 120.0,
+    lr: dict[str, float] | float | None = None,
+    base: TextTo3DConfig | None = None,
+    eval_every_s: float | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Race estimators on one prompt under one wall-clock budget.
+
+    Args:
+        prompt: the object to carve.
+        out_dir: the race's folder (one sub-folder per run, and ``race.json``).
+        estimators: preset names or estimators; the first is the baseline of the ratios.
+        seeds: seeds per estimator (``first_seed, first_seed + 1, ...``).
+        first_seed: the first seed (keep the seeds of a learning-rate sweep apart from these).
+        budget_s: seconds of training per run.
+        lr: the Adam learning rate: one for all, or ``{estimator name: lr}`` (others get the
+            base config's), each picked beforehand on other seeds.
+        base: the settings every run starts from (default `TextTo3DConfig`).
+        eval_every_s: seconds of training between evaluations (default ``budget_s / 24``).
+        resume: continue a stopped race in ``out_dir``.
+        overwrite: replace a race in ``out_dir``.
+        progress: show progress bars.
+
+    Returns:
+        The race's results (also written to ``race.json``): ``device``, ``target``
+        (``metric``, ``value``), and per estimator ``lr``, ``seeds`` (each ``seed`` and
+        ``curve`` rows ``[wall_s, step, iou, p]``), ``time_to_target_s`` per seed and
+        ``ratio_to_baseline`` (``median``, ``ci95``).
+
+    Raises:
+        ValueError: naming a bad argument (before any run starts).
+    """
+    from tqdm.auto import tqdm
+
+    ests = [resolve_estimator(e) for e in estimators]
+    names = [e.name for e in ests]
+    if len(ests) < 1 or len(set(names)) != len(names):
+        raise ValueError(f"estimators must be distinct presets or named estimators, got {names}")
+    _checks.positive_int("seeds", seeds)
+    _checks.non_negative_int("first_seed", first_seed)
+    budget_s = _checks.positive_float("budget_s", budget_s)
+    base = base if base is not None else TextTo3DConfig()
+    _checks.instance("base", base, TextTo3DConfig, "a TextTo3DConfig")
+    lrs: dict[str, float] = {}
+    for name in names:
+        value = lr.get(name, base.lr) if isinstance(lr, dict) else (base.lr if lr is None else lr)
+        lrs[name] = _checks.positive_float(f"lr[{name!r}]", value)
+    if isinstance(lr, dict):
+        unknown = sorted(set(lr) - set(names))
+        if unknown:
+            raise ValueError(f"lr names estimators that do not race: {unknown}; racing {names}")
+    every = eval_every_s if eval_every_s is not None else budget_s / 24
+    _checks.positive_float("eval_every_s", every)
+    big_steps = 10**7  # the budget ends the runs
+    configs = {
+        (name, s): base.replace(
+            prompt=prompt,
+            estimator=est,
+            seed=s,
+            lr=lrs[name],
+            steps=big_steps,
+            budget_s=budget_s,
+            eval_every=big_steps,
+            eval_every_s=every,
+        )
+        for name, est in zip(names, ests)
+        for s in range(first_seed, first_seed + seeds)
+    }
+    out = Path(out_dir)
+    folder = RunFolder(out, "race", RACE_FILE)
+    folder.check(resume=resume, overwrite=overwrite)
+    scene = make_scene(base.teacher, prompt, device=base.device, dtype=base.torch_dtype)
+    metric = "iou" if scene.true_occupancy(2) is not None else "p"
+    if not resume or not folder.checkpoint.exists():
+        folder.prepare(resume=False, overwrite=overwrite)
+    results: dict[str, Any] = {
+        "prompt": prompt,
+        "device": _device_name(base.device),
+        "teacher": base.teacher,
+        "budget_s": budget_s,
+        "seeds": list(range(first_seed, first_seed + seeds)),
+        "config": base.to_dict(),
+        "estimators": {
+            name: {"settings": est.settings(), "lr": lrs[name], "seeds": []}
+            for name, est in zip(names, ests)
+        },
+    }
+    order = []
+    for i, s in enumerate(range(first_seed, first_seed + seeds)):
+        rot = i % len(names)
+        order += [(name, s) for name in names[rot:] + names[:rot]]
+    bar = tqdm(order, desc=f"race {prompt!r}", unit="run", disable=not progress)
+    for name, s in bar:
+        bar.set_postfix(estimator=name, seed=s)
+        run_dir = out / f"{name}_seed{s}"
+        run_folder = RunFolder(run_dir, "dream", "checkpoint.pt")
+        marker = run_folder._marker()
+        if marker is not None and marker.get("state") == "finished" and resume:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        else:
+            again = resume and marker is not None and run_folder.checkpoint.exists()
+            summary = dream(
+                configs[(name, s)],
+                run_dir,
+                progress=False,
+                resume=again,
+                overwrite=not again,
+                scene=scene,
+                pictures=False,
+            )
+        results["estimators"][name]["seeds"].append({"seed": s, "curve": _curve(summary)})
+        _write(out / RACE_FILE, results)
+    bar.close()
+    _score(results, names[0], metric)
+    _write(out / RACE_FILE, results)
+    folder.mark("finished")
+    return results
+
+
+def lr_sweep(
+    prompt: str,
+    out_dir: str | Path,
+    lrs: Sequence[float],
+    *,
+    estimators: Sequence[str | Estimator] = ("baseline", "auto"),
+    seeds: int = 2,
+    first_seed: int = 0,
+    budget_s: float = 120.0,
+    base: TextTo3DConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Each estimator's best learning rate, picked on seeds of its own before a race.
+
+    Lower variance buys a larger step, and Adam normalises the gradient's scale, so a race at one
+    shared learning rate hides most of the difference between estimators: each gets the rate
+    with the best median final quality here, on seeds the race does not use.
+
+    Args:
+        prompt: the object to carve.
+        out_dir: the sweep's folder (one race per learning rate).
+        lrs: the learning rates to try.
+        estimators: as for `race`.
+        seeds: seeds per estimator and rate (``first_seed, ...``; keep them apart from the
+            race's).
+        first_seed: the first seed.
+        budget_s: seconds of training per run.
+        base: the settings every run starts from.
+        resume: continue a stopped sweep.
+        overwrite: replace a sweep.
+        progress: show progress bars.
+
+    Returns:
+        ``{"lrs", "final": {estimator: [median final quality per rate]}, "best": {estimator:
+        rate}}`` (also written to ``lr_sweep.json``).
+    """
+    lrs = [_checks.positive_float("lrs", v) for v in lrs]
+    if not lrs:
+        raise ValueError("lrs must hold at least one learning rate")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    finals: dict[str, list[float]] = {}
+    names: list[str] = []
+    for value in lrs:
+        res = race(
+            prompt,
+            out / f"lr_{value:g}",
+            estimators=estimators,
+            seeds=seeds,
+            first_seed=first_seed,
+            budget_s=budget_s,
+            lr=value,
+            base=base,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        names = list(res["estimators"])
+        for name, entry in res["estimators"].items():
+            finals.setdefault(name, []).append(entry["final"]["median"])
+    best = {name: lrs[max(range(len(lrs)), key=lambda i: finals[name][i])] for name in names}
+    sweep = {"lrs": lrs, "seeds": seeds, "budget_s": budget_s, "final": finals, "best": best}
+    _write(out / "lr_sweep.json", sweep)
+    return sweep
+
+
+def _score(results: dict[str, Any], baseline: str, metric: str) -> None:
+    column = 2 if metric == "iou" else 3
+    base_runs = results["estimators"][baseline]["seeds"]
+    finals = [run["curve"][-1][column] for run in base_runs]
+    target = statistics.median(finals)
+    results["target"] = {"metric": metric, "value": target, "of": f"{baseline} median final"}
+    base_times = [time_to_target(run["curve"], target, column) for run in base_runs]
+    for entry in results["estimators"].values():
+        runs = sorted(entry["seeds"], key=lambda r: r["seed"])
+        entry["seeds"] = runs
+        times = [time_to_target(run["curve"], target, column) for run in runs]
+        entry["time_to_target_s"] = times
+        entry["final"] = {
+            "median": statistics.median(run["curve"][-1][column] for run in runs),
+            "per_seed": [run["curve"][-1][column] for run in runs],
+        }
+        lo, hi = _bootstrap(times, base_times)
+        entry["ratio_to_baseline"] = {"median": _ratio(times, base_times), "ci95": [lo, hi]}
+
+
+def _write(path: Path, results: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+    tmp.replace(path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
+
+
+def _device_name(device: str) -> str:
+    import os
+    import platform
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def save_race_plot(results: dict[str, Any], path: str | Path) -> str:
+    """Quality against wall-clock: one thin line per seed, the median in bold, the target
+    dashed; one colour per estimator; the ratios in the legend.
+
+    Returns:
+        ``str(path)``.
+    """
+    from matplotlib.figure import Figure
+
+    metric = results.get("target", {}).get("metric", "iou")
+    column = 2 if metric == "iou" else 3
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    ax = fig.subplots()
+    budget = float(results["budget_s"])
+    grid = torch.linspace(0.0, budget, 200).tolist()
+    for i, (name, entry) in enumerate(results["estimators"].items()):
+        color = f"C{i}"
+        interp = []
+        for run in entry["seeds"]:
+            xs = [row[0] for row in run["curve"]]
+            ys = [row[column] for row in run["curve"]]
+            ax.plot(xs, ys, color=color, lw=0.7, alpha=0.35)
+            interp.append(_step_interp(xs, ys, grid))
+        med = [statistics.median(col) for col in zip(*interp)] if interp else []
+        ratio = entry.get("ratio_to_baseline", {})
+        label = name
+        if ratio:
+            lo, hi = ratio.get("ci95", [math.nan, math.nan])
+            label += f": {_fmt(ratio.get('median'))}x the baseline's time [{_fmt(lo)}, {_fmt(hi)}]"
+        ax.plot(grid, med, color=color, lw=2.5, label=label)
+    target = results.get("target")
+    if target:
+        ax.axhline(target["value"], ls="--", color="k", lw=1, label=f"target: {target['of']}")
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel("3D IoU with the true shape" if metric == "iou" else "p(prompt), held-out views")
+    ax.set_title(
+        f"race {results['prompt']!r}: {len(results['seeds'])} seeds per estimator, "
+        f"{results['device']}"
+    )
+    ax.legend(loc="lower right", fontsize=9)
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def _step_interp(xs: list[float], ys: list[float | None], grid: list[float]) -> list[float]:
+    out, j, last = [], 0, ys[0] if ys and ys[0] is not None else 0.0
+    for g in grid:
+        while j < len(xs) and xs[j] <= g:
+            if ys[j] is not None:
+                last = ys[j]
+            j += 1
+        out.append(last)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "inf" if v == math.inf else "n/a"
+    return f"{v:.2f}"
