@@ -47,10 +47,48 @@ _MODULES = (
     "timesteps",
 )
 
-__all__ = sorted([*_NAMES, *_MODULES])
+__all__ = [
+    "PRESETS",
+    "SDS",
+    "Accountant",
+    "CARVLoss",
+    "DenoisingLoss",
+    "Estimator",
+    "NonFiniteTeacherError",
+    "ScoreDifference",
+    "TeacherObjective",
+    "TimestepGuide",
+    "accounting",
+    "distributed",
+    "draws",
+    "guides",
+    "infer",
+    "layout",
+    "measure",
+    "objectives",
+    "pipelines",
+    "proposals",
+    "schedules",
+    "teacher_term",
+    "teachers",
+    "timesteps",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
-    from . import accounting, distributed, guides, objectives, proposals, schedules, teachers
+    from . import (
+        accounting,
+        distributed,
+        guides,
+        infer,
+        layout,
+        measure,
+        objectives,
+        pipelines,
+        proposals,
+        schedules,
+        teachers,
+        timesteps,
+    )
     from .accounting import Accountant
     from .infer.estimator import PRESETS, Estimator
     from .infer.guide import TimestepGuide
