@@ -1,15 +1,18 @@
-"""The ``carv-pyro`` command: argument checking before any work, and a tiny ``dream`` run."""
+"""The ``carv-pyro`` command: arguments checked before any work, and tiny dream and race runs."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+import carv_pyro as carv
 from carv_pyro import cli
 from carv_pyro.pipelines import text_to_3d
 
-from .test_text_to_3d import TINY, tiny_classifier, tiny_teacher
+from .test_text_to_3d import TINY, tiny_scene
 
 
 def _error(capsys, argv: list[str]) -> str:
@@ -24,105 +27,150 @@ def _error(capsys, argv: list[str]) -> str:
 
 @pytest.fixture
 def no_work(monkeypatch):
-    """Fail the test if the command gets as far as running a dream."""
+    """Fail the test if the command gets as far as running a dream or a race."""
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("dream() ran although the arguments were bad")
+        raise AssertionError("the pipeline ran although the arguments were bad")
 
     monkeypatch.setattr(text_to_3d, "dream", forbidden)
+    monkeypatch.setattr(text_to_3d, "race", forbidden)
+    monkeypatch.setattr(text_to_3d, "make_scene", forbidden)
 
 
-def test_unknown_prompt_names_the_prompt_and_what_is_allowed(capsys, tmp_path, no_work):
-    err = _error(capsys, ["dream", "ten", "--out", str(tmp_path / "out")])
-    assert "unknown prompt 'ten'" in err and "0-9" in err and "nine" in err
-    assert not (tmp_path / "out").exists()  # rejected before touching the output folder
+def test_the_cli_names_every_preset_of_the_one_table():
+    assert cli.ESTIMATOR_NAMES == tuple(carv.PRESETS)
 
 
-@pytest.mark.parametrize("flag", ["--steps", "--R", "--K"])
+def test_help_imports_neither_torch_nor_pyro():
+    code = (
+        "import sys\nfrom carv_pyro import cli\ntry:\n    cli.main(['dream', '--help'])\n"
+        "except SystemExit:\n    pass\nprint('torch' in sys.modules, 'pyro' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_unknown_prompt_names_the_prompt_and_the_classes(capsys, tmp_path, no_work):
+    err = _error(capsys, ["dream", "dragon", "--out", str(tmp_path / "x")])
+    assert "'dragon'" in err and "torus" in err and "sphere" in err
+    err = _error(capsys, ["dream", "twelve", "--teacher", "digits", "--out", str(tmp_path / "y")])
+    assert "'twelve'" in err and "digit" in err
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--R", "--K", "--resolution"])
 @pytest.mark.parametrize("value", ["0", "-3", "two"])
 def test_non_positive_sizes_name_the_flag(capsys, tmp_path, no_work, flag, value):
-    err = _error(capsys, ["dream", "3", "--out", str(tmp_path), flag, value])
-    assert f"argument {flag}: must be a positive integer, got '{value}'" in err
+    err = _error(capsys, ["dream", "torus", "--out", str(tmp_path / "r"), flag, value])
+    assert flag in err
 
 
 @pytest.mark.parametrize("flag", ["--lr", "--guidance-scale"])
 def test_non_positive_rates_name_the_flag(capsys, tmp_path, no_work, flag):
-    err = _error(capsys, ["dream", "3", "--out", str(tmp_path), flag, "0"])
-    assert f"argument {flag}" in err
+    err = _error(capsys, ["dream", "torus", "--out", str(tmp_path / "r"), flag, "-1"])
+    assert flag in err
 
 
-def test_unwritable_output_folder_is_named(capsys, tmp_path, no_work):
-    regular_file = tmp_path / "a_file"
-    regular_file.write_text("not a folder")
-    out = regular_file / "dream"
-    err = _error(capsys, ["dream", "3", "--out", str(out)])
-    assert "--out" in err and str(out) in err and "cannot write" in err
+def test_bad_estimator_teacher_device_and_dtype(capsys, tmp_path, no_work):
+    out = str(tmp_path / "r")
+    err = _error(capsys, ["dream", "torus", "--out", out, "--estimator", "fast"])
+    assert "--estimator" in err and "auto" in err
+    err = _error(capsys, ["dream", "torus", "--out", out, "--estimator", "baseline", "--K", "8"])
+    assert "K = 1" in err and "reuse" in err
+    err = _error(capsys, ["dream", "torus", "--out", out, "--teacher", str(tmp_path)])
+    assert "--teacher" in err and "unet/" in err
+    err = _error(capsys, ["dream", "torus", "--out", out, "--device", "cuda:0"])
+    assert "--device" in err
+    err = _error(capsys, ["dream", "torus", "--out", out, "--dtype", "float8"])
+    assert "--dtype" in err
+    err = _error(capsys, ["dream", "torus", "--out", out, "--resume", "--overwrite"])
+    assert "not allowed with" in err
 
 
-def test_resume_without_checkpoint_is_an_error(capsys, tmp_path, no_work):
-    err = _error(capsys, ["dream", "3", "--out", str(tmp_path), "--resume"])
-    assert "--resume" in err and "checkpoint.pt" in err
+def test_output_folders_are_checked_before_any_work(capsys, tmp_path, no_work):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = _error(capsys, ["dream", "torus", "--out", str(blocker / "run")])
+    assert "--out" in err
+    err = _error(capsys, ["dream", "torus", "--out", str(tmp_path / "none"), "--resume"])
+    assert "nothing to resume" in err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("x")
+    err = _error(capsys, ["dream", "torus", "--out", str(tmp_path / "busy")])
+    assert "not empty" in err and "--overwrite" in err
 
 
-def test_missing_subcommand_and_unknown_estimator(capsys, tmp_path):
-    _error(capsys, [])
-    err = _error(capsys, ["dream", "3", "--out", str(tmp_path), "--estimator", "magic"])
-    assert "--estimator" in err and "magic" in err
+def test_missing_subcommand(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
 
 
-def test_bench_arguments_are_parsed_in_cli():
-    assert cli.build_parser().parse_args(["bench"]).pipeline == "text-to-3d"
+def test_race_arguments(capsys, tmp_path, no_work):
+    out = ["--out", str(tmp_path / "race")]
+    err = _error(capsys, ["race", "torus", *out, "--estimators", "baseline,fast"])
+    assert "'fast'" in err
+    err = _error(capsys, ["race", "torus", *out, "--estimators", "baseline,baseline"])
+    assert "distinct" in err
+    err = _error(capsys, ["race", "torus", *out, "--estimators", "baseline", "--lrs", "auto=0.1"])
+    assert "--lrs" in err and "'auto'" in err
+    err = _error(capsys, ["race", "torus", *out, "--lrs", "baseline=-1"])
+    assert "--lrs" in err
+    err = _error(capsys, ["race", "torus", *out, "--budget-s", "0"])
+    assert "--budget-s" in err
+
+
+def test_bench_arguments_are_parsed_in_cli(capsys):
     args = cli.build_parser().parse_args(
-        ["bench", "--pipeline", "distillation", "--quick", "--json", "r.json", "--repeats", "5"]
+        ["bench", "--pipeline", "distillation", "--quick", "--seed", "3", "--repeats", "7"]
     )
-    assert args.command == "bench" and args.pipeline == "distillation" and args.quick
-    assert (args.json, args.plot, args.device, args.seed, args.repeats) == (
-        "r.json",
-        None,
-        "cpu",
-        0,
-        5,
-    )
+    assert (args.pipeline, args.quick, args.seed, args.repeats) == ("distillation", True, 3, 7)
+    err = _error(capsys, ["bench", "--pipeline", "text-to-3d", "--pretrain-steps", "5"])
+    assert "--pretrain-steps" in err and "distillation" in err
 
 
-def test_bench_pretrain_steps_is_parsed_and_only_for_distillation(capsys):
-    args = cli.build_parser().parse_args(
-        ["bench", "--pipeline", "distillation", "--pretrain-steps", "0"]
-    )
-    assert args.pretrain_steps == 0
-    assert cli.build_parser().parse_args(["bench"]).pretrain_steps is None
-    err = _error(capsys, ["bench", "--pretrain-steps", "5"])
-    assert "--pretrain-steps" in err and "distillation" in err and "text-to-3d" in err
-    err = _error(capsys, ["bench", "--pipeline", "distillation", "--pretrain-steps", "-1"])
-    assert "--pretrain-steps" in err
-
-
-def test_dream_command_runs_and_resumes(capsys, tmp_path, monkeypatch):
-    # The real pipeline at tiny sizes, with a tiny random teacher and classifier.
+def test_dream_command_runs_resumes_and_refuses_a_finished_folder(capsys, tmp_path, monkeypatch):
     real_dream = text_to_3d.dream
-    shrink = dict(resolution=TINY["resolution"], n_samples=TINY["n_samples"], eval_views=2)
 
     def tiny_dream(config, out_dir, **kwargs):
-        config = text_to_3d.TextTo3DConfig.from_dict({**config.to_dict(), **shrink})
-        kwargs.update(teacher=tiny_teacher(), classifier=tiny_classifier())
-        return real_dream(config, out_dir, **kwargs)
+        config = text_to_3d.TextTo3DConfig.from_dict({**config.to_dict(), **TINY})
+        return real_dream(config, out_dir, scene=tiny_scene(), **kwargs)
 
     monkeypatch.setattr(text_to_3d, "dream", tiny_dream)
     out = tmp_path / "run"
-    argv = ["dream", "three", "--out", str(out), "--steps", "2", "--estimator", "baseline"]
-    assert cli.main([*argv, "--R", "2", "--quiet", "--eval-every", "1"]) == 0
+    argv = ["dream", "three", "--teacher", "digits", "--out", str(out), "--steps", "2"]
+    assert cli.main([*argv, "--estimator", "baseline", "--R", "2", "--quiet", "--eval-every", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "dream 'three' [baseline, R=2, K=1]: 2 steps" in printed
+    assert "dream 'three' [baseline, R=2, K=1" in printed and "2 steps" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["label"] == 3 and summary["estimator"] == "baseline"
+    assert summary["estimator"] == "baseline" and summary["steps"] == 2
     assert [h["step"] for h in summary["history"]] == [0, 1, 2]
 
-    # --resume reuses the checkpoint's settings; only --steps changes.
-    assert cli.main(["dream", "3", "--out", str(out), "--resume", "--steps", "3", "--quiet"]) == 0
+    # a finished folder is not overwritten without --resume or --overwrite
+    err = _error(capsys, argv)
+    assert "finished" in err and "--resume" in err
+    # --resume reuses the checkpoint's settings; only --steps changes
+    resume = ["dream", "three", "--teacher", "digits", "--out", str(out), "--resume", "--quiet"]
+    assert cli.main([*resume, "--steps", "3"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == 2 and summary["steps"] == 3
-    assert summary["config"]["R"] == 2 and summary["config"]["K"] == 1
-    err = _error(capsys, ["dream", "3", "--out", str(out), "--resume", "--lr", "0.5"])
-    assert "cannot resume" in err and "lr" in err
-    err = _error(capsys, ["dream", "4", "--out", str(out), "--resume"])
+    err = _error(capsys, [*resume, "--steps", "4", "--lr", "0.5"])
+    assert "lr" in err
+    err = _error(capsys, ["dream", "four", "--teacher", "digits", "--out", str(out), "--resume"])
     assert "prompt" in err
+
+
+def test_race_quick_writes_json_and_plot(capsys, tmp_path, monkeypatch):
+    race_module = sys.modules["carv_pyro.pipelines.text_to_3d.race"]
+    monkeypatch.setattr(race_module, "make_scene", lambda *a, **k: tiny_scene())
+    real_dream = race_module.dream
+    monkeypatch.setattr(
+        race_module, "dream", lambda *a, **k: real_dream(*a, **{**k, "scene": tiny_scene()})
+    )
+    js, png = tmp_path / "race.json", tmp_path / "race.png"
+    argv = ["race", "3", "--teacher", "digits", "--quick", "--seeds", "2", "--budget-s", "1"]
+    argv += ["--estimators", "baseline,auto", "--out", str(tmp_path / "r"), "--quiet"]
+    assert cli.main([*argv, "--json", str(js), "--plot", str(png)]) == 0
+    results = json.loads(js.read_text())
+    assert set(results["estimators"]) == {"baseline", "auto"}
+    assert results["target"]["metric"] == "p" and png.stat().st_size > 10_000
+    assert "time to target" in capsys.readouterr().out
