@@ -551,12 +551,14 @@ def test_diffusers_save_load_round_trip(which, tmp_path, class_teacher, cross_te
     assert all(not p.requires_grad for p in loaded.unet.parameters())
     x, t, labels, ehs = _inputs(3, seed=9)
     cond = labels if which == "class" else ehs
-    torch.testing.assert_close(
-        loaded.predict_eps(x, t, cond, guidance_scale=2.5),
-        teacher.predict_eps(x, t, cond, guidance_scale=2.5),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    # like with like: the same weights in the same chunks give the same numbers, bit for bit
+    # (chunking alone moves float32 results by ~1e-6; that is tested in test_gpu_paths)
+    saved, teacher.max_batch = teacher.max_batch, 2
+    try:
+        want = teacher.predict_eps(x, t, cond, guidance_scale=2.5)
+    finally:
+        teacher.max_batch = saved
+    assert torch.equal(loaded.predict_eps(x, t, cond, guidance_scale=2.5), want)
 
 
 def test_diffusers_from_pretrained_scheduler_class_and_errors(tmp_path):
