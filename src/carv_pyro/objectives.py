@@ -21,6 +21,7 @@ my_sds = TeacherObjective(teacher, residual=eps_residual, weighting="sds", guida
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _checks
 from .schedules import DiscreteSchedule
 from .teachers.base import AbstractTeacher
 from .timesteps import AbstractTimestepDistribution, UniformTimesteps
@@ -146,6 +148,53 @@ def eps_residual(batch: NoisedBatch) -> Tensor:
     return batch.eps_hat() - batch.eps
 
 
+def _check_weighting(
+    fn: Callable[[DiscreteSchedule, Tensor], Tensor],
+    schedule: DiscreteSchedule,
+    prior: AbstractTimestepDistribution,
+) -> None:
+    """Call a weighting callable once on the prior's support and check what it returns.
+
+    A weighting is ``w(schedule, t) -> (N,)`` real, finite and non-negative for ``(N,)`` integer
+    ``t``. Calling it once here turns a wrong signature or output into an error at construction
+    instead of a Python error deep inside the first step.
+
+    Raises:
+        TypeError: if the call fails or returns something that is not a real tensor of ``t``'s
+            shape.
+        ValueError: if a weight is negative or not finite.
+    """
+    t = torch.nonzero(prior.probs() > 0).reshape(-1)
+    expected = "a callable (schedule, t) -> w, with w a real tensor of t's shape (N,)"
+    name = getattr(fn, "__name__", type(fn).__name__)
+    try:
+        w = fn(schedule, t)
+    except Exception as error:  # noqa: BLE001 - any failure here is a wrong weighting
+        raise TypeError(
+            f"weighting {name!r} failed when called as weighting(schedule, t) with t an ({len(t)},) "
+            f"long tensor of the prior's support ({type(error).__name__}: {error}); a weighting "
+            f"must be {expected}"
+        ) from error
+    try:
+        w = torch.as_tensor(w)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"weighting {name!r} returned {type(w).__name__}; it must be {expected}"
+        ) from None
+    if w.dtype == torch.bool or w.dtype.is_complex or tuple(w.shape) != tuple(t.shape):
+        raise TypeError(
+            f"weighting {name!r} returned a {w.dtype} tensor of shape {tuple(w.shape)} for t of "
+            f"shape {tuple(t.shape)}; it must be {expected}"
+        )
+    w = w.double()
+    if not torch.isfinite(w).all() or (w < 0).any():
+        bad = t[~(torch.isfinite(w) & (w >= 0))]
+        raise ValueError(
+            f"weighting {name!r} must be finite and non-negative on the prior's support, got "
+            f"{w[~(torch.isfinite(w) & (w >= 0))][:3].tolist()} at t = {bad[:3].tolist()}"
+        )
+
+
 class TeacherObjective:
     """A teacher objective declared from a prior, a weighting and a residual (or a loss).
 
@@ -161,8 +210,12 @@ class TeacherObjective:
         guidance_scale: classifier-free guidance scale passed to the teacher.
 
     Raises:
-        ValueError: on an unknown weighting, both or neither of ``residual`` / ``loss``, or a
-            bad ``t_range``.
+        ValueError: on an unknown weighting, both or neither of ``residual`` / ``loss``, a bad
+            ``t_range``, a ``guidance_scale`` that is not finite and positive, or a weighting
+            callable whose weights on the prior's support are negative or not finite.
+        TypeError: on a teacher, prior, residual or loss of the wrong type, or a weighting
+            callable of the wrong signature (it is called once here, on the prior's support,
+            and must return a real tensor of ``t``'s shape).
     """
 
     def __init__(
@@ -180,32 +233,47 @@ class TeacherObjective:
             raise TypeError(f"teacher must be an AbstractTeacher, got {type(teacher).__name__}")
         if (residual is None) == (loss is None):
             raise ValueError("give exactly one of `residual` (x-space) or `loss` (per draw)")
+        for arg, fn in (("residual", residual), ("loss", loss)):
+            if fn is not None and not callable(fn):
+                raise TypeError(
+                    f"{arg} must be a callable (NoisedBatch) -> Tensor, got "
+                    f"{type(fn).__name__} ({fn!r:.80})"
+                )
         if isinstance(weighting, str):
             if weighting not in WEIGHTINGS:
                 raise ValueError(
                     f"unknown weighting {weighting!r}; expected one of {sorted(WEIGHTINGS)} "
                     f"or a callable (schedule, t) -> w"
                 )
-            self.weighting_name = weighting
-            self._weighting = WEIGHTINGS[weighting]
+            weighting_name = weighting
+            weighting_fn = WEIGHTINGS[weighting]
         elif callable(weighting):
-            self.weighting_name = getattr(weighting, "__name__", "custom")
-            self._weighting = weighting
+            weighting_name = getattr(weighting, "__name__", "custom")
+            weighting_fn = weighting
         else:
             raise ValueError(f"weighting must be a name or a callable, got {weighting!r}")
-        guidance_scale = float(guidance_scale)
-        if not guidance_scale > 0 or guidance_scale != guidance_scale:
-            raise ValueError(f"guidance_scale must be positive, got {guidance_scale}")
-        self.teacher = teacher
-        self.schedule = teacher.schedule
-        self.prior = (
-            prior if prior is not None else UniformTimesteps(self.schedule.num_timesteps, t_range)
-        )
-        if self.prior.num_timesteps != self.schedule.num_timesteps:
-            raise ValueError(
-                f"prior has {self.prior.num_timesteps} timesteps but the teacher's schedule "
-                f"{self.schedule.num_timesteps}"
+        if isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool):
+            guidance_scale = float(guidance_scale)  # numpy scalars too
+        guidance_scale = _checks.positive_float("guidance_scale", guidance_scale)
+        if prior is not None and not isinstance(prior, AbstractTimestepDistribution):
+            raise TypeError(
+                f"prior must be an AbstractTimestepDistribution (e.g. "
+                f"carv_pyro.timesteps.UniformTimesteps) or None, got {type(prior).__name__}"
             )
+        schedule = teacher.schedule
+        prior = prior if prior is not None else UniformTimesteps(schedule.num_timesteps, t_range)
+        if prior.num_timesteps != schedule.num_timesteps:
+            raise ValueError(
+                f"prior has {prior.num_timesteps} timesteps but the teacher's schedule "
+                f"{schedule.num_timesteps}"
+            )
+        if weighting_fn is not WEIGHTINGS.get(weighting_name):
+            _check_weighting(weighting_fn, schedule, prior)
+        self.weighting_name = weighting_name
+        self._weighting = weighting_fn
+        self.teacher = teacher
+        self.schedule = schedule
+        self.prior = prior
         self.residual_fn = residual
         self.loss_fn = loss
         self.guidance_scale = guidance_scale
@@ -344,6 +412,9 @@ class ScoreDifference(TeacherObjective):
         guidance_scale: float = 1.0,
         prior: AbstractTimestepDistribution | None = None,
     ):
+        for arg, teacher in (("real", real), ("fake", fake)):
+            if not isinstance(teacher, AbstractTeacher):
+                raise TypeError(f"{arg} must be an AbstractTeacher, got {type(teacher).__name__}")
         if tuple(fake.event_shape) != tuple(real.event_shape):
             raise ValueError(
                 f"fake teacher takes {tuple(fake.event_shape)} but real takes "
