@@ -182,6 +182,7 @@ def test_stopwatch_uses_cuda_events_only_on_cuda():
     assert watch.seconds() >= 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_step_matches_cuda_float32():
     def on_cuda(teacher):

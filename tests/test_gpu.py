@@ -1,0 +1,215 @@
+"""Guarantees that depend on the device, checked on CUDA (``pytest -m gpu``).
+
+Skipped where there is no GPU (CI); ``scripts/gpu_tests.sh`` runs them on a lent GPU in one
+call. Each test states the guarantee it checks:
+
+- a seeded CARV step repeats bit for bit on the GPU (deterministic kernels on), and a CPU
+  generator given for a CUDA run is used correctly (draws made on the CPU and moved);
+- NaN teacher outputs are refused before any gradient exists;
+- bad inputs give the same clear errors as on the CPU;
+- the estimator is unbiased on the device, by exact quadrature over the timestep uniforms, with a
+  float32 teacher and with a bf16 one (the weights and reductions stay in float32/float64);
+- chunking the teacher's rows equals one call;
+- ``dream`` checkpoints and resumes bit for bit on CUDA;
+- the race runs at its ``--quick`` size on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import carv_pyro as carv
+
+from .analytic import THETA0, D, expected_grad, sds
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    """Deterministic kernels where a guarantee needs them (documented in the docs' GPU page)."""
+    old = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(old)
+
+
+def _cuda_model(objective, R=3, K=4, xi=None):
+    import pyro
+    import pyro.distributions as dist
+
+    from .analytic import DIRECTION
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone().to(CUDA))
+        with pyro.plate("views", R, dim=-2):
+            if xi is None:
+                z = pyro.sample(
+                    "xi", dist.Normal(torch.zeros((), dtype=torch.float64, device=CUDA), 1.0)
+                )
+            else:
+                z = xi.to(CUDA).reshape(R, 1)
+            x = theta + z.unsqueeze(-1) * DIRECTION.to(CUDA)
+            with carv.draws(K, "noise", dim=-1):
+                carv.teacher_term("sds", objective, x)
+
+    return model
+
+
+def _cuda_sds(weighting="sds"):
+    objective = sds(weighting)
+    objective.teacher.mean = objective.teacher.mean.to(CUDA)
+    return objective
+
+
+def _grad(loss, model, guide):
+    import pyro
+
+    theta = pyro.param("theta").unconstrained()
+    theta.grad = None
+    loss.loss_and_grads(model, guide)
+    return theta.grad.detach().clone()
+
+
+def test_seeded_step_repeats_bit_for_bit_on_cuda():
+    import pyro
+
+    objective = _cuda_sds()
+    xi = torch.tensor([0.2, -0.4, 1.0], dtype=torch.float64)
+    model = _cuda_model(objective, xi=xi)
+    estimator = carv.Estimator.preset("carv", K=4).replace(noise="sobol")
+    out = []
+    for _ in range(2):
+        pyro.clear_param_store()
+        pyro.param("theta", THETA0.clone().to(CUDA))
+        out.append(_grad(carv.CARVLoss(), model, estimator.guide(seed=7)))
+    assert out[0].device.type == "cuda" and torch.equal(out[0], out[1])
+    # a CPU generator for a CUDA run: the draws are made on the CPU and moved, the same each time
+    out = []
+    for _ in range(2):
+        pyro.clear_param_store()
+        pyro.param("theta", THETA0.clone().to(CUDA))
+        gen = torch.Generator().manual_seed(3)
+        out.append(_grad(carv.CARVLoss(), model, estimator.guide(generator=gen)))
+    assert torch.equal(out[0], out[1])
+
+
+def test_nan_teacher_output_is_refused_on_cuda():
+    import pyro
+
+    objective = _cuda_sds()
+    model = _cuda_model(objective, xi=torch.tensor([0.0, float("nan"), 0.0], dtype=torch.float64))
+    pyro.param("theta", THETA0.clone().to(CUDA))
+    with pytest.raises(carv.NonFiniteTeacherError, match="'sds'"):
+        carv.CARVLoss().loss_and_grads(model, carv.TimestepGuide())
+    assert pyro.param("theta").unconstrained().grad is None
+
+
+def test_bad_inputs_give_the_cpu_errors_on_cuda():
+    objective = _cuda_sds()
+
+    def model():
+        with carv.draws(2, dim=-1):
+            carv.teacher_term("sds", objective, torch.zeros(3, device=CUDA))
+
+    with pytest.raises(ValueError, match="event shape"):
+        carv.CARVLoss().loss_and_grads(model, carv.TimestepGuide())
+    with pytest.raises(TypeError, match="floating-point"):
+        carv.teacher_term("sds", objective, torch.zeros(2, dtype=torch.long, device=CUDA))
+
+
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stratify", [None, "per_outer", "global"])
+def test_exact_quadrature_unbiasedness_on_cuda(teacher_dtype, stratify):
+    """The estimator's expectation over the base uniforms equals the closed form on the GPU.
+
+    With a float32 teacher the match is to float32 rounding; a bf16 teacher's predictions are
+    rounded to 8 bits, so its exact expectation matches the bf16 teacher's own closed form within
+    bf16 rounding of the residual (relative 1e-2), while the weights stay exact.
+    """
+    from .test_unbiased_exact import FixedUniforms, ZeroNoise, _breakpoints
+
+    objective = sds("sds")
+    teacher = objective.teacher
+    teacher.mean = teacher.mean.to(CUDA)
+    xi = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    R, K = 2, 3
+    model = _cuda_model(objective, R=R, K=K, xi=xi)
+    source = FixedUniforms()
+    q = carv.proposals.WeightedProposal(objective.prior, objective.schedule, objective.weight)
+    guide = carv.TimestepGuide(proposal=q, stratify=stratify, noise=ZeroNoise(), source=source)
+    import pyro
+
+    pyro.param("theta", THETA0.clone().to(CUDA))
+    loss = carv.CARVLoss()
+    n = {None: 1, "per_outer": K, "global": R * K}[stratify]
+    shifts = range(R * K) if stratify == "global" else range(1)
+    pts = _breakpoints(q, n)
+    total = torch.zeros(D, dtype=torch.float64, device=CUDA)
+    if teacher_dtype is torch.bfloat16:
+        real = teacher._predict_eps
+        teacher._predict_eps = lambda x_t, t, c: real(x_t.to(torch.bfloat16).double(), t, c).to(
+            torch.bfloat16
+        )
+    for shift in shifts:
+        source.shift = shift
+        for lo, hi in zip(pts[:-1], pts[1:]):
+            if hi - lo < 1e-15:
+                continue
+            source.u = 0.5 * (lo + hi)
+            total += (hi - lo) * _grad(loss, model, guide)
+    got = (total / len(shifts)).cpu()
+    rtol = 1e-9 if teacher_dtype is torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected_grad(objective, xi), rtol=rtol, atol=1e-12)
+
+
+def test_chunked_teacher_equals_one_call_on_cuda():
+    from .test_gpu_paths import _inputs, _teacher
+
+    teacher = _teacher().to(CUDA)
+    teacher.null_encoder_hidden_states = teacher.null_encoder_hidden_states.to(CUDA)
+    x, t, cond = _inputs(7, "cuda")
+    whole = teacher.predict_eps(x, t, cond, guidance_scale=3.0)
+    teacher.max_batch = 3
+    chunked = teacher.predict_eps(x, t, cond, guidance_scale=3.0)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_dream_resumes_bit_for_bit_on_cuda(tmp_path):
+    from carv_pyro.pipelines.text_to_3d import TextTo3DConfig, dream
+
+    def config(steps):
+        return TextTo3DConfig(
+            prompt="torus",
+            steps=steps,
+            eval_every=3,
+            eval_views=2,
+            estimator=carv.Estimator.preset("carv", K=4),
+            device="cuda",
+            resolution=16,
+        )
+
+    dream(config(6), tmp_path / "a", progress=False, pictures=False)
+    dream(config(3), tmp_path / "b", progress=False, pictures=False)
+    dream(config(6), tmp_path / "b", progress=False, pictures=False, resume=True)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["param_store"]["params"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["param_store"]["params"]
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("field"))
+
+
+def test_race_quick_on_cuda(tmp_path):
+    from carv_pyro import cli
+
+    js = tmp_path / "race.json"
+    argv = ["race", "torus", "--quick", "--device", "cuda", "--estimators", "baseline,auto"]
+    assert cli.main([*argv, "--out", str(tmp_path / "r"), "--json", str(js), "--quiet"]) == 0
+    assert js.stat().st_size > 0
