@@ -286,15 +286,37 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def _check_bench_device(device: Any) -> None:
+    """``device`` names a CPU or an available CUDA device, else ``ValueError`` naming it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}"
+        ) from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r}, but torch {torch.__version__} sees no CUDA device here; use "
+            f"device='cpu'"
+        )
+
+
 def main(args: Any) -> int:
     """Run the bench for ``args.pipeline`` (an argparse namespace from `carv_pyro.cli`).
 
     Expected attributes: ``pipeline``, ``quick``, ``json``, ``plot``, ``device``, ``seed``,
     ``repeats`` (``None``: 20 quick, 100 full); optional ``pretrain_steps`` (distillation's
     checkpoint), ``smoke`` and ``quiet``.
+
+    Raises:
+        ValueError: on an unknown pipeline, or a ``device`` that is not ``cpu`` or an available
+            CUDA device (checked before any work).
     """
     if args.pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {args.pipeline!r}; expected one of {sorted(PIPELINES)}")
+    _check_bench_device(args.device)
     quick = bool(args.quick)
     repeats = args.repeats or (20 if quick else 100)
     n_reference = 10 if quick else 50

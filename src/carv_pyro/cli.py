@@ -521,6 +521,7 @@ def _add_bench(subparsers: Any) -> None:
 
 
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _check_device(args, parser)
     if args.pretrain_steps is not None and args.pipeline != "distillation":
         parser.error(f"--pretrain-steps applies to --pipeline distillation, not {args.pipeline!r}")
     for flag in ("json", "plot"):
