@@ -4,11 +4,17 @@ With fixed upstream samples and fixed ``(t, eps)`` draws, rank ``i`` sees the co
 ``shard_range(R)[i]`` of the same draws, so the all-reduced gradient must equal the one-process
 gradient over all ``R`` samples (to rounding), and the pooled accounting statistics must equal
 one accumulator fed with every rank's per-step estimates.
+
+Faults: ranks at different steps raise `OutOfStepError` on both ranks; a step that raises on one
+rank only raises on both (its own error there, `RankFailedError` naming it on the other) and the
+next step runs in step; a rank that never reaches the collective makes the other fail within
+the (test-set, short) timeout with a `RankTimeoutError` naming it.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import pyro
 import pytest
@@ -19,9 +25,14 @@ from pyro import poutine
 import carv_pyro as carv
 from carv_pyro.accounting import Accountant, VarianceComponents
 from carv_pyro.distributed import (
+    DEFAULT_TIMEOUT_S,
     DistributedAccountant,
     DistributedCARVLoss,
+    OutOfStepError,
+    RankFailedError,
+    RankTimeoutError,
     all_reduce_gradients,
+    init_from_env,
     launch,
     merge_components,
     shard_range,
@@ -133,13 +144,149 @@ def _single_process(objective, accountant=None):
     return grads, values, per_shard
 
 
+# fork: the children inherit the imports (spawn would re-import torch and pyro in each)
+START = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    # fork: the children inherit the imports (spawn would re-import torch and pyro in each)
-    start = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    launch(_worker, WORLD, str(out), backend="gloo", start_method=start)
+    launch(_worker, WORLD, str(out), backend="gloo", start_method=START)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+class _ShardFails(Exception):
+    """What the model raises on one rank's shard (as a NonFiniteTeacherError would)."""
+
+
+def _fault_model(objective, step: int, fail_on: int | None):
+    xi, t, eps = fixed_draws(objective, step)
+    inner = make_model(objective, xi, t, eps)
+
+    def model():
+        if fail_on is not None and torch.distributed.get_rank() == fail_on:
+            pyro.param("theta", THETA0.clone())
+            raise _ShardFails(f"bad shard on rank {fail_on}")
+        inner()
+
+    return model
+
+
+def _fault_worker(rank: int, world: int, out_dir: str) -> None:
+    """Three scenarios in one process group: out of step, a failing shard, then a normal step."""
+    torch.set_num_threads(1)
+    pyro.clear_param_store()
+    objective = sds("sds")
+    loss = DistributedCARVLoss(carv.CARVLoss(), outer_plate="views")
+    theta = pyro.param("theta", THETA0.clone()).unconstrained()
+    res: dict = {}
+    # 1. resumed from different checkpoints: rank 0 at step 8, rank 1 at step 7
+    loss.step = 8 - rank
+    model = _fault_model(objective, 0, None)
+    try:
+        loss.loss_and_grads(model, carv.TimestepGuide(model))
+    except OutOfStepError as error:
+        res["out_of_step"] = str(error)
+    res["grad_after_out_of_step"] = theta.grad
+    # 2. in step again; rank 1's shard raises: both ranks raise, neither combines a gradient
+    loss.step = 3
+    model = _fault_model(objective, 1, fail_on=1)
+    try:
+        loss.loss_and_grads(model, carv.TimestepGuide(model))
+    except (_ShardFails, RankFailedError) as error:
+        res["failed"] = (type(error).__name__, str(error), getattr(error, "ranks", None))
+    res["grad_after_failure"] = theta.grad
+    # 3. a loop that caught the error goes on: the next step runs, in step on both ranks
+    model = _fault_model(objective, 2, None)
+    res["value"] = loss.loss_and_grads(model, carv.TimestepGuide(model))
+    res["grad"] = theta.grad.detach().clone()
+    res["step"] = loss.step
+    torch.save(res, f"{out_dir}/rank{rank}.pt")
+
+
+def _hang_worker(rank: int, world: int, out_dir: str, hang_s: float) -> None:
+    """Rank 1 never reaches the collective (it hangs, then leaves); rank 0 must fail in time."""
+    torch.set_num_threads(1)
+    if rank == 1:
+        time.sleep(hang_s)
+        return
+    pyro.clear_param_store()
+    objective = sds("sds")
+    loss = DistributedCARVLoss(carv.CARVLoss(), outer_plate="views")
+    model = _fault_model(objective, 0, None)
+    t0 = time.monotonic()
+    try:
+        loss.loss_and_grads(model, carv.TimestepGuide(model))
+        res = {"error": None}
+    except RankTimeoutError as error:
+        res = {"error": str(error), "ranks": error.ranks}
+    res["elapsed"] = time.monotonic() - t0
+    torch.save(res, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults")
+    launch(_fault_worker, WORLD, str(out), backend="gloo", start_method=START, timeout_s=20.0)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_ranks_out_of_step_raise_on_every_rank_naming_the_steps(faults):
+    for res in faults:
+        msg = res["out_of_step"]
+        assert "rank 1 is at step 7, rank 0 is at step 8" in msg
+        assert "skipped a step" in msg and "every rank must call loss_and_grads" in msg
+        assert res["grad_after_out_of_step"] is None  # nothing combined, no partial gradient
+
+
+def test_a_step_that_raises_on_one_rank_raises_on_every_rank_and_keeps_them_in_step(faults):
+    kind0, msg0, ranks0 = faults[0]["failed"]
+    kind1, msg1, _ = faults[1]["failed"]
+    assert kind0 == "RankFailedError" and ranks0 == [1] and "rank(s) [1] at step 3" in msg0
+    assert kind1 == "_ShardFails" and "bad shard on rank 1" in msg1
+    for res in faults:
+        assert res["grad_after_failure"] is None
+        assert res["step"] == 5
+    # the next step is the ordinary all-reduced step: the same gradient and loss on both ranks
+    assert torch.equal(faults[0]["grad"], faults[1]["grad"])
+    assert faults[0]["value"] == faults[1]["value"]
+
+
+def test_a_rank_that_never_reaches_the_collective_is_named_within_the_timeout(tmp_path):
+    timeout_s, hang_s = 1.0, 3.5
+    t0 = time.monotonic()
+    launch(
+        _hang_worker,
+        WORLD,
+        str(tmp_path),
+        hang_s,
+        backend="gloo",
+        start_method=START,
+        timeout_s=timeout_s,
+    )
+    res = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert res["error"] is not None, "rank 0 did not notice that rank 1 never answered"
+    assert res["ranks"] == [1]
+    assert "rank(s) [1] stopped answering" in res["error"]
+    assert "rank 1 never reached a step" in res["error"] and "is at step 0" in res["error"]
+    assert res["elapsed"] < hang_s - 1.0, res["elapsed"]  # the timeout, not rank 1 leaving
+    assert time.monotonic() - t0 < hang_s + 10.0
+
+
+def test_timeouts_are_short_by_default_and_checked():
+    assert DEFAULT_TIMEOUT_S <= 60.0
+    for bad in (0, -1.0, float("inf"), "60", True):
+        with pytest.raises(ValueError, match="timeout_s"):
+            init_from_env(timeout_s=bad)
+        with pytest.raises(ValueError, match="timeout_s"):
+            launch(_hang_worker, 2, timeout_s=bad)
+    with pytest.raises(ValueError, match="world_size"):
+        launch(_hang_worker, 0)
+    with pytest.raises(ValueError, match="backend"):
+        init_from_env(backend="mpi2")
 
 
 def test_shards_cover_the_plate_in_rank_order():

@@ -40,6 +40,22 @@ Example (``torchrun --nproc_per_node=2 train.py``)::
     for step in range(n_steps):
         svi.step()                                         # same parameters on every rank
 
+**Faults: timeouts, a rank that stopped answering, ranks out of step.** Every collective here
+waits at most the process group's timeout, `DEFAULT_TIMEOUT_S` (60 s) unless
+`init_from_env` / `launch` are given another ``timeout_s``. When it runs out (or a peer's
+connection closes), the error is a `RankTimeoutError` that names the ranks that did not answer
+and the last step each of them reported (every rank records its step in the process group's
+store before its collectives), instead of the backend's bare timeout.
+
+`DistributedCARVLoss` counts its calls (``step``) and checks, with one small extra all-reduce
+per step, that every rank is at the same step and in the same method before any gradient is
+combined. Every rank must call ``loss_and_grads`` for every step: a rank that skipped one (or
+resumed from another checkpoint) makes every rank raise `OutOfStepError` ("rank 1 is at step 7,
+rank 0 at step 8 ..."), never a silently mis-paired all-reduce. If the wrapped loss raises on
+some ranks only (e.g. a `NonFiniteTeacherError` on one shard), that rank still takes part in
+the check and re-raises its own error, and every other rank raises `RankFailedError` naming
+it, so a loop that catches the error and goes on stays in step on every rank.
+
 Host synchronisation: the all-reduce is a collective; under NCCL it is enqueued on the GPU and
 the host only waits where the loss value is read (as in the single-process step).
 """
@@ -64,11 +80,16 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 
+from .. import _checks
 from ..accounting import Accountant, VarianceComponents, _Measurement
 
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
     "DistributedAccountant",
     "DistributedCARVLoss",
+    "OutOfStepError",
+    "RankFailedError",
+    "RankTimeoutError",
     "ShardMessenger",
     "all_reduce_gradients",
     "init_from_env",
@@ -79,6 +100,121 @@ __all__ = [
     "shard_range",
     "shard_size",
 ]
+
+
+#: Default collective timeout, in seconds, of `init_from_env` and `launch`. Short on purpose:
+#: torch's own default (10 min, 30 min under NCCL) keeps every other rank blocked that long
+#: when one rank hangs or dies; a healthy step of this library's collectives (one all-reduce of
+#: the gradients) takes milliseconds, so 60 s is ample while a fault surfaces within a minute.
+#: Raise it for very slow steps between collectives, e.g. a long evaluation on one rank only.
+DEFAULT_TIMEOUT_S = 60.0
+
+_HEARTBEAT_KEY = "carv_pyro/step/{rank}"
+_TIMEOUT_S: float | None = None  # set by init_from_env / launch, for error messages
+
+
+class RankTimeoutError(RuntimeError):
+    """A collective timed out (or lost a peer): names the ranks that stopped answering.
+
+    Attributes:
+        ranks: the ranks that had not reached the collective (as far as the store tells).
+    """
+
+    def __init__(self, message: str, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
+class OutOfStepError(RuntimeError):
+    """Ranks called `DistributedCARVLoss` at different steps (or different methods)."""
+
+
+class RankFailedError(RuntimeError):
+    """The wrapped loss raised on other ranks at this step (they re-raise their own error).
+
+    Attributes:
+        ranks: the ranks whose step raised.
+    """
+
+    def __init__(self, message: str, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
+def _store() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store: heartbeats are best effort
+        return None
+
+
+def _heartbeat(step: int) -> None:
+    """Record this rank's step in the default store (read back when a collective times out)."""
+    store = _store()
+    if store is None:
+        return
+    with contextlib.suppress(Exception):
+        store.set(_HEARTBEAT_KEY.format(rank=dist.get_rank()), str(step))
+
+
+def _heartbeats(world: int) -> dict[int, int | None] | None:
+    """Every rank's last recorded step (``None``: never recorded); ``None`` if no store answers."""
+    store = _store()
+    if store is None:
+        return None
+    steps: dict[int, int | None] = {}
+    try:
+        for r in range(world):
+            key = _HEARTBEAT_KEY.format(rank=r)
+            steps[r] = int(store.get(key)) if store.check([key]) else None
+    except Exception:  # noqa: BLE001 - the store's host (rank 0) may be gone
+        return None
+    return steps
+
+
+def _collective(what: str, fn: Callable[[], Any], group: Any = None, step: int | None = None):
+    """Run the collective ``fn``; on a timeout or a lost peer raise `RankTimeoutError`.
+
+    The ranks named are those whose last recorded step (see `_heartbeat`) is behind this rank's
+    ``step``, or that never recorded one; without step information (or a store) every other
+    rank is named as a suspect.
+    """
+    try:
+        return fn()
+    except RuntimeError as error:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
+        rank, world = rank_and_world(group)
+        others = [r for r in range(world) if r != rank]
+        seen = _heartbeats(world)
+        timeout = _group_timeout(group)
+        after = f" after {timeout:g} s" if timeout is not None else ""
+        if seen is None:
+            ranks = others
+            detail = (
+                f"rank(s) {others} did not answer and the process group's store cannot be "
+                f"reached (rank 0 hosts it and may have exited)"
+            )
+        else:
+            ranks = [
+                r for r in others if seen[r] is None or (step is not None and seen[r] < step)
+            ] or others
+            where = ", ".join(
+                f"rank {r} "
+                + ("never reached a step" if seen[r] is None else f"last at step {seen[r]}")
+                for r in ranks
+            )
+            here = "" if step is None else f" (this rank, {rank}, is at step {step})"
+            detail = f"rank(s) {ranks} stopped answering: {where}{here}"
+        raise RankTimeoutError(
+            f"{what} on rank {rank} failed{after}: {detail}. A rank that hangs, dies or skips "
+            f"a collective blocks the others; see the timeout_s of init_from_env/launch "
+            f"(default {DEFAULT_TIMEOUT_S:g} s). Backend error: {error}",
+            ranks,
+        ) from error
+
+
+def _group_timeout(group: Any = None) -> float | None:
+    """The timeout this module gave the process group (``None`` if another code created it)."""
+    return _TIMEOUT_S
 
 
 # -- process group helpers ---------------------------------------------------------------------
@@ -148,7 +284,7 @@ def seed_rank(seed: int, group: Any = None) -> int:
     return seed + rank
 
 
-def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> torch.device:
+def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
     """Initialise the default process group from ``torchrun``'s environment variables.
 
     Uses NCCL when CUDA is available (one GPU per process: ``LOCAL_RANK``), else gloo. Without
@@ -157,11 +293,22 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> torch
 
     Args:
         backend: ``"nccl"`` or ``"gloo"``; default by device.
-        timeout_s: collective timeout.
+        timeout_s: how long a collective waits for the other ranks before it raises (a
+            `RankTimeoutError` naming the ranks that did not answer). The default,
+            `DEFAULT_TIMEOUT_S` = 60 s, is short on purpose: a hung or dead rank should stop
+            the run within a minute, not after torch's 10 (or 30) minutes; raise it if one
+            rank does long work between collectives that the others wait for.
 
     Returns:
         this process's device (``cuda:LOCAL_RANK`` or ``cpu``).
+
+    Raises:
+        ValueError: on a ``backend`` other than ``"nccl"``, ``"gloo"`` or ``None``, or a
+            ``timeout_s`` that is not a positive number.
     """
+    if backend is not None:
+        _checks.choice("backend", backend, ("nccl", "gloo"))
+    timeout_s = _checks.positive_float("timeout_s", timeout_s)
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -171,6 +318,8 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> torch
         backend = backend or ("nccl" if use_cuda else "gloo")
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        global _TIMEOUT_S
+        _TIMEOUT_S = timeout_s
     return device
 
 
@@ -186,6 +335,8 @@ def _launched(rank, fn, world_size, backend, port, timeout_s, args) -> None:
     dist.init_process_group(
         backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
     )
+    global _TIMEOUT_S
+    _TIMEOUT_S = timeout_s
     try:
         fn(rank, world_size, *args)
     finally:
@@ -197,7 +348,7 @@ def launch(
     world_size: int,
     *args: Any,
     backend: str = "gloo",
-    timeout_s: float = 120.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     start_method: str = "spawn",
 ) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes on this machine.
@@ -211,15 +362,24 @@ def launch(
         world_size: number of processes.
         *args: passed to ``fn`` after ``(rank, world_size)``.
         backend: ``"gloo"`` (CPU) or ``"nccl"``.
-        timeout_s: collective timeout.
+        timeout_s: how long a collective waits for the other ranks (default
+            `DEFAULT_TIMEOUT_S`, short on purpose: see `init_from_env`).
         start_method: ``"spawn"`` (fresh interpreters; safe with CUDA and threads) or
             ``"fork"`` (POSIX only: the children inherit the imported modules and start in
             well under a second; only for CPU work in a single-threaded parent).
 
     Raises:
         torch.multiprocessing.ProcessRaisedException: if a process raises.
+        ValueError: on a bad ``world_size``, ``backend``, ``timeout_s`` or ``start_method``.
     """
     import torch.multiprocessing as mp
+
+    _checks.positive_int("world_size", world_size)
+    _checks.choice("backend", backend, ("nccl", "gloo"))
+    timeout_s = _checks.positive_float("timeout_s", timeout_s)
+    _checks.choice("start_method", start_method, mp.get_all_start_methods())
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable (rank, world_size, *args), got {fn!r:.80}")
 
     port = _free_port()
     mp.start_processes(
@@ -240,6 +400,7 @@ def all_reduce_gradients(
     *,
     extra: Iterable[float] = (),
     group: Any = None,
+    step: int | None = None,
 ) -> list[float]:
     """Replace every ``p.grad`` by the ``weight``-weighted average over ranks, in place.
 
@@ -253,9 +414,13 @@ def all_reduce_gradients(
         weight: this rank's weight, e.g. its number of outer samples ``R_i``.
         extra: numbers averaged the same way (e.g. the loss value).
         group: the process group (default: the world).
+        step: this rank's step, for the message of a `RankTimeoutError`.
 
     Returns:
         the averaged ``extra`` numbers (empty without ``extra``).
+
+    Raises:
+        RankTimeoutError: if the all-reduce times out or loses a peer (names the ranks).
     """
     params = list(params)
     extra = [float(e) for e in extra]
@@ -274,7 +439,12 @@ def all_reduce_gradients(
     ]
     tail = torch.tensor(extra + [1.0], dtype=dtype, device=device)
     flat = torch.cat(pieces + [tail]) * weight
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    _collective(
+        "the gradient all-reduce",
+        lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group),
+        group,
+        step,
+    )
     flat = flat / flat[-1]
     offset = 0
     for p in params:
@@ -302,7 +472,7 @@ def merge_components(components: VarianceComponents, group: Any = None) -> Varia
     if world == 1:
         return VarianceComponents.from_state(local.tolist())
     gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local, group=group)
+    _collective("merge_components", lambda: dist.all_gather(gathered, local, group=group), group)
     merged = VarianceComponents()
     for state in gathered:
         merged.merge(VarianceComponents.from_state(state.tolist()))
@@ -387,7 +557,11 @@ class DistributedAccountant(Accountant):
             device=_comm_device(self.group),
         )
         gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local, group=self.group)
+        _collective(
+            "the accountant's all-gather",
+            lambda: dist.all_gather(gathered, local, group=self.group),
+            self.group,
+        )
         rows = [g.tolist() for g in gathered]
         costs = [(r[2], r[3]) for r in rows if math.isfinite(r[2]) and math.isfinite(r[3])]
         if costs:
@@ -435,9 +609,28 @@ class DistributedCARVLoss(ELBO):
         term: the teacher term whose outer size weights the average (default: the first).
         group: the process group (default: the world).
 
+    Attributes:
+        step: how many times ``loss_and_grads`` was called on this rank (a call that raised
+            counts). Every step first checks, with one all-reduce of ``3 * world_size``
+            integers, that all ranks are at the same step and in the same method; set it when
+            resuming (``loss.step = start_step``) so that ranks resumed from different
+            checkpoints are caught.
+
     Raises:
-        TypeError: if ``loss`` is not an ELBO with ``loss_and_grads``.
+        TypeError: if ``loss`` is not an ELBO with ``loss_and_grads``, or ``outer_plate`` /
+            ``term`` is not a string or ``None``.
         ValueError: if the loss has a non-distributed accountant in a multi-process run.
+
+    Every rank must call ``loss_and_grads`` for every step, even after an error it caught.
+    A step then raises, on every rank:
+
+    - `OutOfStepError` if the ranks are at different steps (one skipped a call) or one called
+      ``loss`` while another called ``loss_and_grads``; nothing is combined and no ``.grad`` is
+      written;
+    - on the ranks whose wrapped loss raised, that error; on the others `RankFailedError`
+      naming them (all ranks stay in step, so the next step can run);
+    - `RankTimeoutError` naming the ranks that did not answer within the process group's
+      timeout (see `init_from_env`).
     """
 
     def __init__(
@@ -458,12 +651,17 @@ class DistributedCARVLoss(ELBO):
                 "carv_pyro.distributed.DistributedAccountant so that every rank pools the same "
                 "statistics and chooses the same K"
             )
+        if outer_plate is not None:
+            _checks.instance("outer_plate", outer_plate, str, "a plate name (str) or None")
+        if term is not None:
+            _checks.instance("term", term, str, "a teacher term's name (str) or None")
         super().__init__(num_particles=1)
         self.inner = loss
         self.outer_plate = outer_plate
         self.term = term
         self.group = group
         self.last_weight: float = 1.0
+        self.step: int = 0
 
     # the wrapped loss's diagnostics, for logging
     @property
@@ -496,27 +694,111 @@ class DistributedCARVLoss(ELBO):
                 return float(record.n_outer)
         raise ValueError(f"term {self.term!r} not among {[r.name for r in records]}")
 
+    _METHODS = ("loss_and_grads", "loss")
+
+    def _check_in_step(self, method: str, error: BaseException | None, step: int) -> None:
+        """One all-reduce of every rank's (step, method, failed); raise on every rank if off.
+
+        Raises:
+            OutOfStepError: if the ranks' steps or methods differ.
+            RankFailedError: if the wrapped loss raised on other ranks (this rank re-raises
+                its own ``error`` instead).
+        """
+        rank, world = rank_and_world(self.group)
+        if world == 1:
+            if error is not None:
+                raise error
+            return
+        _heartbeat(step)
+        code = self._METHODS.index(method)
+        buf = torch.zeros(3 * world, dtype=torch.int64, device=_comm_device(self.group))
+        buf[rank] = step
+        buf[world + rank] = code
+        buf[2 * world + rank] = 0 if error is None else 1
+        _collective(
+            f"the step check of DistributedCARVLoss.{method}",
+            lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group),
+            self.group,
+            step,
+        )
+        steps, codes, failed = (
+            buf.tolist()[:world],
+            buf.tolist()[world : 2 * world],
+            buf.tolist()[2 * world :],
+        )
+        if len(set(steps)) > 1 or len(set(codes)) > 1:
+
+            def where(r: int) -> str:
+                if len(set(codes)) == 1:
+                    return f"rank {r} is at step {steps[r]}"
+                return f"rank {r} is at step {steps[r]} in {self._METHODS[codes[r]]}"
+
+            parts = [where(r) for r in sorted(range(world), key=lambda r: (steps[r], r))]
+            raise OutOfStepError(
+                f"ranks out of step on rank {rank}: {', '.join(parts)}: a rank skipped a step "
+                f"(e.g. after an exception it caught) or resumed at another step; every rank "
+                f"must call {method} for every step (set DistributedCARVLoss.step when "
+                f"resuming). No gradient was combined."
+            ) from error
+        if error is not None:
+            raise error
+        bad = [r for r in range(world) if failed[r]]
+        if bad:
+            raise RankFailedError(
+                f"the wrapped loss raised on rank(s) {bad} at step {step} (see their own "
+                f"error); this rank ({rank}) skips the step too, so that all ranks stay in step. "
+                f"No gradient was combined.",
+                bad,
+            )
+
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """This rank's step on its shard, then the all-reduce of gradients and loss.
+        """This rank's step on its shard, the step check, then the all-reduce of gradients and loss.
 
         Returns:
             float: the loss averaged over ranks (the same on every rank).
+
+        Raises:
+            OutOfStepError, RankFailedError, RankTimeoutError: see the class docstring.
         """
-        with poutine.trace(param_only=True) as capture, self._shard():
-            value = self.inner.loss_and_grads(model, guide, *args, **kwargs)
+        error: Exception | None = None
+        capture = poutine.trace(param_only=True)
+        try:
+            with capture, self._shard():
+                value = self.inner.loss_and_grads(model, guide, *args, **kwargs)
+        except Exception as caught:  # noqa: BLE001 - re-raised after the step check
+            error = caught
         sites = sorted(capture.trace.nodes.items())
         params = [site["value"].unconstrained() for _, site in sites]
         params = [p for p in params if p.requires_grad]
+        step = self.step
+        self.step += 1
+        try:
+            self._check_in_step("loss_and_grads", error, step)
+        except BaseException:
+            # SVI neither steps nor zeroes the gradients when this raises: drop this rank's
+            # partial gradients so that a loop that goes on does not add them to the next step
+            for p in params:
+                p.grad = None
+            raise
         self.last_weight = self._weight()
-        (value,) = all_reduce_gradients(params, self.last_weight, extra=[value], group=self.group)
+        (value,) = all_reduce_gradients(
+            params, self.last_weight, extra=[value], group=self.group, step=step
+        )
         return value
 
     def loss(self, model, guide, *args, **kwargs) -> float:
-        """The loss averaged over ranks (collective)."""
-        with self._shard():
-            value = self.inner.loss(model, guide, *args, **kwargs)
+        """The loss averaged over ranks (collective; checked like `loss_and_grads`, not counted)."""
+        error: Exception | None = None
+        try:
+            with self._shard():
+                value = self.inner.loss(model, guide, *args, **kwargs)
+        except Exception as caught:  # noqa: BLE001 - re-raised after the step check
+            error = caught
+        self._check_in_step("loss", error, self.step)
         self.last_weight = self._weight()
-        (value,) = all_reduce_gradients([], self.last_weight, extra=[value], group=self.group)
+        (value,) = all_reduce_gradients(
+            [], self.last_weight, extra=[value], group=self.group, step=self.step
+        )
         return value
 
     def _get_trace(self, model, guide, args, kwargs):
