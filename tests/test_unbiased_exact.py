@@ -73,8 +73,12 @@ def exact_expectation(objective, proposal_obj, stratify, R, K, xi, inner="plain"
     source = FixedUniforms()
     guide = _guide(model, proposal_obj, stratify, source)
     loss = carv.CARVLoss()
-    n_strata = {None: 1, "per_outer": K, "global": R * K}[stratify]
-    shifts = range(R * K) if stratify == "global" else range(1)
+    if stratify == "auto":  # per upstream sample when K > 1, else global
+        stratify_as = "per_outer" if K > 1 else "global"
+    else:
+        stratify_as = stratify
+    n_strata = {None: 1, "per_outer": K, "global": R * K}[stratify_as]
+    shifts = range(R * K) if stratify_as == "global" else range(1)
     pts = _breakpoints(guide.proposal_for("sds", objective), n_strata)
     total = torch.zeros(2, dtype=torch.float64)
     for shift in shifts:
@@ -103,7 +107,7 @@ def _proposal(kind: str, objective, seed: int):
 @settings(max_examples=40)
 @given(
     kind=st.sampled_from(["prior", "weighted", "histogram", "defensive"]),
-    stratify=st.sampled_from([None, "per_outer", "global"]),
+    stratify=st.sampled_from([None, "per_outer", "global", "auto"]),
     R=st.integers(1, 3),
     K=st.integers(1, 4),
     weighting=st.sampled_from(["sds", "uniform", "fantasia3d"]),

@@ -27,6 +27,8 @@ _NAMES = {
     "draws": ".infer.primitives",
     "teacher_term": ".infer.primitives",
     "Accountant": ".accounting",
+    "TeacherLoss": ".infer.functional",
+    "teacher_loss": ".infer.functional",
     "SDS": ".objectives",
     "DenoisingLoss": ".objectives",
     "ScoreDifference": ".objectives",
@@ -56,6 +58,7 @@ __all__ = [
     "Estimator",
     "NonFiniteTeacherError",
     "ScoreDifference",
+    "TeacherLoss",
     "TeacherObjective",
     "TimestepGuide",
     "accounting",
@@ -69,6 +72,7 @@ __all__ = [
     "pipelines",
     "proposals",
     "schedules",
+    "teacher_loss",
     "teacher_term",
     "teachers",
     "timesteps",
@@ -91,6 +95,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     )
     from .accounting import Accountant
     from .infer.estimator import PRESETS, Estimator
+    from .infer.functional import TeacherLoss, teacher_loss
     from .infer.guide import TimestepGuide
     from .infer.loss import CARVLoss, NonFiniteTeacherError
     from .infer.primitives import draws, teacher_term

@@ -41,8 +41,9 @@ class Estimator:
             ``adapt`` it is the starting size.
         proposal: ``"prior"``, ``"weighted"``, ``"adaptive"``, a timestep distribution, or a
             callable ``objective -> distribution``.
-        stratify: ``None``, ``"per_outer"`` (``B = K`` strata per upstream sample) or
-            ``"global"`` (``B = R K`` strata across all draws).
+        stratify: ``None``, ``"per_outer"`` (``B = K`` strata per upstream sample),
+            ``"global"`` (``B = R K`` strata across all draws) or ``"auto"`` (per upstream sample
+            when ``K > 1``, globally at ``K = 1``).
         noise: ``"iid"``, ``"antithetic"`` (even ``K``) or ``"sobol"``.
         adapt: choose ``K`` online: an [`Accountant`][carv_pyro.accounting.Accountant] measures
             ``V_b``, ``V_w`` and the cost of a step at the sizes it runs, and sets ``K`` to the
@@ -188,7 +189,7 @@ PRESETS: dict[str, Estimator] = {
     "carv": Estimator(K=8, proposal="weighted", stratify="per_outer", name="carv"),
     "adaptive": Estimator(K=8, proposal="adaptive", stratify="per_outer", name="adaptive"),
     "auto": Estimator(
-        K=4, proposal="weighted", stratify="per_outer", adapt=True, k_range=(1, 32), name="auto"
+        K=4, proposal="weighted", stratify="auto", adapt=True, k_range=(1, 32), name="auto"
     ),
 }
 

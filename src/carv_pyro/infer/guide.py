@@ -98,7 +98,8 @@ class TimestepGuide(GuideMessenger):
             [`AbstractTimestepDistribution`][carv_pyro.timesteps.AbstractTimestepDistribution],
             or a callable ``objective -> AbstractTimestepDistribution``.
         stratify: ``None``, ``"per_outer"`` (one draw per stratum of ``q`` for each upstream
-            sample, ``B = K``) or ``"global"`` (across all ``R K`` draws; use it when ``K = 1``).
+            sample, ``B = K``), ``"global"`` (across all ``R K`` draws; use it when ``K = 1``)
+            or ``"auto"`` (per upstream sample when ``K > 1``, else global).
         noise: ``"iid"``, ``"antithetic"``, ``"sobol"`` or an
             [`AbstractNoiseSampler`][carv_pyro.infer.samplers.AbstractNoiseSampler].
         K: inner draws per upstream sample for every reserved inner plate

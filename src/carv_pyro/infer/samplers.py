@@ -42,7 +42,7 @@ __all__ = [
     "stratified_uniforms",
 ]
 
-STRATIFY = (None, "per_outer", "global")
+STRATIFY = (None, "per_outer", "global", "auto")
 NOISE = ("iid", "antithetic", "sobol")
 
 _MASK64 = (1 << 64) - 1
@@ -162,8 +162,10 @@ def stratified_uniforms(
 
     Args:
         layout: the term's layout (which dim holds the inner draws).
-        stratify: ``None`` (i.i.d.), ``"per_outer"`` (``B = K`` strata per upstream sample) or
-            ``"global"`` (``B = R K`` strata across all draws).
+        stratify: ``None`` (i.i.d.), ``"per_outer"`` (``B = K`` strata per upstream sample),
+            ``"global"`` (``B = R K`` strata across all draws) or ``"auto"`` (``"per_outer"``
+            when there are several inner draws per upstream sample, else ``"global"``: with
+            ``K = 1`` per-outer strata would be a single one).
         source: the base randomness.
         device: where the uniforms are drawn and returned.
 
@@ -173,6 +175,8 @@ def stratified_uniforms(
         a uniformly random permutation).
     """
     shape = tuple(layout.batch_shape)
+    if stratify == "auto":
+        stratify = "per_outer" if layout.n_inner > 1 else "global"
     if stratify is None:
         return source.uniform(shape, device)
     if stratify == "global":

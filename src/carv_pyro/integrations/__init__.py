@@ -1,0 +1,1 @@
+"""Adapters that meet users in the tools they already run (a file per tool)."""
