@@ -169,3 +169,218 @@ def test_schedule_and_prior_validation():
         DefensiveMixture(prior, prior, 0.0)
     with pytest.raises(ValueError, match="bin_weights"):
         HistogramProposal(prior, torch.tensor([1.0, -1.0]))
+
+
+# -- issue 14: every bad input is refused before any work, naming the argument ----------------
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 0.0, -1.0, True, "7.5", None])
+def test_sds_guidance_scale_must_be_finite_and_positive(scale):
+    with pytest.raises(ValueError, match=r"guidance_scale must be a positive finite number"):
+        carv.SDS(sds().teacher, guidance_scale=scale)
+
+
+@pytest.mark.parametrize(
+    "weighting,exc,match",
+    [
+        (lambda t: t, TypeError, r"weighting '<lambda>' failed when called as weighting\("),
+        (lambda schedule, t: 1.0, TypeError, r"returned a torch.float32 tensor of shape \(\)"),
+        (lambda schedule, t: "w", TypeError, "returned str"),
+        (lambda schedule, t: t > 3, TypeError, r"torch.bool tensor"),
+        (lambda schedule, t: torch.ones(len(t) + 1), TypeError, r"shape \(59,\) for t of"),
+        (lambda schedule, t: -torch.ones(len(t)), ValueError, "finite and non-negative"),
+        (lambda schedule, t: 1.0 / (t - 30), ValueError, r"finite and non-negative"),
+    ],
+)
+def test_weighting_callable_is_called_once_at_construction(weighting, exc, match):
+    with pytest.raises(exc, match=match):
+        carv.SDS(sds().teacher, weighting=weighting)
+
+
+def test_good_weighting_callable_and_other_objective_arguments():
+    objective = carv.SDS(sds().teacher, weighting=lambda schedule, t: torch.ones(t.shape))
+    assert torch.equal(objective.weight(torch.arange(3)), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="residual must be a callable"):
+        TeacherObjective(sds().teacher, residual="eps")
+    with pytest.raises(TypeError, match="prior must be an AbstractTimestepDistribution"):
+        carv.SDS(sds().teacher, prior=[0.5, 0.5])
+    with pytest.raises(TypeError, match="fake must be an AbstractTeacher"):
+        carv.ScoreDifference(sds().teacher, "fake")
+
+
+def test_integer_x_is_refused_naming_x():
+    objective = sds()
+
+    def model():
+        pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", 2, dim=-2), pyro.plate("noise", 3, dim=-1):
+            carv.teacher_term("sds", objective, torch.ones(2, 1, D, dtype=torch.long))
+
+    _svi_step_raises(model, lambda: None, carv.CARVLoss(), "x must be a floating-point", TypeError)
+
+
+@pytest.fixture(scope="module")
+def digits_teacher():
+    from carv_pyro.teachers.embedded import load_default
+
+    return load_default()
+
+
+def _cond_step_raises(teacher, cond, exc, match, monkeypatch):
+    """One SVI step with ``cond`` raises before the teacher runs and before ``x`` changes."""
+    calls = []
+    real = teacher._predict_eps
+    monkeypatch.setattr(teacher, "_predict_eps", lambda *a: calls.append(1) or real(*a))
+    objective = carv.SDS(teacher, guidance_scale=3.0)
+    event = tuple(teacher.event_shape)
+
+    def model():
+        x = pyro.param("theta", torch.zeros((1, 1) + event))
+        with pyro.plate("views", 1, dim=-2), pyro.plate("noise", 2, dim=-1):
+            carv.teacher_term("sds", objective, x, cond=cond)
+
+    svi = SVI(model, lambda: None, pyro.optim.SGD({"lr": 1.0}), loss=carv.CARVLoss())
+    with pytest.raises(exc, match=match):
+        svi.step()
+    assert torch.equal(pyro.param("theta").detach(), torch.zeros((1, 1) + event))
+    assert not calls, "the teacher ran before the bad cond was noticed"
+
+
+@pytest.mark.parametrize("cond", ["3", "three", ["3", "4"]])
+def test_string_cond_for_the_digits_teacher_says_what_it_takes(digits_teacher, cond, monkeypatch):
+    _cond_step_raises(
+        digits_teacher,
+        cond,
+        TypeError,
+        r"cond must not be a string .*integer class labels in \[0, 10\].*default_prompt_cond",
+        monkeypatch,
+    )
+
+
+@pytest.mark.parametrize("cond", [True, False, torch.tensor(True)])
+def test_bool_cond_is_refused(digits_teacher, cond, monkeypatch):
+    _cond_step_raises(digits_teacher, cond, TypeError, r"cond must not be a bool", monkeypatch)
+
+
+@pytest.mark.parametrize("cond,given", [(12, "got 12"), (-1, "got -1"), ([3, 12], r"got \[12\]")])
+def test_bad_digit_label_names_the_label_given(digits_teacher, cond, given, monkeypatch):
+    # (the teacher itself would report "range [10, 12]": guidance adds the null class 10)
+    _cond_step_raises(
+        digits_teacher,
+        torch.tensor(cond).reshape(1, -1) if isinstance(cond, list) else cond,
+        ValueError,
+        r"cond must hold class labels in \[0, 10\] for DiffusersTeacher, " + given,
+        monkeypatch,
+    )
+
+
+def test_float_labels_are_refused(digits_teacher, monkeypatch):
+    _cond_step_raises(digits_teacher, 3.0, TypeError, "integer class labels", monkeypatch)
+
+
+class _LetterMixture(carv.teachers.GaussianMixtureTeacher):
+    """A mixture teacher that reads prompts: the optional ``parse_prompt`` hook."""
+
+    def parse_prompt(self, prompt: str) -> int:
+        if prompt not in ("a", "b"):
+            raise ValueError(f"unknown prompt {prompt!r}: expected 'a' or 'b'")
+        return "ab".index(prompt)
+
+
+def _mixture(cls=carv.teachers.GaussianMixtureTeacher):
+    from .analytic import schedule
+
+    means = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    return cls(means, 0.5, torch.tensor([0.5, 0.5]), schedule())
+
+
+def test_a_teacher_with_parse_prompt_reads_string_cond(monkeypatch):
+    teacher = _mixture(_LetterMixture)
+    objective = carv.SDS(teacher)
+    got = {}
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", 1, dim=-2), pyro.plate("noise", 2, dim=-1):
+            carv.teacher_term("sds", objective, theta.expand(1, 1, D), cond="b")
+
+    real = teacher._predict_eps
+
+    def spy(x_t, t, c):
+        got["c"] = c
+        return real(x_t, t, c)
+
+    monkeypatch.setattr(teacher, "_predict_eps", spy)
+    carv.CARVLoss().loss_and_grads(model, lambda: None)
+    assert got["c"].tolist() == [1, 1]
+    pyro.clear_param_store()
+    _cond_step_raises(
+        teacher, "c", ValueError, r"cond 'c' is not a prompt.*expected 'a' or 'b'", monkeypatch
+    )
+
+
+def test_mixture_labels_range_includes_the_whole_mixture_index(monkeypatch):
+    # M = 2 components: labels 0, 1 and 2 (the whole mixture) are valid, 3 is not
+    _cond_step_raises(
+        _mixture(),
+        3,
+        ValueError,
+        r"labels in \[0, 2\] for GaussianMixtureTeacher, got 3",
+        monkeypatch,
+    )
+    pyro.clear_param_store()
+    _cond_step_raises(_mixture(), "3", TypeError, "no parse_prompt", monkeypatch)
+
+
+def test_cond_for_an_unconditional_teacher_names_cond():
+    objective = sds()
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", 2, dim=-2), pyro.plate("noise", 3, dim=-1):
+            carv.teacher_term("sds", objective, theta.expand(2, 1, D), cond=3)
+
+    _svi_step_raises(model, lambda: None, carv.CARVLoss(), r"cond was given \(3\).*unconditional")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only build")
+def test_bench_device_cuda_on_a_cpu_build(capsys, monkeypatch):
+    import argparse
+
+    from carv_pyro import bench, cli
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the device was checked")
+
+    for name in list(bench.PIPELINES):
+        monkeypatch.setitem(bench.PIPELINES, name, forbidden)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--quick", "--device", "cuda"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA device here" in err and "Traceback" not in err
+    args = argparse.Namespace(
+        pipeline="text-to-3d", quick=True, json=None, plot=None, device="cuda", seed=0, repeats=None
+    )
+    with pytest.raises(ValueError, match=r"device='cuda'.*no CUDA device"):
+        bench.main(args)
+    with pytest.raises(ValueError, match="device must be"):
+        bench.main(argparse.Namespace(**{**vars(args), "device": "tpu"}))
+
+
+def test_issue_14_inputs_done_elsewhere_stay_refused():
+    from carv_pyro.accounting import Accountant
+    from carv_pyro.distributed import DistributedCARVLoss
+
+    with pytest.raises(ValueError, match="K must be a positive integer, got 0"):
+        carv.Estimator(K=0)
+    with pytest.raises(ValueError, match="costs"):
+        Accountant(costs=(1,))
+    with pytest.raises(ValueError, match="min_measurements"):
+        Accountant(min_measurements=-3)
+    with pytest.raises(TypeError, match="accountant must be"):
+        carv.CARVLoss(accountant="yes")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        carv.TimestepGuide(None, generator=1234)
+    with pytest.raises(TypeError, match="outer_plate"):
+        DistributedCARVLoss(carv.CARVLoss(), outer_plate=3)
