@@ -32,9 +32,10 @@ SDF within a voxel or two of the surface, where all of them are (near-)exact.
 
 Grids (`occupancy_grid`, `density_grid`) use the `VoxelField` layout: axes ``(z, y, x)``, voxel
 centres ``-1 + (2 i + 1) / D``. A carved field's occupancy (`field_occupancy`) thresholds its
-density at `occupancy_threshold`, the density at which one voxel's length of material blocks
-half the light; `density_grid` puts exactly that density on the surface, so a shape's own
-density grid has exactly the shape's occupancy.
+density at `OCCUPANCY_DENSITY`, the density at which a wall as thin as the shapes' thinnest
+(`OCCUPANCY_WALL`, 0.25 world units) blocks half the light: denser regions show as solid in a
+render, thinner ones as haze. `density_grid` puts exactly that density on the surface, so a
+shape's own density grid has exactly the shape's occupancy.
 
 Examples:
     >>> occ = occupancy_grid("torus", 32)
@@ -58,6 +59,8 @@ from torch import Tensor
 from .render import VoxelField
 
 __all__ = [
+    "OCCUPANCY_DENSITY",
+    "OCCUPANCY_WALL",
     "SHAPE_ALBEDO",
     "SHAPE_CLASSES",
     "density_grid",
@@ -65,7 +68,6 @@ __all__ = [
     "field_occupancy",
     "iou",
     "occupancy_grid",
-    "occupancy_threshold",
     "sdf",
     "shape_field",
     "voxel_centers",
@@ -73,6 +75,21 @@ __all__ = [
 
 SHAPE_ALBEDO = 0.85
 """The uniform albedo of every shape in the shapes teacher's renders."""
+
+OCCUPANCY_WALL = 0.25
+"""Thickness in world units of the thinnest walls of the shapes (tube, mug, arch: 0.18-0.28),
+the length scale of `OCCUPANCY_DENSITY`."""
+
+OCCUPANCY_DENSITY = math.log(2.0) / OCCUPANCY_WALL
+"""Density (per unit length, ``4 ln 2 = 2.77``) above which a point counts as occupied.
+
+A wall of thickness `OCCUPANCY_WALL` at this density lets half the light through. What a
+render shows is the optical depth through the object, so a score-distilled field, which only
+has to look solid, settles at interior densities of a few times this value (not at the
+training data's `density_grid` peak, 8 times it): a threshold at the scale of the object's
+walls reads such a field as the solid it looks like, and the haze around it as empty. It is a
+world-unit density, the same at every resolution, so every carved field is judged alike.
+"""
 
 
 # ------------------------------------------------------------------------------ primitives
@@ -311,48 +328,27 @@ def occupancy_grid(
     return sdf(name, centres) < 0
 
 
-def occupancy_threshold(resolution: int) -> float:
-    """The density above which a voxel of a ``D^3`` grid on ``[-1, 1]^3`` counts as occupied.
-
-    A ray crossing one voxel edge (length ``h = 2 / D``) through density ``sigma`` keeps
-    ``exp(-sigma h)`` of its light; the threshold is where half is blocked,
-    ``sigma = ln 2 / h = D ln 2 / 2``. It is the renderer's own notion of "solid at this
-    resolution": a voxel above it is opaque enough to show in a render on its own, one below it
-    is haze. It does not depend on how the field was made, so every carved field is judged
-    alike.
-
-    Args:
-        resolution: ``D``.
-
-    Returns:
-        The density threshold, per unit length (``11.09`` for ``D = 32``).
-    """
-    return _check_resolution(resolution) * math.log(2.0) / 2.0
-
-
-def density_occupancy(density: Tensor, threshold: float | None = None) -> Tensor:
+def density_occupancy(density: Tensor, threshold: float = OCCUPANCY_DENSITY) -> Tensor:
     """Occupancy of a density volume: ``density >= threshold``.
 
     Args:
         density: ``(..., D, D, D)`` non-negative densities, axes ``(z, y, x)``.
-        threshold: default `occupancy_threshold` of ``D``.
+        threshold: per unit length; default `OCCUPANCY_DENSITY`.
 
     Returns:
         ``(..., D, D, D)`` bool.
     """
     if density.dim() < 3 or not density.shape[-1] == density.shape[-2] == density.shape[-3]:
         raise ValueError(f"density must have shape (..., D, D, D), got {tuple(density.shape)}")
-    if threshold is None:
-        threshold = occupancy_threshold(density.shape[-1])
     return density >= threshold
 
 
-def field_occupancy(field: VoxelField, threshold: float | None = None) -> Tensor:
+def field_occupancy(field: VoxelField, threshold: float = OCCUPANCY_DENSITY) -> Tensor:
     """Occupancy of a carved `VoxelField`: its voxel densities thresholded (`density_occupancy`).
 
     Args:
         field: the field.
-        threshold: default `occupancy_threshold` of the field's resolution.
+        threshold: per unit length; default `OCCUPANCY_DENSITY`.
 
     Returns:
         ``(D, D, D)`` bool, detached, axes ``(z, y, x)``.
@@ -372,21 +368,21 @@ def density_grid(
 ) -> Tensor:
     """A smooth density volume of a shape, renderable like a `VoxelField`.
 
-    ``density = peak * sigmoid(-sharpness * sdf)`` at the voxel centres: ``peak`` inside,
-    ``peak / 2`` on the surface, vanishing outside over a shell of width about
-    ``4 / sharpness``.
+    ``density = peak * sigmoid(offset - sharpness * sdf)`` at the voxel centres, with the
+    offset ``logit(OCCUPANCY_DENSITY / peak)`` that puts exactly `OCCUPANCY_DENSITY` on the
+    surface: so ``density_occupancy(density_grid(name, D)) == occupancy_grid(name, D)``. The
+    density rises to ``peak`` inside and vanishes outside over a shell of a few
+    ``1 / sharpness``.
 
     Args:
         name: one of `SHAPE_CLASSES`.
         resolution: ``D``, voxels per side.
-        sharpness: slope of the surface profile per unit length; default ``D`` (from 12% to
-            88% of ``peak`` over one voxel on either side of the surface), which the trilinear
-            interpolation of a ``D^3`` field can follow and its central differences turn into
-            smooth normals.
-        peak: the density inside, per unit length; default ``2 * occupancy_threshold(D)``, so
-            that the surface is exactly at the occupancy threshold and
-            ``density_occupancy(density_grid(name, D)) == occupancy_grid(name, D)``. (Through a
-            0.2-thick wall at ``D = 32`` that is an optical depth of 4.4: opaque.)
+        sharpness: slope of the surface profile per unit length; default ``D`` (the logit
+            changes by 2 per voxel), which the trilinear interpolation of a ``D^3`` field can
+            follow and its central differences turn into smooth normals.
+        peak: the density inside, per unit length, above `OCCUPANCY_DENSITY`; default
+            ``8 * OCCUPANCY_DENSITY = 22.2`` (half the light through 1/32 of a unit; through
+            the thinnest walls an optical depth of 5: opaque).
         dtype: floating dtype of the result.
         device: device of the result.
 
@@ -397,11 +393,14 @@ def density_grid(
     sharpness = float(resolution if sharpness is None else sharpness)
     if not math.isfinite(sharpness) or sharpness <= 0:
         raise ValueError(f"sharpness must be a positive number, got {sharpness!r}")
-    peak = 2.0 * occupancy_threshold(resolution) if peak is None else float(peak)
-    if not math.isfinite(peak) or peak <= 0:
-        raise ValueError(f"peak must be a positive number, got {peak!r}")
+    peak = 8.0 * OCCUPANCY_DENSITY if peak is None else float(peak)
+    if not math.isfinite(peak) or peak <= OCCUPANCY_DENSITY:
+        raise ValueError(
+            f"peak must be a number above OCCUPANCY_DENSITY = {OCCUPANCY_DENSITY:.3f}, got {peak!r}"
+        )
+    offset = math.log(OCCUPANCY_DENSITY / (peak - OCCUPANCY_DENSITY))  # logit(tau / peak)
     centres = voxel_centers(resolution, dtype=torch.float64, device=device)
-    density = peak * torch.sigmoid(-sharpness * sdf(name, centres))
+    density = peak * torch.sigmoid(offset - sharpness * sdf(name, centres))
     return density.to(dtype)
 
 
