@@ -34,7 +34,6 @@ from carv_pyro.distributed import (
     DistributedCARVLoss,
     init_from_env,
     rank_and_world,
-    seed_rank,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,10 +63,12 @@ def train(args: argparse.Namespace) -> dict | None:
         ["--device", str(device), "--dtype", args.dtype] + (["--quick"] if args.quick else [])
     )
     b = gpu_bench.Bench(bench_args)  # seeded: the same teacher and field on every rank
-    seed_rank(0)  # then independent cameras and draws per rank
+    # then independent cameras and draws per rank, from seeded generators (no global seeding)
+    b.camera_generator.manual_seed(1 + rank)
+    estimator = carv.Estimator.preset("carv", K=args.K)  # q ∝ p w alpha, stratified per view
+    guide = estimator.guide(b.model, seed=1000 + rank)
     accountant = DistributedAccountant(every=5) if args.accountant else None
-    loss = DistributedCARVLoss(carv.CARVLoss(accountant=accountant), outer_plate="views")
-    guide = carv.TimestepGuide(b.model, proposal="weighted", stratify="per_outer")
+    loss = DistributedCARVLoss(estimator.loss(accountant=accountant), outer_plate="views")
     svi = SVI(b.model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=loss)
 
     for _ in range(args.warmup):

@@ -11,7 +11,7 @@ does). One run reports:
 (b) one CARV SVI step against a hand-written torch loop of the same math (overhead ratio), with
     the GPU-busy fraction of each from the profiler and the host synchronisations in a step;
 (c) the measured ``c_outer`` / ``c_inner``, ``V_b`` / ``V_w``, the accountant's ``K*`` and
-    predicted ECM (:func:`carv_pyro.accounting.measure`);
+    predicted ECM (`carv_pyro.measure.measure`);
 (d) peak GPU memory against ``K`` (and with chunking, ``max_batch``);
 (e) the teacher's time per draw against its FLOP floor (FLOPs counted with
     ``torch.utils.flop_counter``; the floor at the bf16 matmul rate measured in the same run),
@@ -41,14 +41,14 @@ import warnings
 from pathlib import Path
 
 import pyro
-import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI
 
 import carv_pyro as carv
-from carv_pyro.accounting import measure
+from carv_pyro.measure import measure
 from carv_pyro.pipelines.render import VoxelField, render
+from carv_pyro.pipelines.text_to_3d import SeededUniform
 
 #: Stable Diffusion 2.1-base (512 px) UNet, as published in its ``unet/config.json``.
 SD21_UNET = dict(
@@ -202,8 +202,10 @@ class Bench:
         self.dtype = DTYPES[args.dtype]
         unet_cfg = TINY_UNET if args.quick else SD21_UNET
         vae_cfg = TINY_VAE if args.quick else SD_VAE
-        torch.manual_seed(0)
-        with torch.device(self.device):
+        # seeded random weights; the global RNG is left as it was
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.device(self.device):
+            torch.manual_seed(0)
             self.unet = UNet2DConditionModel(**unet_cfg)
             self.vae = AutoencoderKL(**vae_cfg)
         torch.nn.Module.to(self.unet, dtype=self.dtype).eval().requires_grad_(False)
@@ -229,6 +231,10 @@ class Bench:
         self.field = VoxelField(resolution=16 if args.quick else 64, channels=3, seed=0).to(
             self.device
         )
+        # the cameras' draws (the model's prior and the hand loop's) come from generators on the
+        # device: reproducible, and no host-to-device copy in a step
+        self.camera_generator = torch.Generator(self.device).manual_seed(1)
+        self.hand_generator = torch.Generator(self.device).manual_seed(2)
 
     # -- the upstream: render -> upsample -> VAE encoder mean * scaling factor
     def upstream(self, field, azimuth, elevation):
@@ -247,20 +253,23 @@ class Bench:
 
     def cameras(self, shape):
         lo, hi = math.radians(-10.0), math.radians(30.0)
-        az = (torch.rand(shape, device=self.device) * 2 - 1) * math.pi
-        el = lo + (hi - lo) * torch.rand(shape, device=self.device)
+        g = self.hand_generator
+        az = (torch.rand(shape, device=self.device, generator=g) * 2 - 1) * math.pi
+        el = lo + (hi - lo) * torch.rand(shape, device=self.device, generator=g)
         return az, el
 
     def model(self, R: int, K: int):
         pyro.module("field", self.field)
         zero = torch.zeros((), device=self.device)
+        g = self.camera_generator
         with pyro.plate("views", R, dim=-2):
-            az = pyro.sample("azimuth", dist.Uniform(zero - math.pi, zero + math.pi))
+            az = pyro.sample("azimuth", SeededUniform(zero - math.pi, zero + math.pi, g))
             el = pyro.sample(
-                "elevation", dist.Uniform(zero + math.radians(-10.0), zero + math.radians(30.0))
+                "elevation",
+                SeededUniform(zero + math.radians(-10.0), zero + math.radians(30.0), g),
             )
             latents = self.upstream(self.field, az, el)  # (R, 1, 4, h, w)
-            with pyro.plate("noise", K, dim=-1):
+            with carv.draws(K, dim=-1):  # the reserved inner plate
                 carv.teacher_term("sds", self.objective, latents, cond=self.cond)
 
     # -- raw diffusers forward with guidance doubling
@@ -307,8 +316,9 @@ def hand_written_step_factory(b: Bench, R: int, K: int):
         az, el = b.cameras((R, 1))
         latents = b.upstream(field, az, el)  # (R, 1, 4, h, w)
         x = latents.expand(R, K, *b.latent_shape).reshape(R * K, *b.latent_shape)
-        t = torch.randint(lo, hi + 1, (R * K,), device=b.device)
-        eps = torch.randn_like(x)
+        g = b.hand_generator
+        t = torch.randint(lo, hi + 1, (R * K,), device=b.device, generator=g)
+        eps = torch.randn(x.shape, device=b.device, dtype=x.dtype, generator=g)
         with torch.no_grad():
             x_t = alpha[t].view(view) * x + sigma[t].view(view) * eps
             inp = torch.cat([x_t, x_t]).to(b.dtype)
@@ -324,8 +334,10 @@ def hand_written_step_factory(b: Bench, R: int, K: int):
 
 def carv_step_factory(b: Bench, R: int, K: int, loss=None):
     pyro.clear_param_store()
-    guide = carv.TimestepGuide(b.model, proposal="prior")
-    loss = loss or carv.CARVLoss()
+    # K uniform (t, eps) draws per view, as the hand-written loop draws them
+    estimator = carv.Estimator.preset("reuse", K=K)
+    guide = estimator.guide(b.model, seed=3)
+    loss = loss or estimator.loss()
     svi = SVI(b.model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=loss)
     return (lambda: svi.step(R, K)), loss, guide
 
@@ -538,10 +550,10 @@ def section_overhead(b: Bench, res: dict) -> None:
 
 
 def section_accounting(b: Bench, res: dict) -> None:
-    """(c) V_b, V_w, c_outer, c_inner, K*, ECM from carv_pyro.accounting.measure."""
+    """(c) V_b, V_w, c_outer, c_inner, K*, ECM from carv_pyro.measure.measure."""
     R, K = b.args.R, b.args.K
     pyro.clear_param_store()
-    guide = carv.TimestepGuide(b.model, proposal="prior")
+    guide = carv.Estimator.preset("reuse", K=K).guide(b.model, seed=4)
     ks = [k for k in (1, 2, 4, 8, 16, 32) if R * k <= 2 * b.args.batches[-1]]
     report = measure(
         b.model,
@@ -715,7 +727,7 @@ def markdown(res: dict) -> str:
             "| | ms/step | GPU busy (profiler) |",
             "| --- | ---: | ---: |",
             f"| hand-written torch | {ov['hand_ms']:.2f} | {fmt(ph['gpu_busy_fraction'], '.1%')} |",
-            f"| CARV (`SVI.step`, `TimestepGuide`, `CARVLoss`) | {ov['carv_ms']:.2f} | "
+            f"| CARV (`SVI.step`, `Estimator.guide`, `CARVLoss`) | {ov['carv_ms']:.2f} | "
             f"{fmt(pc['gpu_busy_fraction'], '.1%')} |",
             "",
             f"Overhead of the Pyro plumbing: **{ov['overhead']:+.1%}** of a step (run-to-run "
@@ -740,7 +752,7 @@ def markdown(res: dict) -> str:
     ac = res.get("accounting")
     if ac:
         lines += [
-            "## (c) Accounting at this scale (`carv_pyro.accounting.measure`)",
+            "## (c) Accounting at this scale (`carv_pyro.measure.measure`)",
             "",
             f"At R = {ac['R']}, K = {ac['K']}: c_outer = {ac['c_outer_ms']:.2f} ms per view "
             f"(timed directly: {ac['c_outer_direct_ms']:.2f} ms, render + VAE encoder forward "
@@ -835,7 +847,6 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    pyro.set_rng_seed(0)
     import diffusers
 
     log(f"building ({'tiny' if args.quick else 'SD 2.1 size'}) on {device}")

@@ -25,18 +25,19 @@ from carv_pyro.teachers import DiffusersTeacher
 
 
 def build_teacher(seed: int = 0) -> DiffusersTeacher:
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        num_class_embeds=11,
-        norm_num_groups=8,
-    )
+    with torch.random.fork_rng():  # seeded weights, the global RNG left as it was
+        torch.manual_seed(seed)
+        unet = UNet2DModel(
+            sample_size=16,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            num_class_embeds=11,
+            norm_num_groups=8,
+        )
     return DiffusersTeacher(unet, DDPMScheduler(num_train_timesteps=1000))
 
 
@@ -54,7 +55,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in teacher.unet.parameters())
     objective = carv.SDS(teacher, weighting="sds")
     label = torch.tensor(3)
-    basis = torch.randn(1, 16, 16) * 0.3
+    g = torch.Generator().manual_seed(1)
+    basis = torch.randn(1, 16, 16, generator=g) * 0.3
 
     # -- the Pyro way ---------------------------------------------------------------------
     def model():
@@ -62,11 +64,13 @@ def main() -> None:
         with pyro.plate("views", R, dim=-2):
             xi = pyro.sample("xi", dist.Normal(0.0, 1.0))
             x = torch.tanh(theta + xi[..., None, None, None] * basis)  # (R, 1, 1, 16, 16)
-            with pyro.plate("noise", K, dim=-1):
+            with carv.draws(K, dim=-1):
                 carv.teacher_term("sds", objective, x, cond=label)
 
-    guide = carv.TimestepGuide(model)
-    loss = carv.CARVLoss()
+    # the "reuse" preset: K uniform (t, eps) draws per upstream sample, as the hand loop draws
+    estimator = carv.Estimator.preset("reuse", K=K)
+    guide = estimator.guide(model, seed=2)
+    loss = estimator.loss()
     theta = pyro.param("theta", torch.zeros(1, 16, 16)).unconstrained()
 
     def carv_step():
@@ -80,10 +84,10 @@ def main() -> None:
 
     def hand_step():
         theta_h.grad = None
-        xi = torch.randn(R, 1)
+        xi = torch.randn(R, 1, generator=g)
         x = torch.tanh(theta_h + xi[..., None, None, None] * basis)  # (R, 1, 1, 16, 16)
-        t = torch.randint(prior.low, prior.high + 1, (R, K))
-        eps = torch.randn(R, K, 1, 16, 16)
+        t = torch.randint(prior.low, prior.high + 1, (R, K), generator=g)
+        eps = torch.randn(R, K, 1, 16, 16, generator=g)
         xr = x.expand(R, K, 1, 16, 16).reshape(R * K, 1, 16, 16)
         tf = t.reshape(-1)
         a = schedule.alpha(tf).reshape(-1, 1, 1, 1)
@@ -95,8 +99,8 @@ def main() -> None:
         ((xr * h).sum() / (R * K)).backward()
 
     # the teacher call alone, for scale
-    x_t = torch.randn(R * K, 1, 16, 16)
-    tt = torch.randint(0, 1000, (R * K,))
+    x_t = torch.randn(R * K, 1, 16, 16, generator=g)
+    tt = torch.randint(0, 1000, (R * K,), generator=g)
 
     def teacher_only():
         with torch.no_grad():
