@@ -384,6 +384,8 @@ def _parse_prompts(teacher: Any, cond: Any) -> Any:
     if not (is_text or is_texts):
         return cond
     parser = getattr(teacher, "parse_prompt", None)
+    if not callable(parser) and _reads_prompts(teacher):
+        return cond  # its own encode_cond reads text (a pipeline teacher's text encoder)
     if not callable(parser):
         raise TypeError(
             f"cond must not be a string (got {cond!r:.80}): {_takes(teacher)}, and it has no "
@@ -395,6 +397,21 @@ def _parse_prompts(teacher: Any, cond: Any) -> Any:
         return parser(cond) if is_text else [parser(c) for c in cond]
     except ValueError as error:
         raise ValueError(f"cond {cond!r:.80} is not a prompt this teacher reads: {error}") from None
+
+
+def _reads_prompts(teacher: Any) -> bool:
+    """Whether the teacher's class overrides ``encode_cond`` beyond the generic tensor ones."""
+    from ..teachers.base import AbstractTeacher
+
+    generic = {AbstractTeacher.encode_cond}
+    try:
+        from ..teachers.diffusers_teacher import DiffusersTeacher
+
+        generic.add(DiffusersTeacher.encode_cond)
+    except ImportError:  # pragma: no cover
+        pass
+    own = getattr(type(teacher), "encode_cond", None)
+    return own is not None and own not in generic and hasattr(teacher, "encode_prompt")
 
 
 def _check_labels(teacher: Any, c: Tensor) -> None:
