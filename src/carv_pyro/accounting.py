@@ -461,11 +461,11 @@ class Accountant:
         if lo > hi:
             raise ValueError(f"k_range must satisfy 1 <= min <= max, got {k_range!r}")
         _checks.positive_int("every", every)
-        _checks.positive_int("window", window)
+        _checks.positive_int("window", window, maximum=10**9)
         _checks.instance("adapt", adapt, bool, "True or False")
         _checks.positive_int("min_measurements", min_measurements)
         if costs is not None:
-            if isinstance(costs, (str, bytes)) or not hasattr(costs, "__len__") or len(costs) != 2:
+            if not isinstance(costs, (tuple, list)) or len(costs) != 2:
                 raise ValueError(
                     f"costs must be a pair (c_outer, c_inner) of seconds, got {costs!r}"
                 )

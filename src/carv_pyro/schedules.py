@@ -32,7 +32,12 @@ class DiscreteSchedule:
     """
 
     def __init__(self, alphas_cumprod: Tensor | Any):
-        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().clone()
+        try:
+            ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().clone()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"alphas_cumprod must be a 1-D sequence of numbers, got {alphas_cumprod!r:.60}"
+            ) from None
         if ac.dim() != 1 or ac.numel() < 2:
             raise ValueError(
                 f"alphas_cumprod must be a 1-D tensor with at least 2 entries, got shape "
@@ -40,7 +45,7 @@ class DiscreteSchedule:
             )
         if not torch.isfinite(ac).all() or (ac <= 0).any() or (ac > 1).any():
             raise ValueError("alphas_cumprod must be finite and lie in (0, 1]")
-        if (ac[1:] > ac[:-1] + 1e-12).any():
+        if (ac[1:] > ac[:-1] * (1 + 1e-12)).any():  # relative: tiny values count too
             raise ValueError("alphas_cumprod must be non-increasing in t")
         self.alphas_cumprod = ac
         self._alpha = ac.sqrt()

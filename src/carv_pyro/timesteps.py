@@ -18,11 +18,17 @@ from torch import Tensor
 from . import _checks
 
 __all__ = [
+    "MAX_TIMESTEPS",
     "AbstractTimestepDistribution",
     "Categorical",
     "UniformTimesteps",
     "timestep_bins",
 ]
+
+
+#: The most timesteps a distribution may have (diffusion schedules use 1000; this bounds the
+#: tables every distribution keeps in memory).
+MAX_TIMESTEPS = 1_000_000
 
 
 class AbstractTimestepDistribution:
@@ -160,9 +166,11 @@ class UniformTimesteps(AbstractTimestepDistribution):
         if (
             not isinstance(num_timesteps, int)
             or isinstance(num_timesteps, bool)
-            or num_timesteps < 2
+            or not 2 <= num_timesteps <= MAX_TIMESTEPS
         ):
-            raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
+            raise ValueError(
+                f"num_timesteps must be an integer in [2, {MAX_TIMESTEPS}], got {num_timesteps!r}"
+            )
         lo, hi = _checks.ordered_pair("t_range", t_range, 0.0, 1.0, strict=False)
         if hi >= 1.0:
             raise ValueError(f"t_range must satisfy 0 <= lo <= hi < 1, got {t_range!r}")

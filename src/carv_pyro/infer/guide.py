@@ -148,6 +148,8 @@ class TimestepGuide(GuideMessenger):
             if noise_obj.needs_even_inner and K % 2:
                 raise ValueError(f"noise={noise!r} needs an even K, got K={K}")
         if sites is not None:
+            if isinstance(sites, str) or not isinstance(sites, (tuple, list, set, frozenset)):
+                raise TypeError(f"sites must be a tuple of term names or None, got {sites!r:.60}")
             sites = tuple(sites)
             for s in sites:
                 _checks.instance("sites", s, str, "a tuple of term names")
