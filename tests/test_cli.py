@@ -138,7 +138,10 @@ def test_dream_command_runs_resumes_and_refuses_a_finished_folder(capsys, tmp_pa
     monkeypatch.setattr(text_to_3d, "dream", tiny_dream)
     out = tmp_path / "run"
     argv = ["dream", "three", "--teacher", "digits", "--out", str(out), "--steps", "2"]
-    assert cli.main([*argv, "--estimator", "baseline", "--R", "2", "--quiet", "--eval-every", "1"]) == 0
+    assert (
+        cli.main([*argv, "--estimator", "baseline", "--R", "2", "--quiet", "--eval-every", "1"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "dream 'three' [baseline, R=2, K=1" in printed and "2 steps" in printed
     summary = json.loads((out / "summary.json").read_text())

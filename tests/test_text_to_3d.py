@@ -194,11 +194,11 @@ def test_quality_of_the_true_shape_is_perfect_and_of_a_blob_is_not():
 
     scene = make_scene("shapes", "torus")
     true = quality(shape_field("torus", 32), scene, n_views=4)
-    assert true["iou"] == 1.0 and true["p"] > 0.5
+    assert true["iou_hard"] == 1.0 and true["p"] > 0.5
     blob = quality(VoxelField(32, 1, seed=0), scene, n_views=4)
-    assert blob["iou"] < 0.2
+    assert blob["iou"] < 0.5 * true["iou"] and blob["iou_hard"] < 0.2
     other = quality(shape_field("cube", 32), scene, n_views=4)
-    assert other["iou"] < 0.8 and other["p"] < true["p"]
+    assert other["iou"] < true["iou"] and other["p"] < true["p"]
 
 
 # -- dream ----------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def test_dream_carves_a_shape_that_beats_its_start_with_the_shapes_teacher(tmp_p
     config = TextTo3DConfig(prompt="cube", steps=40, eval_every=20, estimator="carv", seed=seed(0))
     summary = dream(config, tmp_path / "cube", progress=False)
     first, last = summary["initial_quality"], summary["final_quality"]
-    assert last["iou"] > first["iou"] + 0.1, (first, last)
+    assert last["iou"] > first["iou"] + 0.05, (first, last)
 
 
 # -- the race -------------------------------------------------------------------------------

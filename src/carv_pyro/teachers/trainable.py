@@ -46,7 +46,9 @@ class trainable:  # noqa: N801 (a context manager used like a function)
         keep_grads: bool = False,
     ):
         if not hasattr(teacher, "requires_grad"):
-            raise TypeError(f"teacher must have a requires_grad switch, got {type(teacher).__name__}")
+            raise TypeError(
+                f"teacher must have a requires_grad switch, got {type(teacher).__name__}"
+            )
         module = getattr(teacher, "unet", None) if module is None else module
         if not isinstance(module, nn.Module):
             raise TypeError("module must be the teacher's network (an nn.Module)")

@@ -82,11 +82,23 @@ class DreamRun:
 
     def restore(self, state: dict[str, Any]) -> LoopState:
         """Load a checkpoint's state into this run; return its loop state."""
+        from pyro.params.param_store import param_with_module_name
+
         store = pyro.get_param_store()
         store.clear()
-        store.set_state(state["param_store"])
-        # point the field at the restored tensors, so that its gradients reach the optimizer
-        pyro.module("field", self.field, update_module_params=True)
+        # the checkpoint is read on the host: copy the field's values into its own tensors
+        # (on the run's device) and keep those as the store's entries, so the model, the store
+        # and the optimizer share them
+        params = dict(state["param_store"]["params"])
+        with torch.no_grad():
+            for name, p in self.field.named_parameters():
+                key = param_with_module_name("field", name)
+                if key in params:
+                    p.copy_(params[key])
+                    params[key] = p
+        store.set_state(
+            {"params": params, "constraints": dict(state["param_store"]["constraints"])}
+        )
         self.svi.optim.set_state(state["optimizer"])
         self.camera_generator.set_state(state["rng"]["cameras"])
         self.guide.set_state(state["rng"]["guide"])
@@ -280,7 +292,7 @@ def _summary(
     config: TextTo3DConfig, final: LoopState, resumed_from: int | None, files: dict[str, str]
 ) -> dict[str, Any]:
     first, last = final.evals[0], final.evals[-1]
-    metrics = ("iou", "p", "accuracy")
+    metrics = ("iou", "iou_hard", "p", "accuracy")
     ks = [entry.get("K") for entry in final.log]
     return {
         "prompt": config.prompt,

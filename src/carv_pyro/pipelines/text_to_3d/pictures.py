@@ -99,7 +99,8 @@ def save_curves(
     for col, (xs, xlabel) in enumerate(((steps, "step"), (wall, "training wall-clock (s)"))):
         ax = axes[0, col]
         for key, style, label in (
-            ("iou", "o-", "3D IoU with the true shape"),
+            ("iou", "o-", "soft 3D IoU with the true shape"),
+            ("iou_hard", "x-", "3D IoU of the solid voxels"),
             ("p", "s--", "mean p(prompt), held-out views"),
             ("accuracy", "^:", "held-out views classified as the prompt"),
         ):

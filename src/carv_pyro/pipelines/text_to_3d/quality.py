@@ -1,9 +1,16 @@
 """How good a carved object is: 3D IoU against the true shape, and held-out views as judged.
 
-- ``iou``: the field's occupancy (a voxel is solid where it blocks half the light crossing it,
-  [`field_occupancy`][carv_pyro.pipelines.shapes.field_occupancy]) against the prompt's
-  procedural shape at the field's resolution. It is tied to ground truth and does not saturate:
-  a blob that a classifier might accept scores low.
+- ``iou``: the soft 3D IoU of the field against the prompt's procedural shape at the field's
+  resolution, ``sum min(a, b) / sum max(a, b)`` over voxels, with ``a = min(1, sigma /
+  sigma_solid)`` how solid a voxel is (``sigma_solid``: the density at which
+  [`field_occupancy`][carv_pyro.pipelines.shapes.field_occupancy] calls it solid) and ``b`` the
+  true occupancy; the true shape scores 1. It is
+  tied to ground truth and does not saturate: it rises as opacity fills the true shape's voxels
+  and falls for haze outside it, from the first steps on, so a blob that a classifier might
+  accept scores low, and an early, half-transparent carving already scores above zero.
+- ``iou_hard``: the thresholded IoU of
+  [`field_occupancy`][carv_pyro.pipelines.shapes.field_occupancy] (solid or not), which stays at
+  zero until the carving is opaque.
 - ``p`` and ``accuracy``: the teacher's classifier's mean probability of the prompt, and the
   fraction of views it assigns to the prompt, over fixed held-out views spread over the full
   circle (deterministic, so curves compare across runs and estimators).
@@ -20,7 +27,23 @@ from ... import _checks
 from ..render import render
 from .scene import Scene
 
-__all__ = ["eval_cameras", "quality"]
+__all__ = ["eval_cameras", "quality", "soft_iou"]
+
+
+@torch.no_grad()
+def soft_iou(field: nn.Module, truth: Tensor) -> float:
+    """``sum min(a, b) / sum max(a, b)``: how solid each voxel of the field is, ``a = min(1,
+    sigma / sigma_solid)``, against the true ``(D, D, D)`` occupancy ``b`` (the field's layout)."""
+    from ..shapes import OCCUPANCY_DENSITY
+
+    density = field.density().detach().double().cpu()
+    if density.shape != truth.shape:
+        raise ValueError(
+            f"the true occupancy has shape {tuple(truth.shape)}, the field {tuple(density.shape)}"
+        )
+    a = (density / OCCUPANCY_DENSITY).clamp(0.0, 1.0)
+    b = truth.double()
+    return float(torch.minimum(a, b).sum() / torch.maximum(a, b).sum().clamp_min(1e-12))
 
 
 def eval_cameras(
@@ -62,7 +85,8 @@ def quality(
         true_occupancy: the true shape's ``(D, D, D)`` occupancy (default: the scene's).
 
     Returns:
-        ``{"iou", "p", "accuracy"}`` (``iou`` only where the scene knows the true shape).
+        ``{"iou", "iou_hard", "p", "accuracy"}`` (the IoUs only where the scene knows the true
+        shape).
     """
     from ..shapes import field_occupancy, iou
 
@@ -71,7 +95,9 @@ def quality(
     if truth is None and hasattr(field, "resolution"):
         truth = scene.true_occupancy(int(field.resolution))
     if truth is not None:
-        out["iou"] = float(iou(field_occupancy(field).cpu(), truth.cpu()))
+        truth = truth.cpu()
+        out["iou"] = soft_iou(field, truth)
+        out["iou_hard"] = float(iou(field_occupancy(field).cpu(), truth))
     azimuth, elevation = eval_cameras(n_views, elevations_deg)
     p = next(field.parameters())
     images = render(
