@@ -320,7 +320,12 @@ def test_the_shipped_teacher_loads_offline(teacher, monkeypatch):
     for key in ("command", "seed", "steps", "batch_size", "device", "wall_time_s", "environment"):
         assert key in manifest
     quality = manifest["quality"]
-    assert quality["samples"]["guidance_scale"] == SHAPES_GUIDANCE_SCALE
+    # the recommended sampling scale is one the manifest measured, and its samples read right
+    measured = {quality["samples"]["guidance_scale"]: quality["samples"]["classifier_accuracy"]}
+    measured.update(
+        {s["guidance_scale"]: s["classifier_accuracy"] for s in quality["samples"]["sweep"]}
+    )
+    assert measured[SHAPES_GUIDANCE_SCALE] >= 0.8
     assert set(quality["samples"]["classifier_accuracy_by_class"]) == set(SHAPE_CLASSES)
     assert (SHAPES_TEACHER_DIR / "samples.png").is_file()
     # the registry and the lazy package-level loader
