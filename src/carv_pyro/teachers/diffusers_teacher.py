@@ -334,18 +334,6 @@ class DiffusersTeacher(AbstractTeacher):
                 )
         return cls(unet, scheduler, **kwargs)
 
-    @classmethod
-    def from_pipeline(cls, pipe: Any, **kwargs: Any) -> DiffusersTeacher:
-        """A latent-space teacher of a Stable-Diffusion-like pipeline, with text prompts.
-
-        See [`carv_pyro.teachers.pipeline.teacher_from_pipeline`][carv_pyro.teachers.pipeline.teacher_from_pipeline] (``dtype``,
-        ``max_batch``, ``guidance_prompt``); returns a
-        [`PipelineTeacher`][carv_pyro.teachers.pipeline.PipelineTeacher].
-        """
-        from .pipeline import teacher_from_pipeline
-
-        return teacher_from_pipeline(pipe, **kwargs)
-
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``unet/``, ``scheduler/`` and the guidance settings under ``path``.
 

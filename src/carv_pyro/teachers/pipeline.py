@@ -357,8 +357,6 @@ def teacher_from_pipeline(
 ) -> PipelineTeacher:
     """A latent-space teacher from a Stable-Diffusion-like diffusers pipeline.
 
-    ``DiffusersTeacher.from_pipeline(pipe, ...)`` delegates here.
-
     Args:
         pipe: a pipeline with ``unet``, ``scheduler``, ``vae``, ``tokenizer`` and
             ``text_encoder`` (``StableDiffusionPipeline`` and its kin), e.g. loaded with
