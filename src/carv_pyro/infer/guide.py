@@ -205,13 +205,14 @@ class TimestepGuide(GuideMessenger):
 
         Args:
             model: the model to run (need not be ``self.model``).
-            args, kwargs: its arguments.
+            args: its positional arguments.
+            kwargs: its keyword arguments.
             inner_size: size of the reserved inner plates for this run (default `K`).
             wrap: applied to the model and to the upstream guide before they run (e.g. a
                 vectorized particle plate).
 
         Returns:
-            The two traces, as [`GuideMessenger.get_traces`] gives them, with the upstream
+            The two traces, as ``GuideMessenger.get_traces`` gives them, with the upstream
             guide's auxiliary sites in the guide trace.
         """
         kwargs = kwargs or {}
