@@ -382,19 +382,23 @@ def test_the_shipped_teacher_knows_class_and_camera(teacher, renders):
     """The right class and the right camera explain a render better than wrong ones.
 
     For each render, the denoising error with its own conditioning is compared with the error
-    under the next class (same camera) and under the camera turned by 180 degrees (same class),
-    at the same noise. Averaged over the 12 renders the right conditioning must win both times;
-    the camera test uses the classes whose half-turn view differs (not the solids of
-    revolution or the cube).
+    under the next class (same camera) and under the camera turned a quarter turn about the
+    vertical (same class), at the same noise. The class must matter on average (measured: 29
+    times the error). The camera must matter for the shapes whose view changes with a quarter
+    turn (arch, mug, L-block; measured 25, 9 and 33 times the error), and not for the solids of
+    revolution (measured ratios 0.95 to 1.14): the teacher ties each view to its camera.
     """
     images, azimuth, elevation = renders
     labels = torch.arange(C)
     right = _denoising_mse(teacher, images, label_cond(labels, azimuth, elevation))
     wrong_class = _denoising_mse(teacher, images, label_cond((labels + 1) % C, azimuth, elevation))
-    assert right.mean() < wrong_class.mean()
-    asymmetric = [SHAPE_CLASSES.index(n) for n in ("arch", "mug", "lblock")]
-    turned = _denoising_mse(teacher, images, label_cond(labels, azimuth + math.pi, elevation))
-    assert right[asymmetric].mean() < turned[asymmetric].mean()
+    assert wrong_class.mean() > 5 * right.mean()
+    turned = _denoising_mse(teacher, images, label_cond(labels, azimuth + math.pi / 2, elevation))
+    ratio = dict(zip(SHAPE_CLASSES, (turned / right).tolist()))
+    for name in ("arch", "mug", "lblock"):
+        assert ratio[name] > 3.0, ratio
+    for name in ("sphere", "cylinder", "cone", "torus", "tube"):
+        assert 0.7 < ratio[name] < 1.5, ratio
 
 
 def test_the_shipped_classifier_recognises_renders_from_new_views(teacher, renders):

@@ -81,10 +81,12 @@ with IoU 0.96 (0.82 against a render from another camera of the same class). Sam
 the guided estimate and collapsed guided samples into other classes."""
 
 SHAPES_SDS_GUIDANCE_SCALE = 2.0
-"""Guidance scale for score distillation with the shapes teacher. DreamFusion's large scales do
-not suit this teacher, whose guided samples lose their class above 2 (see
-`SHAPES_GUIDANCE_SCALE`); measured on this CPU (CARV K=8, 120 steps, torus): p(prompt) on
-held-out views 0.999 at 2.0; cube at 1.0: 0.03."""
+"""Guidance scale for score distillation with the shapes teacher: smaller than DreamFusion's.
+Measured on a 2-core CPU (a 32^3 `VoxelField`, the teacher's render settings, cameras over the
+full circle, R = 4 views, K = 8 draws, weighted and stratified timesteps, Adam lr 0.3, 250
+steps): 3D IoU with the true shape 0.75 (mug), 0.83 (L-block), 0.89 (torus) at 2.0, against
+0.54, 0.76, 0.82 at 7.5; the best centred z-symmetric ellipsoid (a "blob") reaches 0.28, 0.41,
+0.63."""
 
 _SCRIPT = "scripts/train_shapes_teacher.py"
 _CAMERA_SLOTS = 4  # sin az, cos az, sin el, cos el
