@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +30,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from .timing import device_name
 
 __all__ = ["BenchRow", "BenchPipeline", "run_protocol", "PIPELINES", "main"]
 
@@ -280,12 +281,6 @@ PIPELINES: dict[str, Callable[..., Any]] = {
 }
 
 
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def _check_bench_device(device: Any) -> None:
     """``device`` names a CPU or an available CUDA device, else ``ValueError`` naming it."""
     try:
@@ -350,7 +345,7 @@ def main(args: Any) -> int:
     extras = bench.extras()
     result = {
         "pipeline": args.pipeline,
-        "device": _device_name(args.device),
+        "device": device_name(args.device),
         "quick": quick,
         "repeats": repeats,
         "seed": args.seed,

@@ -69,6 +69,16 @@ def _check_writable(folder: str) -> str | None:
     return None
 
 
+def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--plot`` must be writable, checked before any work."""
+    for flag in ("json", "plot"):
+        path = getattr(args, flag)
+        if path is not None:
+            reason = _check_writable(os.path.dirname(os.path.abspath(path)))
+            if reason is not None:
+                parser.error(f"--{flag}: cannot write {path!r} ({reason})")
+
+
 # -------------------------------------------------------------------------------- dream
 
 
@@ -410,12 +420,7 @@ def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             grid = [_positive_float(v) for v in args.lr_grid.split(",")]
         except argparse.ArgumentTypeError as err:
             parser.error(f"--lr-grid: {err}")
-    for flag in ("json", "plot"):
-        path = getattr(args, flag)
-        if path is not None:
-            reason = _check_writable(os.path.dirname(os.path.abspath(path)))
-            if reason is not None:
-                parser.error(f"--{flag}: cannot write {path!r} ({reason})")
+    _check_outputs(args, parser)
     args.out = args.out or os.path.join("runs", f"race_{args.prompt.strip().replace(' ', '_')}")
     from .pipelines.base import RunFolder, RunFolderError, RunStopped
     from .pipelines.text_to_3d import TextTo3DConfig, lr_sweep, race, save_race_plot
@@ -524,12 +529,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     _check_device(args, parser)
     if args.pretrain_steps is not None and args.pipeline != "distillation":
         parser.error(f"--pretrain-steps applies to --pipeline distillation, not {args.pipeline!r}")
-    for flag in ("json", "plot"):
-        path = getattr(args, flag)
-        if path is not None:
-            reason = _check_writable(os.path.dirname(os.path.abspath(path)))
-            if reason is not None:
-                parser.error(f"--{flag}: cannot write {path!r} ({reason})")
+    _check_outputs(args, parser)
     from .bench import main as bench_main
 
     return bench_main(args)

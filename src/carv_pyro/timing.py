@@ -7,11 +7,21 @@ accountant reads its costs.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import torch
 
-__all__ = ["Stopwatch"]
+__all__ = ["Stopwatch", "device_name"]
+
+
+def device_name(device: str | torch.device) -> str:
+    """The machine a measurement ran on, for reports: the GPU's name, or the CPU and its cores."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 class Stopwatch:

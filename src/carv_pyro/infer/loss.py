@@ -605,8 +605,9 @@ class CARVLoss(ELBO):
         acc = self.accountant
         traces = self._particle_traces(model, guide, args, kwargs)
         while True:
-            watch = Stopwatch(_default_device())
-            host = Stopwatch()
+            # timing is for the observer: no CUDA events or clock reads without one
+            watch = Stopwatch(_default_device()) if acc is not None else None
+            host = Stopwatch() if acc is not None else None
             try:
                 tguide, (model_trace, guide_trace), n_particles = next(traces)
             except StopIteration:

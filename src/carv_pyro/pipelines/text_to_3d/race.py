@@ -31,6 +31,7 @@ import torch
 
 from ... import _checks
 from ...infer.estimator import Estimator, resolve_estimator
+from ...timing import device_name
 from ..base import RunFolder
 from .config import TextTo3DConfig
 from .dream import dream
@@ -185,7 +186,7 @@ def race(
         folder.prepare(resume=False, overwrite=overwrite)
     results: dict[str, Any] = {
         "prompt": prompt,
-        "device": _device_name(base.device),
+        "device": device_name(base.device),
         "teacher": base.teacher,
         "budget_s": budget_s,
         "seeds": list(range(first_seed, first_seed + seeds)),
@@ -325,15 +326,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return str(obj)
-
-
-def _device_name(device: str) -> str:
-    import os
-    import platform
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def save_race_plot(results: dict[str, Any], path: str | Path) -> str:
