@@ -332,6 +332,43 @@ def test_mixture_labels_range_includes_the_whole_mixture_index(monkeypatch):
     _cond_step_raises(_mixture(), "3", TypeError, "no parse_prompt", monkeypatch)
 
 
+def test_the_teacher_itself_refuses_text_it_cannot_read(digits_teacher):
+    """The refusal lives in the teacher's encode_cond, so predict_eps says the same."""
+    x = torch.zeros((2,) + tuple(digits_teacher.event_shape))
+    with pytest.raises(TypeError, match=r"cond must not be a string \(got '3'\).*\[0, 10\]"):
+        digits_teacher.predict_eps(x, 5, cond="3")
+    assert digits_teacher.describe_cond() == (
+        "DiffusersTeacher takes integer class labels in [0, 10] (an int or a long tensor)"
+    )
+    assert _mixture().label_range() == (0, 2) and _mixture(_LetterMixture).encode_cond("b") == 1
+
+
+class _WordTeacher(carv.teachers.GaussianMixtureTeacher):
+    """Reads text by overriding encode_cond (no parse_prompt, no text encoder)."""
+
+    def encode_cond(self, cond):
+        if cond in ("left", "right"):
+            return torch.tensor(("left", "right").index(cond))
+        return super().encode_cond(cond)
+
+
+def test_a_teacher_overriding_encode_cond_reads_its_own_prompts(monkeypatch):
+    teacher = _mixture(_WordTeacher)
+    seen = []
+    real = teacher._predict_eps
+    monkeypatch.setattr(teacher, "_predict_eps", lambda x, t, c: seen.append(c) or real(x, t, c))
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", 1, dim=-2), pyro.plate("noise", 2, dim=-1):
+            carv.teacher_term("sds", carv.SDS(teacher), theta.expand(1, 1, D), cond="right")
+
+    carv.CARVLoss().loss_and_grads(model, lambda: None)
+    assert seen[0].tolist() == [1, 1]
+    pyro.clear_param_store()
+    _cond_step_raises(teacher, "up", TypeError, "cond must not be a string", monkeypatch)
+
+
 def test_cond_for_an_unconditional_teacher_names_cond():
     objective = sds()
 

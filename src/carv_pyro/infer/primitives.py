@@ -295,20 +295,19 @@ def _broadcast_cond(
     """Check and encode ``cond``, then broadcast it to ``(N, *cond_event)`` over the draws.
 
     Checked before any draw is made, each failure naming ``cond``, what it got and what the
-    teacher takes:
+    teacher takes (its [`describe_cond`][carv_pyro.teachers.AbstractTeacher.describe_cond]):
 
     - a ``bool`` (or a bool tensor) is refused: ``True`` is not class 1 to a user;
-    - a string (or a list of strings) is a prompt: it is parsed by the teacher's optional
-      ``parse_prompt(prompt) -> label`` method when it has one, else refused with a message
-      saying what the teacher takes (e.g. for the digits teacher,
-      ``carv_pyro.teachers.embedded.default_prompt_cond("three")``);
-    - for a class-label teacher (``cond_event_shape == ()``) the labels must be integers, in
-      ``[0, num_class_embeds - 1]`` (a ``DiffusersTeacher``) or ``[0, num_components]`` (a
-      Gaussian mixture, whose last index is the whole mixture); an out-of-range error names the
-      labels given.
+    - everything else goes through the teacher's
+      [`encode_cond`][carv_pyro.teachers.AbstractTeacher.encode_cond], which reads or refuses
+      what is the teacher's business (a string: a prompt, refused by a class-label teacher
+      without ``parse_prompt``, read by a pipeline teacher's text encoder);
+    - for a class-label teacher (``cond_event_shape == ()``) the labels must be integers within
+      its [`label_range`][carv_pyro.teachers.AbstractTeacher.label_range]; an out-of-range
+      error names the labels given.
 
     Raises:
-        TypeError: on a bool, an unparsable string, or non-integer class labels.
+        TypeError: on a bool, text the teacher cannot read, or non-integer class labels.
         ValueError: on conditioning for an unconditional teacher, labels out of range, or a
             shape that does not broadcast with the draws.
     """
@@ -321,14 +320,13 @@ def _broadcast_cond(
             f"cond was given ({cond!r:.80}) but the teacher {type(teacher).__name__} is "
             f"unconditional (cond_event_shape None): pass cond=None"
         )
-    cond = _parse_prompts(teacher, cond)
     if isinstance(cond, bool) or (isinstance(cond, Tensor) and cond.dtype == torch.bool):
-        raise TypeError(f"cond must not be a bool (got {cond!r:.80}): {_takes(teacher)}")
+        raise TypeError(f"cond must not be a bool (got {cond!r:.80}): {teacher.describe_cond()}")
     c = teacher.encode_cond(cond)
     if not isinstance(c, Tensor):
         c = torch.as_tensor(c)
     if c.dtype == torch.bool:
-        raise TypeError(f"cond must not be a bool tensor: {_takes(teacher)}")
+        raise TypeError(f"cond must not be a bool tensor: {teacher.describe_cond()}")
     if len(cond_event) == 0:
         _check_labels(teacher, c)
     c = c.to(device)
@@ -351,76 +349,13 @@ def _broadcast_cond(
     return c.reshape((-1,) + item_shape)
 
 
-def _label_range(teacher: Any) -> tuple[int, int] | None:
-    """The valid class labels ``(low, high)`` of a class-label teacher, if it says."""
-    n = getattr(teacher, "num_class_embeds", None)
-    if isinstance(n, int) and not isinstance(n, bool):
-        return 0, n - 1
-    m = getattr(teacher, "num_components", None)  # a Gaussian mixture: M is the whole mixture
-    if isinstance(m, int) and not isinstance(m, bool):
-        return 0, m
-    return None
-
-
-def _takes(teacher: Any) -> str:
-    """What ``teacher`` takes as ``cond``, for error messages."""
-    name = type(teacher).__name__
-    event = tuple(teacher.cond_event_shape)
-    if event:
-        return f"{name} takes cond as tensors of shape {event} per draw"
-    labels = _label_range(teacher)
-    where = f" in [{labels[0]}, {labels[1]}]" if labels else ""
-    return f"{name} takes integer class labels{where} (an int or a long tensor)"
-
-
-def _parse_prompts(teacher: Any, cond: Any) -> Any:
-    """Strings (or a list or tuple of them) through the teacher's ``parse_prompt``, if any."""
-    is_text = isinstance(cond, (str, bytes))
-    is_texts = (
-        isinstance(cond, (list, tuple))
-        and len(cond) > 0
-        and any(isinstance(c, (str, bytes)) for c in cond)
-    )
-    if not (is_text or is_texts):
-        return cond
-    parser = getattr(teacher, "parse_prompt", None)
-    if not callable(parser) and _reads_prompts(teacher):
-        return cond  # its own encode_cond reads text (a pipeline teacher's text encoder)
-    if not callable(parser):
-        raise TypeError(
-            f"cond must not be a string (got {cond!r:.80}): {_takes(teacher)}, and it has no "
-            f"parse_prompt method to read prompts. For the digits teacher use "
-            f"carv_pyro.teachers.embedded.default_prompt_cond({cond!r:.40}) (or "
-            f"carv_pyro.data.parse_prompt for the label)"
-        )
-    try:
-        return parser(cond) if is_text else [parser(c) for c in cond]
-    except ValueError as error:
-        raise ValueError(f"cond {cond!r:.80} is not a prompt this teacher reads: {error}") from None
-
-
-def _reads_prompts(teacher: Any) -> bool:
-    """Whether the teacher's class overrides ``encode_cond`` beyond the generic tensor ones."""
-    from ..teachers.base import AbstractTeacher
-
-    generic = {AbstractTeacher.encode_cond}
-    try:
-        from ..teachers.diffusers_teacher import DiffusersTeacher
-
-        generic.add(DiffusersTeacher.encode_cond)
-    except ImportError:  # pragma: no cover
-        pass
-    own = getattr(type(teacher), "encode_cond", None)
-    return own is not None and own not in generic and hasattr(teacher, "encode_prompt")
-
-
 def _check_labels(teacher: Any, c: Tensor) -> None:
     """Integer class labels within the teacher's range (checked on the host only)."""
     if c.dtype.is_floating_point or c.dtype.is_complex:
         raise TypeError(
-            f"cond must hold integer class labels, got dtype {c.dtype}: {_takes(teacher)}"
+            f"cond must hold integer class labels, got dtype {c.dtype}: {teacher.describe_cond()}"
         )
-    labels = _label_range(teacher)
+    labels = teacher.label_range()
     if labels is None or c.numel() == 0 or c.device.type != "cpu":
         return
     low, high = labels

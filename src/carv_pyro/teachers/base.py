@@ -9,6 +9,7 @@ every teacher (shape checks, classifier-free guidance, chunking into batches of 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,17 @@ def _format_shape(shape: tuple[int, ...], batch: str | None = "N") -> str:
 def _matches(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     """Whether ``shape`` equals ``expected``, where an expected ``-1`` matches any size."""
     return len(shape) == len(expected) and all(e < 0 or s == e for s, e in zip(shape, expected))
+
+
+def _is_text(cond: Any) -> bool:
+    """Whether ``cond`` is a prompt or a list or tuple holding prompts."""
+    if isinstance(cond, (str, bytes)):
+        return True
+    return (
+        isinstance(cond, (list, tuple))
+        and len(cond) > 0
+        and any(isinstance(c, (str, bytes)) for c in cond)
+    )
 
 
 class AbstractTeacher:
@@ -51,9 +63,14 @@ class AbstractTeacher:
             differentiate w.r.t. the teacher's weights in data attribution); the graph is then
             kept whenever gradients are enabled in the caller.
 
+        parse_prompt: ``prompt -> conditioning`` (e.g. a class label) for a teacher that reads
+            text prompts, defined as a method by such a subclass; ``None`` (default):
+            `encode_cond` refuses strings with an error saying what the teacher takes.
+
     `predict_eps` is a template method: the base class owns it, and subclasses
     implement `_predict_eps` (and optionally `null_cond` for classifier-free
-    guidance and `encode_cond` for user-facing conditioning).
+    guidance, `encode_cond` or `parse_prompt` for user-facing conditioning, and `label_range`
+    when their class labels are not ``0 .. num_class_embeds - 1``).
 
     Subclassing:
         A teacher that knows the data is ``N(0, I)`` in ``D`` dimensions, where the exact
@@ -78,6 +95,7 @@ class AbstractTeacher:
     cond_event_shape: torch.Size | None = None
     max_batch: int | None = None
     requires_grad: bool = False
+    parse_prompt: Callable[[str], Any] | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -111,18 +129,84 @@ class AbstractTeacher:
         return None
 
     def encode_cond(self, cond: Any) -> Tensor | None:
-        """Turn user-facing conditioning into a tensor.
+        """Turn user-facing conditioning into a tensor, refusing what the teacher cannot read.
 
-        `predict_eps` calls this for any ``cond`` that is not already a tensor.
+        `predict_eps` calls this for any ``cond`` that is not already a tensor, and
+        [`teacher_term`][carv_pyro.teacher_term] for every ``cond``, before any draw is made. A
+        subclass that reads richer conditioning (a pipeline teacher's text encoder, the shapes
+        teacher's ``(prompt, azimuth, elevation)``) overrides it.
+
+        The default: a prompt (a string, or a list or tuple holding strings) goes through
+        `parse_prompt`, one string at a time, when the teacher defines it; without it, text is
+        refused, since ``torch.as_tensor("3")`` has no meaning a user would expect. Anything else
+        goes through `torch.as_tensor`.
 
         Args:
-            cond: e.g. an ``int`` class label or a nested list; ``None`` stays ``None``.
+            cond: e.g. an ``int`` class label, a nested list or a prompt; ``None`` stays
+                ``None``.
 
         Returns:
-            a tensor of shape ``cond_event_shape``, possibly with leading batch dims
-            (default: `torch.as_tensor`).
+            a tensor of shape ``cond_event_shape``, possibly with leading batch dims.
+
+        Raises:
+            TypeError: on text for a teacher without `parse_prompt`, naming ``cond``, what it
+                got and what the teacher takes.
+            ValueError: on a prompt that `parse_prompt` refuses (its message is kept).
         """
-        return None if cond is None else torch.as_tensor(cond)
+        if cond is None:
+            return None
+        if not _is_text(cond):
+            return torch.as_tensor(cond)
+        if self.parse_prompt is None:
+            hint = ""
+            if self.cond_event_shape is not None and len(self.cond_event_shape) == 0:
+                hint = (
+                    f". For the digits teacher use carv_pyro.teachers.embedded."
+                    f"default_prompt_cond({cond!r:.40}) (or carv_pyro.data.parse_prompt for the "
+                    f"label)"
+                )
+            raise TypeError(
+                f"cond must not be a string (got {cond!r:.80}): {self.describe_cond()}, and it "
+                f"has no parse_prompt of its own to read prompts{hint}"
+            )
+        try:
+            if isinstance(cond, (str, bytes)):
+                return torch.as_tensor(self.parse_prompt(cond))
+            return torch.as_tensor([self.parse_prompt(c) for c in cond])
+        except ValueError as error:
+            raise ValueError(
+                f"cond {cond!r:.80} is not a prompt this teacher reads: {error}"
+            ) from None
+
+    def label_range(self) -> tuple[int, int] | None:
+        """The valid class labels ``(low, high)`` of a class-label teacher.
+
+        Returns:
+            ``(0, num_class_embeds - 1)`` when the teacher has an integer ``num_class_embeds``
+            (default), else ``None`` (it does not say, and labels are not range-checked before
+            the teacher runs).
+        """
+        n = getattr(self, "num_class_embeds", None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            return 0, n - 1
+        return None
+
+    def describe_cond(self) -> str:
+        """What the teacher takes as ``cond``, in words, for error messages.
+
+        Returns:
+            e.g. ``"DiffusersTeacher takes integer class labels in [0, 10] (an int or a long
+            tensor)"``.
+        """
+        name = type(self).__name__
+        if self.cond_event_shape is None:
+            return f"{name} is unconditional (cond must be None)"
+        event = tuple(self.cond_event_shape)
+        if event:
+            return f"{name} takes cond as tensors of shape {event} per draw"
+        labels = self.label_range()
+        where = f" in [{labels[0]}, {labels[1]}]" if labels else ""
+        return f"{name} takes integer class labels{where} (an int or a long tensor)"
 
     # ----------------------------------------------------------- template method
 

@@ -182,6 +182,10 @@ class GaussianMixtureTeacher(AbstractTeacher):
         """``(n,)`` filled with ``M``: the index meaning "the whole mixture"."""
         return torch.full((n,), self.num_components, dtype=torch.long)
 
+    def label_range(self) -> tuple[int, int]:
+        """``(0, M)``: a component index, or ``M`` for the whole mixture."""
+        return 0, self.num_components
+
     def component(self, k: int) -> GaussianTeacher:
         """Component ``k`` as a `GaussianTeacher` (the same as ``cond = k``)."""
         return GaussianTeacher(self.means[k], self.stds[k], self.schedule)
