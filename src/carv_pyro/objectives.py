@@ -359,11 +359,28 @@ class TeacherObjective:
 class SDS(TeacherObjective):
     """Score distillation sampling (DreamFusion): residual ``w(t) (eps_hat - eps)``.
 
+    The guided prediction is ``eps_hat = eps_u + s (eps_c - eps_u)`` with ``s = guidance_scale``
+    (``s = 1``: the conditional prediction, no guidance), the convention of diffusers'
+    ``StableDiffusionPipeline``: its ``guidance_scale=7.5`` is ``7.5`` here. Other tools count
+    from zero instead, ``eps_c + s (eps_c - eps_u) = eps_u + (s + 1) (eps_c - eps_u)``, and their
+    scale is one more here:
+
+    - DreamFusion's ``(1 + w) eps_c - w eps_u`` with ``w = 100``: ``guidance_scale=101``;
+    - threestudio's stock ``stable-diffusion-guidance`` (``guidance_scale: 100.`` in
+      ``configs/dreamfusion-sd.yaml``) and ``deep-floyd-guidance`` (``20.``): ``101`` and ``21``.
+
+    threestudio is not uniform: its ``stable-diffusion-vsd-guidance`` ("aligned with diffusers,
+    but different from other guidance", says its source), ``stable-diffusion-unified-guidance``
+    and the perp-neg branch of the stock guidance use ``eps_u + s (eps_c - eps_u)``, so their
+    scale carries over unchanged.
+
     Args:
         teacher: the frozen teacher.
         weighting: ``"sds"`` (``1 - alphabar_t``), ``"uniform"`` or ``"fantasia3d"``.
         t_range: ``p(t)`` is uniform over the integer steps ``int(lo T) .. int(hi T)``.
-        guidance_scale: classifier-free guidance scale (DreamFusion uses 100).
+        guidance_scale: ``s`` in ``eps_u + s (eps_c - eps_u)`` (diffusers' convention; add one to
+            a DreamFusion or stock-threestudio scale, see above).
+        prior: ``p(t)`` itself, instead of the uniform one over ``t_range``.
     """
 
     def __init__(
