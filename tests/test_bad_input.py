@@ -219,6 +219,54 @@ def test_integer_x_is_refused_naming_x():
     _svi_step_raises(model, lambda: None, carv.CARVLoss(), "x must be a floating-point", TypeError)
 
 
+def _plates_model(R, K, subsample_size=None, draws_plate=False):
+    objective = sds()
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("upstream", R, dim=-2, subsample_size=subsample_size) as rows:
+            inner = carv.draws(K, dim=-1) if draws_plate else pyro.plate("noise", K, dim=-1)
+            with inner:
+                carv.teacher_term("sds", objective, theta.expand(len(rows), 1, D))
+
+    return model
+
+
+@pytest.mark.parametrize(
+    "R,K,sub,draws_plate,match",
+    [
+        (0, 3, None, False, r"plate 'upstream' has size 0 \(pyro.plate\('upstream', 0\)\)"),
+        (2, 0, None, False, r"plate 'noise' has size 0"),
+        (4, 3, 0, False, r"plate 'upstream' has subsample_size 0 \(of size 4\)"),
+        (2, 0, None, True, r"draws\('draws'\) size must be a positive integer, got 0"),
+    ],
+)
+def test_a_plate_of_size_zero_is_named_before_any_work(R, K, sub, draws_plate, match):
+    """R = 0 upstream samples or K = 0 draws: a ValueError naming the plate (Pyro's own
+    ZeroDivisionError names none), for every guide, before the teacher runs."""
+    model = _plates_model(R, K, sub, draws_plate)
+    _svi_step_raises(model, carv.TimestepGuide(model), carv.CARVLoss(), match)
+    pyro.clear_param_store()
+    _svi_step_raises(model, lambda: None, carv.CARVLoss(), match)
+    pyro.clear_param_store()
+    estimator = carv.Estimator.preset("carv", K=4 if draws_plate else None)
+    _svi_step_raises(model, estimator.guide(model), estimator.loss(), match)
+
+
+def test_an_empty_plate_in_an_upstream_guide_or_an_empty_x_is_named():
+    model = _plates_model(2, 3)
+
+    def upstream():
+        with pyro.plate("cameras", 0):
+            pass
+
+    guide = carv.TimestepGuide(model, upstream=upstream)
+    _svi_step_raises(model, guide, carv.CARVLoss(), r"plate 'cameras' has size 0")
+    loss = carv.TeacherLoss(sds(), estimator=carv.Estimator.preset("carv", K=2))
+    with pytest.raises(ValueError, match=r"x must have shape \(R, 2\) with R >= 1 rows.*\(0, 2\)"):
+        loss(torch.zeros(0, D, requires_grad=True))
+
+
 @pytest.fixture(scope="module")
 def digits_teacher():
     from carv_pyro.teachers.embedded import load_default

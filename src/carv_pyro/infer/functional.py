@@ -87,10 +87,10 @@ class TeacherLoss:
         """
         _checks.instance("x", x, Tensor, "a torch.Tensor of shape (R, *event)")
         event = tuple(self.objective.event_shape)
-        if x.dim() != len(event) + 1 or tuple(x.shape[1:]) != event:
+        if x.dim() != len(event) + 1 or tuple(x.shape[1:]) != event or x.shape[0] == 0:
             raise ValueError(
-                f"x must have shape (R, {', '.join(map(str, event))}) for this teacher, got "
-                f"{tuple(x.shape)}"
+                f"x must have shape (R, {', '.join(map(str, event))}) with R >= 1 rows for this "
+                f"teacher, got {tuple(x.shape)}"
             )
         R = x.shape[0]
         rows = x.unsqueeze(1)  # (R, 1, *event): one upstream sample per row of the outer plate

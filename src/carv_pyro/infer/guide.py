@@ -39,7 +39,14 @@ from torch import Tensor
 from .. import _checks
 from ..layout import TermLayout
 from ..timesteps import AbstractTimestepDistribution
-from .primitives import LAYOUT_KEY, OBJECTIVE_KEY, ROLE_KEY, DrawsSizer, TermRecord
+from .primitives import (
+    LAYOUT_KEY,
+    OBJECTIVE_KEY,
+    ROLE_KEY,
+    DrawsSizer,
+    NonEmptyPlates,
+    TermRecord,
+)
 from .proposals import PROPOSALS, PriorProposal, build_proposal
 from .samplers import STRATIFY, AbstractNoiseSampler, RandomSource, noise_sampler
 from .samplers import stratified_uniforms as _stratified_uniforms
@@ -220,13 +227,13 @@ class TimestepGuide(GuideMessenger):
         size = inner_size if inner_size is not None else self.K
         self._upstream_trace = None
         if self.upstream is not None:
-            with DrawsSizer(size):
+            with DrawsSizer(size), NonEmptyPlates():
                 trace = poutine.trace(wrap(self.upstream)).get_trace(*args, **kwargs)
             self._upstream_trace = self._checked_upstream(trace)
         self.args_kwargs = args, kwargs
         self._size = size
         try:
-            with self, DrawsSizer(size):
+            with self, DrawsSizer(size), NonEmptyPlates():
                 wrap(model)(*args, **kwargs)
         finally:
             del self.args_kwargs

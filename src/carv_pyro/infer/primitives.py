@@ -29,6 +29,7 @@ import pyro.distributions as dist
 import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, _inspect
+from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 
 from .. import _checks
@@ -40,6 +41,7 @@ __all__ = [
     "DrawsPlate",
     "DrawsSizer",
     "LAYOUT_KEY",
+    "NonEmptyPlates",
     "OBJECTIVE_KEY",
     "ROLE_KEY",
     "TERM_KEY",
@@ -74,6 +76,37 @@ class DrawsSizer(Messenger):
     def __init__(self, size: int | None):
         super().__init__()
         self.size = None if size is None else _checks.positive_int("size", size)
+
+
+class NonEmptyPlates(Messenger):
+    """Refuses a plate with no members (size, ``subsample_size`` or ``subsample`` empty) as the
+    model enters it, with a ``ValueError`` naming the plate.
+
+    Pyro's own check (``ZeroDivisionError: size cannot be zero``) names no plate, and an empty
+    outer plate (``R = 0`` upstream samples) or inner plate (``K = 0`` draws) would leave a
+    teacher term nothing to average. Every ``pyro.plate`` announces itself with a subsample
+    site before Pyro's check runs; that site is where this handler sees it, so the error comes
+    before the teacher runs and before any gradient exists.
+    """
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if not isinstance(fn, _Subsample):
+            return
+        name, size, sub, value = msg["name"], fn.size, fn.subsample_size, msg["value"]
+        if size == 0:
+            what = f"has size 0 (pyro.plate({name!r}, 0))"
+        elif sub == 0:
+            what = f"has subsample_size 0 (of size {size})"
+        elif value is not None and len(value) == 0:
+            what = f"has an empty subsample (of size {size})"
+        else:
+            return
+        raise ValueError(
+            f"plate {name!r} {what}: a plate must have at least one member; around a teacher "
+            f"term that is R >= 1 upstream samples in each outer plate and K >= 1 draws in the "
+            f"inner one"
+        )
 
 
 class DrawsPlate(pyro.plate):
