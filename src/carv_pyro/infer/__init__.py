@@ -3,6 +3,8 @@
 - [`primitives`][carv_pyro.infer.primitives]: `teacher_term` and the reserved inner plate `draws`;
 - [`samplers`][carv_pyro.infer.samplers]: seedable base samples and the stratified / QMC designs;
 - [`proposals`][carv_pyro.infer.proposals]: timestep proposals ``q(t)`` and their registry;
+- [`outer`][carv_pyro.infer.outer]: outer-plate designs of the upstream latents (stratified,
+  antithetic, scrambled Sobol);
 - [`guide`][carv_pyro.infer.guide]: `TimestepGuide`, an effect-based Pyro guide;
 - [`estimator`][carv_pyro.infer.estimator]: `Estimator`, the validated estimator object;
 - [`loss`][carv_pyro.infer.loss]: `CARVLoss` and its observer protocol;

@@ -25,6 +25,7 @@ import torch
 from .. import _checks
 from ..timesteps import AbstractTimestepDistribution
 from .guide import TimestepGuide
+from .outer import OUTER
 from .proposals import PROPOSALS
 from .samplers import NOISE, STRATIFY
 
@@ -45,6 +46,10 @@ class Estimator:
             ``"global"`` (``B = R K`` strata across all draws) or ``"auto"`` (per upstream sample
             when ``K > 1``, globally at ``K = 1``).
         noise: ``"iid"``, ``"antithetic"`` (even ``K``) or ``"sobol"``.
+        outer: the outer-plate design of the upstream latents drawn from their priors
+            (camera poses, generator latents, labels): ``None`` (i.i.d.), ``"stratified"``,
+            ``"antithetic"`` (even plates) or ``"sobol"``; see
+            [`carv_pyro.infer.outer`][carv_pyro.infer.outer].
         adapt: choose ``K`` online: an [`Accountant`][carv_pyro.accounting.Accountant] measures
             ``V_b``, ``V_w`` and the cost of a step at the sizes it runs, and sets ``K`` to the
             candidate that minimises ``Var(R, K) * cost(R, K)`` (the compute-aware estimator).
@@ -59,6 +64,7 @@ class Estimator:
     proposal: str | AbstractTimestepDistribution | Callable = "prior"
     stratify: str | None = None
     noise: str = "iid"
+    outer: str | None = None
     adapt: bool = False
     k_range: tuple[int, int] = (1, 32)
     name: str = "custom"
@@ -76,6 +82,7 @@ class Estimator:
             )
         _checks.choice("stratify", self.stratify, STRATIFY)
         _checks.choice("noise", self.noise, NOISE)
+        _checks.choice("outer", self.outer, OUTER)
         if self.noise == "antithetic" and self.K is not None and self.K % 2:
             raise ValueError(f"noise='antithetic' needs an even K, got K={self.K}")
         _checks.instance("adapt", self.adapt, bool, "True or False")
@@ -101,6 +108,7 @@ class Estimator:
         generator: torch.Generator | None = None,
         upstream: Callable | None = None,
         sites: tuple[str, ...] | None = None,
+        outer_seed: int | None = None,
     ) -> TimestepGuide:
         """The [`TimestepGuide`][carv_pyro.TimestepGuide] of this estimator for ``model``.
 
@@ -110,6 +118,8 @@ class Estimator:
             generator: a ``torch.Generator`` instead of ``seed``.
             upstream: a user's guide for the upstream latent sites (see `TimestepGuide`).
             sites: the terms to propose for (default: all).
+            outer_seed: seeds the outer design apart from the rest: the same on every rank
+                shards one global design (see `TimestepGuide`).
         """
         return TimestepGuide(
             model,
@@ -121,6 +131,8 @@ class Estimator:
             upstream=upstream,
             seed=seed,
             generator=generator,
+            outer=self.outer,
+            outer_seed=outer_seed,
         )
 
     def loss(self, **kwargs: Any):
@@ -175,6 +187,8 @@ class Estimator:
     def __repr__(self) -> str:
         fields = f"K={self.K}, proposal={self.proposal!r}, stratify={self.stratify!r}"
         fields += f", noise={self.noise!r}"
+        if self.outer is not None:
+            fields += f", outer={self.outer!r}"
         if self.adapt:
             fields += f", adapt=True, k_range={self.k_range}"
         return f"Estimator({self.name!r}: {fields})"

@@ -8,8 +8,10 @@ stratified inverse CDF when asked; for ``{name}.eps`` it is a noise design (i.i.
 or scrambled Sobol) with exact ``N(0, I)`` marginals. The importance weight of a draw is then
 ``p / q`` from the ordinary model and guide traces, as for any Pyro guide.
 
-Every other latent site is drawn from its prior, or, with ``upstream=``, from a user's guide for
-the upstream sites (an ``AutoNormal`` over camera latents, a hand-written guide). That guide is an
+Every other latent site is drawn from its prior (jointly by an outer-plate design with
+``outer=``, see [`carv_pyro.infer.outer`][carv_pyro.infer.outer]: every draw still has exactly
+the prior's law, so weight one), or, with ``upstream=``, from a user's guide for the upstream
+sites (an ``AutoNormal`` over camera latents, a hand-written guide). That guide is an
 importance proposal: its full log-density, auxiliary sites included, enters ``p / q``; its values
 reach the model detached, so its parameters get no gradient from teacher terms (the expected
 teacher gradient does not depend on them).
@@ -39,6 +41,7 @@ from torch import Tensor
 from .. import _checks
 from ..layout import TermLayout
 from ..timesteps import AbstractTimestepDistribution
+from .outer import AbstractOuterDesign, OuterDesigner, outer_design
 from .primitives import (
     LAYOUT_KEY,
     OBJECTIVE_KEY,
@@ -115,6 +118,13 @@ class TimestepGuide(GuideMessenger):
             from the prior).
         upstream: a guide for the non-teacher latent sites: a callable Pyro guide such as
             ``AutoNormal(poutine.block(model, hide=[teacher sites]))``. Default: the prior.
+        outer: an outer-plate design for the upstream sites drawn from their priors:
+            ``None``, ``"stratified"``, ``"antithetic"``, ``"sobol"`` or an
+            [`AbstractOuterDesign`][carv_pyro.infer.outer.AbstractOuterDesign] (see
+            [`carv_pyro.infer.outer`][carv_pyro.infer.outer]).
+        outer_sites: the upstream sites the design draws (default: all it can).
+        outer_seed: seeds the outer design apart from the rest (give every rank the same
+            one to shard one global design); default: the guide's own randomness.
         seed: seeds the guide's own draws (reproducible per device).
         generator: a ``torch.Generator`` for the guide's draws instead of ``seed``.
         source: a [`RandomSource`][carv_pyro.infer.samplers.RandomSource] instead of ``seed``
@@ -138,6 +148,9 @@ class TimestepGuide(GuideMessenger):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         source: RandomSource | None = None,
+        outer: str | AbstractOuterDesign | None = None,
+        outer_sites: tuple[str, ...] | None = None,
+        outer_seed: int | None = None,
     ):
         if model is not None and not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
@@ -169,6 +182,16 @@ class TimestepGuide(GuideMessenger):
                 )
             if not callable(upstream):
                 raise TypeError(f"upstream must be a callable guide, got {upstream!r}")
+        design = outer_design(outer)
+        if outer_sites is not None:
+            if isinstance(outer_sites, str) or not isinstance(outer_sites, (tuple, list)):
+                raise TypeError(
+                    f"outer_sites must be a tuple of site names, got {outer_sites!r:.60}"
+                )
+            outer_sites = tuple(outer_sites)
+            for s in outer_sites:
+                _checks.instance("outer_sites", s, str, "a tuple of site names")
+        outer_source = RandomSource(seed=outer_seed) if outer_seed is not None else None
         if source is None:
             source = RandomSource(seed=seed, generator=generator)
         elif seed is not None or generator is not None:
@@ -181,6 +204,10 @@ class TimestepGuide(GuideMessenger):
         self.sites = sites
         self.upstream = upstream
         self.source = source
+        #: the outer-plate design's runtime (``None`` without ``outer``)
+        self.outer = (
+            None if design is None else OuterDesigner(design, outer_source or source, outer_sites)
+        )
         self.learning = True
         self._proposals: dict[str, tuple[weakref.ref, AbstractTimestepDistribution]] = {}
         self._upstream_trace = None
@@ -232,6 +259,8 @@ class TimestepGuide(GuideMessenger):
             self._upstream_trace = self._checked_upstream(trace)
         self.args_kwargs = args, kwargs
         self._size = size
+        if self.outer is not None:
+            self.outer.begin()
         try:
             with self, DrawsSizer(size), NonEmptyPlates():
                 wrap(model)(*args, **kwargs)
@@ -271,6 +300,12 @@ class TimestepGuide(GuideMessenger):
         self._msg = msg
         super()._pyro_sample(msg)
 
+    def _pyro_post_sample(self, msg) -> None:
+        if self.outer is not None and site_is_subsample(msg):
+            # a sharded or subsampled plate's indices place its draws in the global design
+            self.outer.record_subsample(msg["name"], msg["value"])
+        super()._pyro_post_sample(msg)
+
     def get_posterior(self, name: str, prior) -> Any:
         """The distribution a site is drawn from (see the module docstring)."""
         msg = self._msg
@@ -293,6 +328,10 @@ class TimestepGuide(GuideMessenger):
             if not site["is_observed"]:
                 return _Designed(site["value"], site["fn"].log_prob, prior, base=site["fn"])
         msg["infer"][EXACT_KEY] = True
+        if self.outer is not None and role is None and not msg["infer"].get("enumerate"):
+            value = self.outer.draw(name, prior, msg["cond_indep_stack"])
+            if value is not None:  # every draw has the prior's law: weight one
+                return _Designed(value, prior.log_prob, prior)
         return prior
 
     def _timesteps(self, term, objective, layout: TermLayout, prior, msg) -> _Designed:
@@ -358,11 +397,16 @@ class TimestepGuide(GuideMessenger):
     # -- state -----------------------------------------------------------------------------
     def get_state(self) -> dict:
         """The guide's random state (for exact resume); adaptive state is in the param store."""
-        return {"source": self.source.get_state()}
+        state = {"source": self.source.get_state()}
+        if self.outer is not None and self.outer.source is not self.source:
+            state["outer_source"] = self.outer.source.get_state()
+        return state
 
     def set_state(self, state: dict) -> None:
         """Restore `get_state`'s result."""
         self.source.set_state(state["source"])
+        if "outer_source" in state and self.outer is not None:
+            self.outer.source.set_state(state["outer_source"])
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -371,7 +415,8 @@ class TimestepGuide(GuideMessenger):
         return state
 
     def __repr__(self) -> str:
+        outer = f", outer={self.outer.design!r}" if self.outer is not None else ""
         return (
             f"TimestepGuide(proposal={self.proposal!r}, stratify={self.stratify!r}, "
-            f"noise={self.noise!r}, K={self.K}, {self.source!r})"
+            f"noise={self.noise!r}, K={self.K}{outer}, {self.source!r})"
         )

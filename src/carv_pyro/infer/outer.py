@@ -1,0 +1,343 @@
+"""Outer-plate designs: stratified, antithetic and scrambled-Sobol draws of the upstream latents.
+
+The inner plate's designs (stratified timesteps, QMC noise) cannot touch ``V_b``, the spread of
+the expected gradient between upstream samples (camera poses, generator latents, labels); no
+inner-plate estimator cuts ``Var(R, 1)`` by more than ``(V_b + V_w) / V_b``. An outer design
+draws the ``R`` upstream samples of one plate *together*, spread evenly over the prior, instead
+of independently:
+
+- ``"stratified"``: one draw per equal-probability stratum of every coordinate, the strata
+  assigned by independent random permutations (a Latin hypercube over the plate: ``R`` cameras
+  cover ``R`` azimuth strata and, independently permuted, ``R`` elevation strata);
+- ``"antithetic"``: pairs ``(u, 1 - u)`` at neighbouring indices ``(2i, 2i + 1)``, the first of
+  each pair drawn by a Latin hypercube over the ``R / 2`` pairs (for a Normal latent the pair is
+  ``(z, 2 mu - z)``, for a Uniform one its mirror image). Needs an even plate;
+- ``"sobol"``: scrambled Sobol points, all the sites of one plate sharing one sequence (each
+  site takes the next columns), so ``(azimuth, elevation)`` or a latent vector is one
+  low-discrepancy point set.
+
+Every draw is pushed through its prior's inverse CDF (``Normal``, ``Uniform``, ``Categorical``
+and ``Independent`` of them; others keep their prior draw, with a warning). **Each single draw
+has exactly its prior's law**: each base uniform is uniform (a random stratum, a random offset
+in it; a uniform's mirror is uniform; scrambling shifts each Sobol coordinate uniformly), and the
+coordinates of one draw are independent. The estimator is an average of per-draw terms, so its
+expectation only sees these marginals: it stays unbiased with importance weight one, whatever
+the joint law of the design. That joint law is what lowers the variance: for a gradient that is
+smooth in the latent, ``V_b`` falls like ``1 / R`` faster than under i.i.d. draws (stratified),
+its odd part cancels (antithetic), or both (Sobol).
+
+The designs compose with everything else: with the inner strata (a stratified outer design with
+``stratify="global"`` at ``K = 1`` is a Latin hypercube over ``(camera, t)``: each of ``R``
+views and each of ``R`` timestep strata is used once, paired at random), with importance
+sampling, and with a user's upstream guide (the sites it proposes are left to it).
+
+**Sharded plates.** Under [`DistributedCARVLoss`][carv_pyro.infer.distributed.DistributedCARVLoss]
+(or any subsampled plate) the design is drawn for the plate's full size and each draw takes the
+row of its global index, so when every rank draws the design from the same seed
+(``outer_seed=``), each rank takes its own strata of one global design.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pyro.distributions as dist
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from ..layout import to_device
+from .samplers import RandomSource
+
+__all__ = [
+    "OUTER",
+    "AbstractOuterDesign",
+    "AntitheticDesign",
+    "OuterDesigner",
+    "SobolDesign",
+    "StratifiedDesign",
+    "outer_design",
+    "prior_icdf",
+]
+
+#: The names ``Estimator(outer=...)`` and ``TimestepGuide(outer=...)`` take.
+OUTER = (None, "stratified", "antithetic", "sobol")
+
+
+# -- the designs: base uniforms of one plate ------------------------------------------------
+
+
+class AbstractOuterDesign:
+    """Base uniforms for the upstream draws of one plate.
+
+    A design returns ``(n, d)`` float64 uniforms for ``n`` draws of ``d`` coordinates each; every
+    row must be exactly ``U[0, 1)^d`` (so the draw pushed through the prior's inverse CDF has the
+    prior's law); the rows may depend on each other in any way.
+
+    Subclassing:
+        ```python
+        class Lattice(AbstractOuterDesign):     # a randomly shifted rank-1 lattice, d = 1
+            def uniforms(self, n, columns, source, seed):
+                shift = source.uniform((1, len(columns)))
+                return (torch.arange(n, dtype=torch.float64)[:, None] / n + shift) % 1.0
+        ```
+    """
+
+    #: the design pairs draws, so a plate must hold an even number of them
+    needs_even = False
+
+    def uniforms(self, n: int, columns: range, source: RandomSource, seed: int) -> Tensor:
+        """``(n, len(columns))`` float64 uniforms on the CPU.
+
+        Args:
+            n: draws in the plate (its full size when sharded).
+            columns: the coordinates this site takes of the plate's ``d`` (a design that spans
+                sites, such as Sobol, gives each site its own columns of one point set).
+            source: the base randomness.
+            seed: a seed shared by every site of the plate in this run (for designs that span
+                sites).
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _latin_hypercube(n: int, d: int, source: RandomSource) -> Tensor:
+    """``(n, d)``: per column one uniform in each of ``n`` strata, randomly permuted."""
+    strata = torch.argsort(source.permutation_keys((d, n)), dim=-1).to(torch.float64)
+    u = (strata + source.uniform((d, n))) / n
+    return rearrange(u, "d n -> n d")
+
+
+class StratifiedDesign(AbstractOuterDesign):
+    """A Latin hypercube: per coordinate, one draw in each of ``n`` equal strata."""
+
+    def uniforms(self, n, columns, source, seed):
+        return _latin_hypercube(n, len(columns), source)
+
+
+class AntitheticDesign(AbstractOuterDesign):
+    """Pairs ``(u, 1 - u)`` at indices ``(2i, 2i + 1)``; the pairs' first halves form a Latin
+    hypercube over ``n / 2`` strata. Needs an even ``n``."""
+
+    needs_even = True
+
+    def uniforms(self, n, columns, source, seed):
+        if n % 2:
+            raise ValueError(f"outer='antithetic' needs an even plate, got {n} draws")
+        half = _latin_hypercube(n // 2, len(columns), source)
+        pairs = torch.stack([half, 1.0 - half])  # (2, n/2, d)
+        return rearrange(pairs, "two m d -> (m two) d")
+
+
+class SobolDesign(AbstractOuterDesign):
+    """Scrambled Sobol points (Owen-type linear scrambling plus a random digital shift: every
+    point is exactly uniform); the sites of one plate take consecutive columns of one sequence.
+
+    Each coordinate is scrambled independently, so a site's columns drawn from an engine of
+    ``columns.stop`` dimensions have the same law as those columns of one engine spanning the
+    whole plate: the plate's sites form one low-discrepancy point set.
+    """
+
+    MAX_DIM = torch.quasirandom.SobolEngine.MAXDIM
+
+    def __init__(self) -> None:
+        self._warned = False
+
+    def uniforms(self, n, columns, source, seed):
+        if columns.stop > self.MAX_DIM:
+            raise ValueError(
+                f"outer='sobol' supports at most {self.MAX_DIM} coordinates per plate, this plate "
+                f"needs {columns.stop}; use outer='stratified'"
+            )
+        if n & (n - 1) and not self._warned:
+            warnings.warn(
+                f"outer='sobol' works best with a power-of-two plate; got {n} draws",
+                stacklevel=2,
+            )
+            self._warned = True
+        engine = torch.quasirandom.SobolEngine(
+            columns.stop, scramble=True, seed=(seed + 7919 * columns.start) % 2**62
+        )
+        return engine.draw(n, dtype=torch.float64)[:, columns.start :]
+
+
+_DESIGNS = {"stratified": StratifiedDesign, "antithetic": AntitheticDesign, "sobol": SobolDesign}
+
+
+def outer_design(outer: str | AbstractOuterDesign | None) -> AbstractOuterDesign | None:
+    """The design of an ``outer`` option: a name in `OUTER`, a design instance, or ``None``.
+
+    Raises:
+        ValueError: on an unknown name or another type.
+    """
+    if outer is None or isinstance(outer, AbstractOuterDesign):
+        return outer
+    if isinstance(outer, str) and outer in _DESIGNS:
+        return _DESIGNS[outer]()
+    raise ValueError(f"outer must be one of {OUTER} or an AbstractOuterDesign, got {outer!r:.80}")
+
+
+# -- from uniforms to draws of a prior -------------------------------------------------------
+
+
+def _guard(u: Tensor) -> Tensor:
+    """BoTorch's guard: ``u`` strictly inside ``(0, 1)``, so an inverse CDF stays finite."""
+    return 0.5 + (1.0 - torch.finfo(torch.float64).eps) * (u - 0.5)
+
+
+def prior_icdf(prior, u: Tensor) -> Tensor | None:
+    """``prior``'s inverse CDF at ``u`` (the shape of a draw), or ``None`` if it has none here.
+
+    ``Normal`` and ``Uniform`` (and their subclasses) use their own ``icdf``, differentiable in
+    their parameters (a reparameterized draw); a ``Categorical`` returns the first class whose
+    cumulative probability exceeds ``u``; ``Independent`` unwraps to its base. Others: ``None``.
+
+    Args:
+        prior: the site's distribution, already broadcast to its plates.
+        u: ``batch_shape + event_shape`` float64 uniforms.
+    """
+    base = prior
+    while isinstance(base, dist.Independent):
+        base = base.base_dist
+    if isinstance(base, (dist.Normal, dist.Uniform)):
+        like = base.loc if isinstance(base, dist.Normal) else base.low
+        return base.icdf(to_device(_guard(u).to(like.dtype), like.device))
+    if isinstance(base, dist.Categorical):
+        probs = base.probs
+        cdf = probs.cumsum(-1)
+        shape = u.shape
+        cdf = cdf.expand(tuple(shape) + cdf.shape[-1:]).contiguous()
+        target = (to_device(u.to(cdf.dtype), cdf.device) * cdf[..., -1]).unsqueeze(-1)
+        idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+        return idx.clamp_max(probs.shape[-1] - 1)
+    return None
+
+
+# -- the runtime: one per guide -------------------------------------------------------------
+
+
+class OuterDesigner:
+    """Draws the upstream sites of a guide's runs by an outer design (used by `TimestepGuide`).
+
+    Per run (`begin`), the sites of one plate share a seed and a running count of the
+    coordinates used (their Sobol columns); subsample indices seen in the run place a sharded
+    plate's draws in its global design.
+
+    Args:
+        design: the design.
+        source: the randomness of the design (give every rank the same seed to shard one global
+            design).
+        sites: the upstream site names to design (default: every eligible site).
+
+    Attributes:
+        designed: the names of the sites drawn by the design in the last run.
+    """
+
+    def __init__(
+        self,
+        design: AbstractOuterDesign,
+        source: RandomSource,
+        sites: tuple[str, ...] | None = None,
+    ):
+        self.design = design
+        self.source = source
+        self.sites = sites
+        self.designed: list[str] = []
+        self._columns: dict[tuple, int] = {}
+        self._seeds: dict[tuple, int] = {}
+        self._indices: dict[str, Tensor] = {}
+        self._warned: set[str] = set()
+
+    def begin(self) -> None:
+        """Start a run: fresh seeds and columns for every plate."""
+        self._columns.clear()
+        self._seeds.clear()
+        self._indices.clear()
+        self.designed = []
+
+    def record_subsample(self, name: str, indices: Tensor) -> None:
+        """Remember the indices a (sharded or subsampled) plate yielded in this run."""
+        self._indices[name] = indices
+
+    def draw(self, name: str, prior, frames) -> Tensor | None:
+        """A designed draw of site ``name`` (``batch_shape + event_shape``), or ``None`` when the
+        site is left to its prior (not selected, outside every plate, or no inverse CDF).
+
+        Args:
+            name: the site's name.
+            prior: its distribution, broadcast to its plates.
+            frames: its ``cond_indep_stack``.
+
+        Raises:
+            ValueError: if the design pairs draws and the plate is odd.
+        """
+        if self.sites is not None and name not in self.sites:
+            return None
+        batch_shape = tuple(prior.batch_shape)
+        shape = batch_shape + tuple(prior.event_shape)
+        nb = len(batch_shape)
+        # the plates the value spans (a rank's shard of one draw still spans its plate)
+        plates = sorted(
+            (
+                f
+                for f in frames
+                if f.vectorized
+                and -nb <= f.dim
+                and batch_shape[f.dim] == f.size
+                and (f.full_size or f.size) > 1
+            ),
+            key=lambda f: f.dim,
+        )
+        if not plates:
+            return None
+        full = {f.dim: f.full_size or f.size for f in plates}
+        n = math.prod(full.values())
+        if self.design.needs_even and n % 2:
+            names = [f.name for f in plates]
+            raise ValueError(
+                f"outer={self.design!r} pairs draws, but site {name!r} has {n} draws in the "
+                f"plates {names}; use an even plate size or outer='stratified'"
+            )
+        # the draw's coordinates: every dim of the value that is not one of these plates
+        letters = [f"a{i}" for i in range(len(shape))]
+        plate_pos = [len(shape) + f.dim for f in plates]
+        rest_pos = [i for i in range(len(shape)) if i not in plate_pos]
+        d = math.prod(shape[i] for i in rest_pos)
+        key = tuple((f.name, f.dim, full[f.dim]) for f in plates)
+        start = self._columns.get(key, 0)
+        self._columns[key] = start + d
+        if key not in self._seeds:
+            self._seeds[key] = self.source.integer_seed()
+        u = self.design.uniforms(n, range(start, start + d), self.source, self._seeds[key])
+        sizes = {letters[p]: full[f.dim] for p, f in zip(plate_pos, plates)}
+        sizes.update({letters[p]: shape[p] for p in rest_pos})
+        pattern = "({}) ({}) -> {}".format(
+            " ".join(letters[p] for p in plate_pos),
+            " ".join(letters[p] for p in rest_pos),
+            " ".join(letters),
+        )
+        u = rearrange(u, pattern, **sizes)
+        for p, f in zip(plate_pos, plates):
+            if full[f.dim] != shape[p]:  # a shard or subsample of the plate: its global rows
+                idx = self._indices.get(f.name)
+                if idx is None or idx.numel() != shape[p]:
+                    idx = torch.arange(shape[p])
+                u = u.index_select(p, idx.reshape(-1).cpu().long())
+        value = prior_icdf(prior, u)
+        if value is None:
+            if name not in self._warned:
+                warnings.warn(
+                    f"outer design: site {name!r} has a {type(prior).__name__} prior without an "
+                    f"inverse CDF here; it is drawn from its prior",
+                    stacklevel=2,
+                )
+                self._warned.add(name)
+            return None
+        self.designed.append(name)
+        return value
+
+    def __repr__(self) -> str:
+        return f"OuterDesigner({self.design!r}, sites={self.sites})"

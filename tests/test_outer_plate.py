@@ -1,0 +1,296 @@
+"""Outer-plate designs: unbiased by exact quadrature and by z-tests, and the drop in ``V_b``.
+
+The analytic set-up of ``tests/analytic.py`` with a latent upstream ``x_r = theta + xi_r d``: the
+expected gradient is ``c (theta + E[xi] d - m)`` for any prior of ``xi``. With zero noise (the
+residual is affine in ``eps``) the estimate is linear in ``xi`` and in per-draw terms of ``t``,
+so its expectation over a design only sees each draw's marginal: averaging over the cyclic shifts
+of the strata assignment (every index meets every stratum once) and integrating the offset in a
+stratum by the midpoint rule (exact for a uniform prior: the estimate is affine in the offset;
+for a categorical prior, midpoints of the intervals between breakpoints) is the exact
+expectation over the design.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import carv_pyro as carv
+from carv_pyro.infer.outer import OUTER, OuterDesigner, StratifiedDesign, prior_icdf
+from carv_pyro.infer.samplers import AbstractNoiseSampler, RandomSource
+
+from .analytic import DIRECTION, MEAN, THETA0, grad_of, sds, sds_constant
+from .seeds import seed
+
+#: z-test threshold: with the Bonferroni bound over the coordinates tested, a correct estimator
+#: fails one of these tests with probability below 1e-4 whatever the seed.
+Z = 4.5
+
+VALUES = torch.tensor([-1.0, 0.25, 2.0], dtype=torch.float64)  # xi of the categorical labels
+PROBS = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+
+
+class ZeroNoise(AbstractNoiseSampler):
+    def sample(self, layout, event_shape, dtype, device, source):
+        return torch.zeros(tuple(layout.batch_shape) + tuple(event_shape), dtype=dtype)
+
+
+class Shifted(RandomSource):
+    """Every base uniform is ``v``; strata are assigned by the cyclic shift ``shift``."""
+
+    v = 0.5
+    shift = 0
+
+    def uniform(self, shape, device="cpu"):
+        return torch.full(shape, self.v, dtype=torch.float64)
+
+    def permutation_keys(self, shape, device="cpu"):
+        b = shape[-1]
+        return ((torch.arange(b) - self.shift) % b).to(torch.float32).expand(shape).clone()
+
+    def integer_seed(self):
+        return 0
+
+
+def latent_model(objective, R, K, prior="uniform", subsample=None):
+    """``x_r = theta + xi_r d`` with ``xi`` a latent of the views plate."""
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", R, dim=-2, subsample=subsample):
+            if prior == "uniform":
+                xi = pyro.sample("xi", dist.Uniform(torch.tensor(-1.0).double(), 1.5))
+            elif prior == "normal":
+                xi = pyro.sample("xi", dist.Normal(torch.tensor(0.3).double(), 1.2))
+            else:
+                label = pyro.sample("label", dist.Categorical(PROBS))
+                xi = VALUES[label]
+            x = theta + xi.unsqueeze(-1) * DIRECTION  # (R, 1, D)
+            with carv.draws(K, "noise", dim=-1):
+                carv.teacher_term("sds", objective, x)
+
+    return model
+
+
+def mean_xi(prior: str) -> float:
+    return {"uniform": 0.25, "normal": 0.3, "categorical": float((PROBS * VALUES).sum())}[prior]
+
+
+def expected(objective, prior: str) -> torch.Tensor:
+    return sds_constant(objective) * (THETA0 + mean_xi(prior) * DIRECTION - MEAN)
+
+
+def _offsets(prior: str, n: int) -> list[tuple[float, float]]:
+    """``(midpoint, length)`` of the intervals of the offset on which the estimate is affine."""
+    if prior != "categorical":
+        return [(0.5, 1.0)]
+    # a draw in stratum s takes label j when (s + v) / n, or its mirror 1 - (s + v) / n,
+    # crosses cdf_j: breakpoints in v
+    cdf = PROBS.cumsum(0)
+    pts = {0.0, 1.0}
+    for s in range(n):
+        for c in cdf.tolist():
+            for v in (c * n - s, (1.0 - c) * n - s):
+                if 0.0 < v < 1.0:
+                    pts.add(v)
+    pts = sorted(pts)
+    return [(0.5 * (a + b), b - a) for a, b in zip(pts[:-1], pts[1:]) if b - a > 1e-15]
+
+
+@pytest.mark.parametrize("prior", ["uniform", "categorical"])
+@pytest.mark.parametrize("outer", ["stratified", "antithetic"])
+@pytest.mark.parametrize("R,K", [(4, 1), (2, 3)])
+def test_outer_design_is_exactly_unbiased(prior, outer, R, K):
+    objective = sds("sds")
+    model = latent_model(objective, R, K, prior)
+    inner = Shifted()
+    guide = carv.TimestepGuide(model, proposal="weighted", noise=ZeroNoise(), source=inner)
+    outer_source = Shifted()
+    guide.outer = OuterDesigner(carv.infer.outer.outer_design(outer), outer_source)
+    loss = carv.CARVLoss()
+    # the timestep's uniform: the estimate is constant between the proposal's cdf breakpoints
+    q = guide.proposal_for("sds", objective)
+    cdf = q._cdf_table(q.probs())
+    t_pts = sorted({0.0, 1.0, *[float(v) for v in cdf if 0.0 < float(v) < 1.0]})
+    n_strata = R // 2 if outer == "antithetic" else R
+    total = torch.zeros(2, dtype=torch.float64)
+    for shift in range(n_strata):
+        outer_source.shift = shift
+        for v, dv in _offsets(prior, n_strata):
+            outer_source.v = v
+            for lo, hi in zip(t_pts[:-1], t_pts[1:]):
+                if hi - lo < 1e-15:
+                    continue
+                inner.v = 0.5 * (lo + hi)
+                total += dv * (hi - lo) * grad_of(loss, model, guide)
+    assert guide.outer.designed == ["label" if prior == "categorical" else "xi"]
+    torch.testing.assert_close(total / n_strata, expected(objective, prior), rtol=1e-9, atol=1e-12)
+
+
+def test_quadrature_detects_a_biased_design():
+    """The exact machinery is sensitive: a design whose draws miss the top stratum is caught."""
+
+    class Low(StratifiedDesign):
+        def uniforms(self, n, columns, source, seed):
+            return 0.9 * super().uniforms(n, columns, source, seed)
+
+    objective = sds("sds")
+    model = latent_model(objective, 4, 1, "uniform")
+    guide = carv.TimestepGuide(model, noise=ZeroNoise(), source=Shifted())
+    guide.outer = OuterDesigner(Low(), Shifted())
+    got = torch.stack([grad_of(carv.CARVLoss(), model, guide) for _ in range(3)]).mean(0)
+    # prior t is random here, so compare the xi part only: a clear shift of E[xi]
+    assert not torch.allclose(got, expected(objective, "uniform"), rtol=1e-2)
+
+
+@pytest.mark.parametrize("outer", ["stratified", "antithetic", "sobol"])
+@pytest.mark.parametrize("prior", ["normal", "uniform"])
+def test_outer_design_unbiased_z_test(outer, prior):
+    objective = sds("sds")
+    model = latent_model(objective, 4, 2, prior)
+    guide = carv.Estimator(K=2, proposal="weighted", stratify="per_outer", outer=outer).guide(
+        model, seed=seed(11)
+    )
+    loss = carv.CARVLoss()
+    grads = torch.stack([grad_of(loss, model, guide) for _ in range(300)])
+    z = (grads.mean(0) - expected(objective, prior)) / (grads.std(0) / math.sqrt(len(grads)))
+    assert z.abs().max() < Z, z
+
+
+def _between_variance(outer, prior, R, n=400):
+    """Var of the estimate over repeats with t and eps fixed: only ``xi`` varies (``V_b / R``)."""
+    objective = sds("sds", t_range=(0.5, 0.51))  # one timestep: the inner part is constant
+    model = latent_model(objective, R, 1, prior)
+    guide = carv.TimestepGuide(model, noise=ZeroNoise(), outer=outer, seed=seed(3))
+    loss = carv.CARVLoss()
+    grads = torch.stack([grad_of(loss, model, guide) for _ in range(n)])
+    return float(((grads - grads.mean(0)) ** 2).sum(1).mean())
+
+
+def test_outer_design_cuts_the_between_variance():
+    """Stratifying a uniform latent over R = 4 draws divides Var(mean xi) by R^2 = 16 exactly
+    (``1 / (12 R^3)`` against ``1 / (12 R)``); antithetic pairs of a linear gradient cancel it.
+    With 400 repeats a variance estimate has a relative standard error of about 7%, so the
+    bounds below sit more than 7 standard errors from the truth."""
+    iid = _between_variance(None, "uniform", 4)
+    strat = _between_variance("stratified", "uniform", 4)
+    anti = _between_variance("antithetic", "normal", 4)
+    c2 = sds_constant(sds("sds", t_range=(0.5, 0.51))) ** 2 * float((DIRECTION**2).sum())
+    assert iid == pytest.approx(c2 * 2.5**2 / 12 / 4, rel=0.5)
+    assert iid / strat == pytest.approx(16.0, rel=0.5)
+    assert anti < 1e-20  # a gradient linear in xi: each antithetic pair averages to E[xi]
+
+
+def test_sharded_plate_takes_its_strata_of_one_global_design():
+    """Two shards of a plate of 4, drawn with the same outer seed, cover the 4 strata once."""
+    objective = sds("sds")
+    us = []
+    for shard in (torch.arange(0, 2), torch.arange(2, 4)):
+        model = latent_model(objective, 4, 1, "uniform", subsample=shard)
+        guide = carv.TimestepGuide(model, outer="stratified", seed=shard[0].item(), outer_seed=5)
+        model_trace, _ = guide.run(model)
+        xi = model_trace.nodes["xi"]["value"].reshape(-1)
+        us.append((xi + 1.0) / 2.5)
+    strata = torch.cat(us).mul(4).floor().long().sort().values
+    assert strata.tolist() == [0, 1, 2, 3]
+
+
+def test_sobol_spans_the_sites_of_a_plate():
+    """Two sites of one plate take consecutive columns of one scrambled Sobol point set: the
+    pairs (u1, u2) of 4 points fall one in each quadrant-row of the 2-D net."""
+
+    def model():
+        with pyro.plate("views", 4, dim=-1):
+            a = pyro.sample("a", dist.Uniform(torch.tensor(0.0), 1.0))
+            b = pyro.sample("b", dist.Uniform(torch.tensor(0.0), 1.0))
+        return a, b
+
+    guide = carv.TimestepGuide(model, outer="sobol", seed=seed(0))
+    model_trace, _ = guide.run(model)
+    a = model_trace.nodes["a"]["value"]
+    b = model_trace.nodes["b"]["value"]
+    # a (0, 2, 2)-net in base 2: every elementary 2 x 2 box holds exactly one point
+    boxes = sorted(((a * 2).floor() * 2 + (b * 2).floor()).long().tolist())
+    assert boxes == [0, 1, 2, 3]
+    assert guide.outer.designed == ["a", "b"]
+
+
+def test_latin_hypercube_of_camera_and_t():
+    """Outer strata with global inner strata at K = 1: a Latin hypercube over (latent, t). Each
+    of R views' latent strata is used once; the timesteps' uniforms are the global strata of
+    the inner sampler (one per stratum of [0, 1)), paired with the views at random."""
+    objective = sds("sds")
+    model = latent_model(objective, 8, 1, "uniform")
+    guide = carv.Estimator(K=1, stratify="global", outer="stratified").guide(model, seed=seed(1))
+    seen = []
+    uniform = guide.source.uniform
+    guide.source.uniform = lambda shape, device="cpu": (
+        seen.append(uniform(shape, device)) or seen[-1]
+    )
+    keys = guide.source.permutation_keys
+    perms = []
+    guide.source.permutation_keys = lambda shape, device="cpu": (
+        perms.append(keys(shape, device)) or perms[-1]
+    )
+    model_trace, _ = guide.run(model)
+    xi = model_trace.nodes["xi"]["value"].reshape(-1)
+    assert sorted(((xi + 1.0) / 2.5 * 8).floor().long().tolist()) == list(range(8))
+    # the second draw of keys and offsets is the timesteps': one uniform per stratum
+    u_t = (torch.argsort(perms[1], dim=-1)[0].double() + seen[1]) / 8
+    assert sorted((u_t * 8).floor().long().tolist()) == list(range(8))
+
+
+def test_prior_icdf():
+    u = torch.tensor([0.1, 0.25, 0.69, 0.71, 0.99], dtype=torch.float64)
+    got = prior_icdf(dist.Categorical(PROBS), u)
+    assert got.tolist() == [0, 1, 1, 2, 2]
+    normal = dist.Normal(torch.zeros(5, dtype=torch.float64), 1.0).to_event(1)
+    torch.testing.assert_close(prior_icdf(normal, torch.full((5,), 0.5)), torch.zeros(5).double())
+    assert prior_icdf(dist.Gamma(torch.tensor(2.0), 1.0), torch.tensor(0.5)) is None
+
+
+def test_user_upstream_guide_keeps_its_sites():
+    """Sites a user's upstream guide proposes are its own; the design draws the others."""
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", 4, dim=-2):
+            a = pyro.sample("a", dist.Normal(torch.tensor(0.0).double(), 1.0))
+            b = pyro.sample("b", dist.Normal(torch.tensor(0.0).double(), 1.0))
+            x = theta + (a + b).unsqueeze(-1) * DIRECTION
+            with carv.draws(2, "noise", dim=-1):
+                carv.teacher_term("sds", sds("sds"), x)
+
+    def upstream():
+        with pyro.plate("views", 4, dim=-2):
+            pyro.sample("a", dist.Normal(torch.tensor(0.5).double(), 1.0))
+
+    guide = carv.TimestepGuide(model, upstream=upstream, outer="stratified", seed=seed(0))
+    grad_of(carv.CARVLoss(), model, guide)
+    assert guide.outer.designed == ["b"]
+
+
+def test_odd_plate_under_antithetic_names_the_site():
+    model = latent_model(sds("sds"), 3, 1, "normal")
+    guide = carv.TimestepGuide(model, outer="antithetic", seed=seed(0))
+    with pytest.raises(ValueError, match="'xi'.*even"):
+        guide.run(model)
+
+
+def test_outer_options_are_checked():
+    assert OUTER == (None, "stratified", "antithetic", "sobol")
+    with pytest.raises(ValueError, match="outer must be one of"):
+        carv.Estimator(K=2, outer="lhs")
+    with pytest.raises(ValueError, match="outer must be one of"):
+        carv.TimestepGuide(outer=3)
+    with pytest.raises(TypeError, match="outer_sites"):
+        carv.TimestepGuide(outer="sobol", outer_sites="xi")
+    est = carv.Estimator(K=2, outer="sobol")
+    assert "outer='sobol'" in repr(est)
+    settings = est.settings()
+    settings["k_range"] = tuple(settings["k_range"])
+    assert carv.Estimator(**settings) == est
