@@ -15,6 +15,11 @@ The paper's protocol, for one pipeline at a fixed checkpoint ``theta``:
 A pipeline plugs in with a small adapter: ``configs()``, ``estimate(config) -> (P,)`` gradient,
 ``reference(n) -> (P,)``, ``extras() -> dict`` (end-to-end comparisons) and, optionally,
 ``accounting(R) -> AccountingReport``.
+
+What the printed report and the JSON add for a reader: a legend of the columns (`LEGEND`), ONE
+set of variance components with its source (`variance_components`), a line on how Cochran's
+``K*`` relates to the best ``K`` (`k_star_note`), and a warning wherever measured costs fall
+as ``K`` grows (`cost_warnings`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,9 +37,41 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .accounting import AccountingReport, effective_compute_multiplier
 from .timing import device_name
 
-__all__ = ["BenchRow", "BenchPipeline", "run_protocol", "PIPELINES", "main"]
+__all__ = [
+    "LEGEND",
+    "PIPELINES",
+    "BenchPipeline",
+    "BenchRow",
+    "cost_warnings",
+    "k_star_note",
+    "main",
+    "run_protocol",
+    "variance_components",
+]
+
+#: What each column of the bench table means (printed under it, and stored in the JSON).
+LEGEND: dict[str, str] = {
+    "Var": "E||g - g_ref||^2 over the repeats: the estimator's variance (trace of its "
+    "covariance) against a high-sample reference gradient at the same fixed checkpoint",
+    "cost": "median wall-clock seconds per estimate, timed round-robin across the rows",
+    "RE": "relative efficiency, Var(plain reuse at the same R, K) / Var(row): above 1 the "
+    "row's IS, stratification or QMC lowers the variance at equal draws",
+    "ECM": "effective compute multiplier, (Var x cost) of the baseline (uniform t, K = 1, "
+    "same R; the plain row at the same K where there is no K = 1 row) / (Var x cost) of the "
+    "row: above 1 the row reaches equal variance with that many times less compute",
+    "ECM pred": "the ECM predicted before the rows were measured, from the accountant's "
+    "V_b, V_w and its own cost measurements (the accounting table): "
+    "(V_b + V_w) cost(R, 1) / ((V_b + V_w / K) cost(R, K)); plain reuse and adaptive rows only",
+}
+
+#: The ``K`` values the accountant's table, best ``K`` and ``K*`` note are read at.
+ACCOUNTING_KS: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+# The clock that times the estimates; a module attribute so that a test can inject costs.
+_clock: Callable[[], float] = time.perf_counter
 
 
 @dataclass
@@ -50,6 +88,7 @@ class BenchRow:
         ecm: effective compute multiplier against the baseline ``(R, 1)``.
         ecm_predicted: the accountant's predicted ECM (plain reuse rows and adaptive rows).
         var_se: standard error of ``var``.
+        cost_mad_s: median absolute deviation of the timed repeats (seconds), their spread.
         proposal: the guide's timestep proposal.
         stratify: the guide's stratification.
         noise: the guide's noise sampler.
@@ -64,6 +103,7 @@ class BenchRow:
     ecm: float = math.nan
     ecm_predicted: float | None = None
     var_se: float = math.nan
+    cost_mad_s: float = math.nan
     proposal: str = "prior"
     stratify: str | None = None
     noise: str = "iid"
@@ -128,14 +168,16 @@ def run_protocol(
     # Costs are timed round-robin across the configurations, so that a change of machine load
     # during the run hits every configuration alike; the median is kept.
     times: list[list[float]] = [[] for _ in configs]
-    n_timing = max(2, min(n_repeats, 15))
-    for _ in tqdm(range(n_timing), desc=f"bench {pipeline.name}: cost", disable=not progress):
+    for _ in tqdm(
+        range(_timing_rounds(n_repeats)), desc=f"bench {pipeline.name}: cost", disable=not progress
+    ):
         for i, config in enumerate(configs):
-            t0 = time.perf_counter()
+            t0 = _clock()
             pipeline.estimate(config)
-            times[i].append(time.perf_counter() - t0)
+            times[i].append(_clock() - t0)
     rows: list[BenchRow] = []
     for config, s_i, t_i in zip(configs, sq, times):
+        median = statistics.median(t_i)
         rows.append(
             BenchRow(
                 method=config["method"],
@@ -143,7 +185,8 @@ def run_protocol(
                 K=int(config["K"]),
                 var=statistics.fmean(s_i),
                 var_se=statistics.stdev(s_i) / math.sqrt(len(s_i)),
-                cost_s=statistics.median(t_i),
+                cost_s=median,
+                cost_mad_s=statistics.median(abs(t - median) for t in t_i),
                 proposal=config.get("proposal", "prior"),
                 stratify=config.get("stratify"),
                 noise=config.get("noise", "iid"),
@@ -152,6 +195,11 @@ def run_protocol(
         )
     _relative(rows)
     return rows, ref
+
+
+def _timing_rounds(n_repeats: int) -> int:
+    """Round-robin timing rounds for ``n_repeats`` repeats: ``n_repeats``, between 2 and 15."""
+    return max(2, min(n_repeats, 15))
 
 
 def _relative(rows: list[BenchRow]) -> None:
@@ -177,6 +225,7 @@ def components_from_rows(rows: list[BenchRow]) -> dict[str, float] | None:
     ``V_b``, so ``(V_b + V_w) / V_b`` bounds the cut of ``Var(R, 1)`` any such estimator at this
     ``R`` can reach. The reference's own variance is not subtracted: it sits in every row's
     ``var``, so ``V_b`` is slightly over-estimated and the ceiling slightly under-estimated.
+    Where the pipeline has an accountant, `variance_components` prefers the accountant's.
 
     Args:
         rows: measured rows; the first ``R`` with a plain ``K = 1`` row and a plain ``K > 1``
@@ -216,6 +265,288 @@ def format_table(rows: list[BenchRow]) -> str:
             f"{r.method:<22}{r.R:>3}{r.K:>4}{r.var:>12.4g}{r.cost_s * 1e3:>11.3g}"
             f"{r.re:>7.2f}{r.ecm:>7.2f}{pred:>9}"
         )
+    return "\n".join(lines)
+
+
+# -- reading aids: one set of components, K* against the best K, cost warnings ---------------
+
+
+def variance_components(
+    rows: list[BenchRow], report: AccountingReport | None = None
+) -> dict[str, Any] | None:
+    """The ONE set of variance components the bench reports, with its source.
+
+    Two estimates are at hand. The accountant's (``report``, from
+    [`measure`][carv_pyro.measure.measure]) pools unbiased per-step estimates (the quadrant
+    ANOVA of `carv_pyro.accounting`, and the step-to-step spread) over
+    its own repeats, with standard errors, and involves no reference; it is also what ``K*``,
+    the best ``K`` and ``ECM pred`` are computed from. `components_from_rows` solves two
+    measured rows for ``V_b`` and ``V_w`` instead: a difference of two noisy variances, with the
+    reference's own variance added to ``V_b``. So the accountant's is used wherever the
+    pipeline has one, and the rows' only where it has none.
+
+    Args:
+        rows: the measured rows.
+        report: the accountant's report at the checkpoint, if the pipeline has one.
+
+    Returns:
+        ``{"source", "how", "R", "K", "v_between", "v_within", "se_between", "se_within",
+        "ceiling"}`` (standard errors ``nan`` for the rows' estimate; ``ceiling`` is
+        ``(V_b + V_w) / V_b``, ``inf`` when ``V_b`` is not positive), or ``None`` when neither
+        estimate exists.
+    """
+    if report is not None and math.isfinite(report.v_between) and math.isfinite(report.v_within):
+        v_b, v_w = report.v_between, report.v_within
+        se_w, se_b = report.stderr
+        return {
+            "source": "accountant",
+            "how": f"measure(): quadrant ANOVA and step-to-step spread of plain reuse at "
+            f"R = {report.R}, K = {report.K}, at the bench's checkpoint; no reference involved",
+            "R": report.R,
+            "K": report.K,
+            "v_between": v_b,
+            "v_within": v_w,
+            "se_between": se_b,
+            "se_within": se_w,
+            "ceiling": (v_b + v_w) / v_b if v_b > 0 else math.inf,
+        }
+    c = components_from_rows(rows)
+    if c is None:
+        return None
+    return {
+        "source": "plain rows",
+        "how": f"solved from the plain rows (R, K) = ({c['R']}, 1) and ({c['R']}, {c['K']}); "
+        f"V_b includes the reference's own variance",
+        "se_between": math.nan,
+        "se_within": math.nan,
+        **c,
+    }
+
+
+def _nearest(candidates: list[int], k: float) -> int:
+    """The candidate closest to ``k`` on a log scale (``K`` is chosen by ratios)."""
+    if not math.isfinite(k):
+        return max(candidates)
+    return min(candidates, key=lambda c: abs(math.log(c) - math.log(max(k, 1e-12))))
+
+
+def k_star_note(
+    report: AccountingReport, rows: list[BenchRow], candidates: tuple[int, ...]
+) -> dict[str, Any]:
+    """How Cochran's ``K*`` relates to the best ``K``, as numbers and one line of text.
+
+    ``K*`` is optimal under the linear cost model ``c_outer + K c_inner``; the best ``K``
+    minimises the predicted ``Var(R, K) cost(R, K)`` with the teacher's cost measured at each
+    ``K``. Under the linear model ``Var x cost`` is ``const + V_b c_inner (K + K*^2 / K)``,
+    symmetric in ``log K`` about ``K*``, so the best candidate would be the one nearest ``K*``
+    on a log scale: the two differ only because the measured costs are not that line (a batch
+    is cheaper per draw than single draws), and the difference matters little where the ECM is
+    flat between them.
+
+    Args:
+        report: the accountant's report.
+        rows: the measured rows (for the plain row with the best measured ECM).
+        candidates: the ``K`` values the best ``K`` is chosen from.
+
+    Returns:
+        ``{"k_star", "k_near_star", "best_k", "ecm_linear_at_k_star", "ecm_at_k_near_star",
+        "ecm_at_best_k", "teacher_cost_growth", "best_row_k", "best_row_ecm", "text"}``:
+        ``ecm_*`` predicted by the accountant (``ecm_linear_*`` under the linear model, the
+        others under measured costs), ``teacher_cost_growth`` the measured teacher cost at the
+        largest candidate over the smallest (``None`` without both), ``best_row_*`` the plain
+        row with the highest measured ECM (``None`` without plain rows).
+    """
+    ks = sorted(candidates)
+    k_star = report.k_star
+    near, best = _nearest(ks, k_star), report.best_k(ks)
+    ecm_near, ecm_best = report.ecm(near), report.ecm(best)
+    ecm_linear = math.nan
+    if math.isfinite(k_star) and k_star > 0:
+        ecm_linear = effective_compute_multiplier(
+            k_star,
+            report.c_outer,
+            report.c_inner,
+            max(report.v_between, 0.0),
+            max(report.v_within, 0.0),
+        )
+    lo, hi = ks[0], ks[-1]
+    t = report.teacher_seconds
+    growth = t[hi] / t[lo] if lo in t and hi in t and t[lo] > 0 else None
+    plain = [r for r in rows if _is_plain(asdict(r)) and math.isfinite(r.ecm)]
+    best_row = max(plain, key=lambda r: r.ecm) if plain else None
+
+    head = f"K* = {k_star:.3g} (Cochran, linear cost c_outer + K c_inner)"
+    if best == near:
+        text = f"{head} and best K = {best} (measured costs) agree"
+    elif ecm_best <= 1.1 * ecm_near:
+        text = (
+            f"{head} vs best K = {best} (measured costs, not that line): the ECM is flat "
+            f"between them, {ecm_best:.2f} at K = {best} vs {ecm_near:.2f} at K = {near}, so "
+            f"either serves"
+        )
+    else:
+        shape = (
+            f"the teacher's measured cost grows {growth:.2g}x from K = {lo} to K = {hi}, not "
+            f"{hi // lo}x"
+            if growth is not None
+            else "the measured costs are not linear in K"
+        )
+        text = (
+            f"{head} vs best K = {best} (measured costs): {shape}, so K = {best} wins, "
+            f"predicted ECM {ecm_best:.2f} vs {ecm_near:.2f} at K = {near}"
+        )
+    if best_row is not None:
+        text += f"; in the rows the best plain K is {best_row.K} (ECM {best_row.ecm:.2f})"
+    return {
+        "k_star": k_star,
+        "k_near_star": near,
+        "best_k": best,
+        "ecm_linear_at_k_star": ecm_linear,
+        "ecm_at_k_near_star": ecm_near,
+        "ecm_at_best_k": ecm_best,
+        "teacher_cost_growth": growth,
+        "best_row_k": best_row.K if best_row is not None else None,
+        "best_row_ecm": best_row.ecm if best_row is not None else None,
+        "text": text,
+    }
+
+
+def _options(row: BenchRow) -> tuple:
+    """What makes rows one series in ``K``: ``R`` and the estimator's options, not the name."""
+    return (row.R, row.proposal, row.stratify, row.noise)
+
+
+def cost_warnings(
+    rows: list[BenchRow],
+    teacher_seconds: dict[int, float] | None = None,
+    *,
+    n_timing: int,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
+    """A warning for every place where a measured cost falls as ``K`` grows.
+
+    More draws cannot cost less, so a fall says the costs are not resolved: timing noise
+    (the fall is within the repeats' spread), too few timing rounds, or a launch-bound device
+    (on a GPU at small batches a call costs its fixed overhead whatever ``K``, and noise
+    orders the rows). Checked: each series of rows that differ only in ``K`` (same ``R``,
+    proposal, stratification, noise; the baseline starts the plain series), and the teacher's
+    cost per call by ``K`` as the accountant measured it.
+
+    Args:
+        rows: the measured rows.
+        teacher_seconds: the accountant's ``{K: seconds per teacher call}``, if any.
+        n_timing: round-robin timing rounds behind each row's cost.
+        device: where the costs were measured.
+
+    Returns:
+        One dict per fall between neighbouring ``K``: ``{"kind": "non_monotone_cost",
+        "where", "method", "R", "K_low", "K_high", "cost_low_s", "cost_high_s",
+        "within_noise", "likely_cause", "advice", "text"}`` (``within_noise`` is ``None``
+        where no spread is known).
+    """
+    gpu = torch.device(device).type == "cuda"
+    series: dict[tuple, list[BenchRow]] = {}
+    for r in rows:
+        series.setdefault(_options(r), []).append(r)
+    falls: list[tuple[str, str, int, int, int, float, float, float | None]] = []
+    for group in series.values():
+        group = sorted(group, key=lambda r: r.K)
+        for a, b in zip(group, group[1:]):
+            if b.K > a.K and b.cost_s < a.cost_s:
+                spread = a.cost_mad_s + b.cost_mad_s
+                name = a.method if a.method == b.method else f"{a.method} -> {b.method}"
+                falls.append(("rows", name, a.R, a.K, b.K, a.cost_s, b.cost_s, spread))
+    ts = sorted((teacher_seconds or {}).items())
+    for (ka, ta), (kb, tb) in zip(ts, ts[1:]):
+        if tb < ta:
+            falls.append(("accountant teacher calls", "teacher", 0, ka, kb, ta, tb, None))
+    out = []
+    for where, method, R, k_lo, k_hi, c_lo, c_hi, spread in falls:
+        within = None if spread is None or not math.isfinite(spread) else c_lo - c_hi <= spread
+        causes = []
+        if within:
+            causes.append(
+                f"timing noise (the fall, {(c_lo - c_hi) * 1e3:.3g} ms, is within the repeats' "
+                f"spread, {spread * 1e3:.3g} ms)"
+            )
+        if where == "rows" and n_timing < 5:
+            causes.append(f"too few timing rounds ({n_timing})")
+        if gpu:
+            causes.append(
+                "a launch-bound device (at small batches a call costs its fixed overhead, "
+                "whatever K)"
+            )
+        if not causes:
+            causes.append("timing noise or a change of machine load while timing")
+        advice = (
+            "rerun on an otherwise idle machine"
+            + (
+                " with --repeats 15 (costs are medians over up to 15 rounds)"
+                if n_timing < 15
+                else ""
+            )
+            + (", and a larger R so that the teacher's batch is compute-bound" if gpu else "")
+            + "; until then read these K as costing the same, and their ECMs as uncertain"
+        )
+        at = f"R = {R}, " if where == "rows" else ""
+        text = (
+            f"measured cost falls as K grows ({where}, {method}, {at}K = {k_lo} -> {k_hi}: "
+            f"{c_lo * 1e3:.3g} -> {c_hi * 1e3:.3g} ms); likely cause: {'; '.join(causes)}; "
+            f"{advice}"
+        )
+        out.append(
+            {
+                "kind": "non_monotone_cost",
+                "where": where,
+                "method": method,
+                "R": R if where == "rows" else None,
+                "K_low": k_lo,
+                "K_high": k_hi,
+                "cost_low_s": c_lo,
+                "cost_high_s": c_hi,
+                "within_noise": within,
+                "likely_cause": "; ".join(causes),
+                "advice": advice,
+                "text": text,
+            }
+        )
+    return out
+
+
+def format_report(result: dict[str, Any], report: AccountingReport | None = None) -> str:
+    """The bench's printed report from its JSON-ready ``result`` (see `main`), prose wrapped at
+    100 columns."""
+
+    def prose(text: str, first: str = "", rest: str = "  ") -> list[str]:
+        return textwrap.wrap(text, width=100, initial_indent=first, subsequent_indent=rest)
+
+    rows = [BenchRow(**r) for r in result["rows"]]
+    lines = [format_table(rows), "", "legend:"]
+    for key, text in result["legend"].items():
+        lines += prose(text, first=f"  {key:<9} ", rest=" " * 12)
+    if report is not None:
+        lines += [
+            "",
+            f"accountant at the checkpoint (plain reuse, R = {report.R}, K = {report.K}):",
+        ]
+        lines.append(report.table(ACCOUNTING_KS))
+    c = result["components"]
+    if c is not None:
+        said = (
+            "V_b and V_w above are"
+            if c["source"] == "accountant"
+            else f"V_b = {c['v_between']:.4g} and V_w = {c['v_within']:.4g} are"
+        )
+        lines.append("")
+        lines += prose(
+            f"{said} this bench's variance components ({c['how']}); no inner-plate estimator "
+            f"can cut Var(R, 1) by more than (V_b + V_w) / V_b, {c['ceiling']:.3g}x"
+        )
+    note = (result.get("accounting") or {}).get("k_star_note")
+    if note is not None:
+        lines += prose(note["text"])
+    for w in result["warnings"]:
+        lines += prose(w["text"], first="warning: ")
     return "\n".join(lines)
 
 
@@ -305,6 +636,15 @@ def main(args: Any) -> int:
     ``repeats`` (``None``: 20 quick, 100 full); optional ``pretrain_steps`` (distillation's
     checkpoint), ``smoke`` and ``quiet``.
 
+    Prints the rows, the `LEGEND`, the accountant's table where the pipeline has one, the
+    variance components (`variance_components`), the ``K*`` note (`k_star_note`) and the
+    cost warnings (`cost_warnings`). The JSON (``--json``) holds the same: ``rows``,
+    ``legend``, ``components`` (with its ``source``), ``warnings``, ``timing_rounds``,
+    ``accounting`` (with ``k_star_note``) and ``extras``.
+
+    Returns:
+        ``0``.
+
     Raises:
         ValueError: on an unknown pipeline, or a ``device`` that is not ``cpu`` or an available
             CUDA device (checked before any work).
@@ -333,7 +673,7 @@ def main(args: Any) -> int:
     predicted = None
     if hasattr(bench, "accounting"):
         report = bench.accounting(bench.R, n_repeats=2 if smoke else 20 if quick else 60)
-        bench.k_adaptive = max(1, min(32, report.best_k((1, 2, 4, 8, 16))))
+        bench.k_adaptive = max(1, min(32, report.best_k(ACCOUNTING_KS)))
 
         def predicted(config: dict) -> float | None:
             if _is_plain(config) or config.get("proposal") == "adaptive":
@@ -348,11 +688,19 @@ def main(args: Any) -> int:
         "device": device_name(args.device),
         "quick": quick,
         "repeats": repeats,
+        "timing_rounds": _timing_rounds(repeats),
         "seed": args.seed,
         "date": time.strftime("%Y-%m-%d"),
         "wall_s": None,
+        "legend": dict(LEGEND),
         "rows": [asdict(r) for r in rows],
-        "components": components_from_rows(rows),
+        "components": variance_components(rows, report),
+        "warnings": cost_warnings(
+            rows,
+            report.teacher_seconds if report is not None else None,
+            n_timing=_timing_rounds(repeats),
+            device=args.device,
+        ),
         "extras": extras,
     }
     if report is not None:
@@ -364,19 +712,10 @@ def main(args: Any) -> int:
             "k_star": report.k_star,
             "best_k": bench.k_adaptive,
             "teacher_seconds": report.teacher_seconds,
+            "k_star_note": k_star_note(report, rows, ACCOUNTING_KS),
         }
     result["wall_s"] = time.perf_counter() - t0
-    print(format_table(rows))
-    if result["components"] is not None:
-        c = result["components"]
-        print(
-            f"\nfrom the plain rows at R={c['R']}: V_b = {c['v_between']:.4g}, "
-            f"V_w = {c['v_within']:.4g}; no inner-plate estimator can cut Var(R, 1) by more "
-            f"than (V_b + V_w) / V_b = {c['ceiling']:.3g}x"
-        )
-    if report is not None:
-        print()
-        print(report.table((1, 2, 4, 8, 16)))
+    print(format_report(result, report))
     for key, value in extras.items():
         if key != "end_to_end":
             print(f"{key}: {value}")
