@@ -238,6 +238,9 @@ def test_draws_sizer_sets_the_reserved_plate_only():
         (dict(costs=(1.0,)), "costs must be a pair"),
         (dict(costs="fast"), "costs must be a pair"),
         (dict(min_measurements=-3), "min_measurements"),
+        (dict(backoff=0.5), "backoff"),
+        (dict(every=10, max_every=5), "max_every"),
+        (dict(history_size=0), "history_size"),
         (dict(max_change=0.5), "max_change"),
         (dict(adapt="yes"), "adapt"),
     ],
@@ -375,7 +378,8 @@ def test_accountant_at_k_one_keeps_measuring_within_variance():
         sizes.append(loss.last_records[0].n_inner)
     assert acc.k == 1
     assert 1 in sizes and 2 in sizes  # plain steps at K = 1, measuring steps at K = 2
-    assert all(math.isfinite(h["k_star"]) for h in acc.history)
+    stars = [h["k_star"] for h in acc.history if "k_star" in h]
+    assert stars and all(math.isfinite(k) and k < 100 for k in stars)  # never the 1e6 of V_b ~ 0
 
 
 class _Record:
@@ -437,3 +441,46 @@ def test_the_cost_curve_learned_from_measured_steps_decides_k():
         acc.k, acc.last_K = 8, 8
         acc.observe_measurement(1.0, 1.0 / 16)  # V_w / V_b = 16
         assert acc.k == want_k, (flat, acc.k, acc.step_costs)
+
+
+def test_a_settled_choice_is_measured_less_often_and_a_change_resets_the_cadence():
+    """Backoff: each measurement that keeps K doubles the interval (up to max_every); a change of
+    K brings the cadence back to every."""
+    acc = Accountant(
+        adapt=True, every=2, costs=(1.0, 1.0), min_measurements=1, backoff=2.0, max_every=8
+    )
+    acc.last_R, acc.last_K = 4, 4
+    measured, ks = [], []
+    for _ in range(40):
+        if acc.wants_components():
+            measured.append(acc.step)
+            # V_w / V_b = 4 with equal costs: K* = 2 until step 30, then V_w / V_b = 64: K grows
+            acc.observe_measurement(4.0 if acc.step < 30 else 64.0, 1.0)
+            ks.append(acc.k)
+        acc.end_step()
+    assert measured[:6] == [0, 2, 6, 14, 22, 30]  # K set at 0; kept at 2, 6, 14, 22
+    assert ks[:5] == [2, 2, 2, 2, 2] and ks[5] == 4  # at 30 the variances change: K = 4
+    assert measured[6] == 32  # and the next measurement comes `every` steps later
+
+
+def test_without_adapt_the_cadence_is_fixed_and_history_is_bounded():
+    acc = Accountant(every=3, history_size=5)
+    acc.last_R, acc.last_K = 2, 2
+    measured = []
+    for _ in range(30):
+        if acc.wants_components():
+            measured.append(acc.step)
+            acc.observe_measurement(1.0, 1.0)
+        acc.end_step()
+    assert measured == list(range(0, 30, 3))
+    assert len(acc.history) == 5 and acc.history[-1]["step"] == 27
+
+
+def test_one_non_positive_v_between_gives_no_k_star():
+    """A single measurement with V_b <= 0 has no standard error: K* is unknown, not 1e6."""
+    acc = Accountant(costs=(1.0, 1.0))
+    acc.last_R, acc.last_K = 2, 2
+    acc.observe_measurement(1.0, -0.2)
+    assert math.isnan(acc.k_star)
+    acc.observe_measurement(1.0, 0.3)
+    assert math.isfinite(acc.k_star) and acc.k_star < 100

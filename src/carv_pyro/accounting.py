@@ -403,7 +403,10 @@ class Accountant:
     loss runs four backward passes instead of one (one per quadrant, see the module docstring) so
     that the step also estimates ``V_b`` and ``V_w``; every other step it times the step and its
     teacher call. Overhead: three extra vector-Jacobian products through the upstream every
-    ``every`` steps.
+    ``every`` steps. An adapting accountant measures less often while its choice holds: each
+    measurement that leaves ``K`` where it was multiplies the interval by ``backoff`` (up to
+    ``max_every``), and a change of ``K`` resets it to ``every``, so that a short run pays for the
+    measurements that decide ``K`` and a long one does not keep paying for a settled choice.
 
     With ``adapt=True`` it sets the size of the term's reserved inner plate
     ([`carv_pyro.draws`][carv_pyro.draws]) after each measurement to the ``K`` that minimises
@@ -424,11 +427,17 @@ class Accountant:
         costs: a declared cost model ``(c_outer, c_inner)`` in seconds instead of measured ones.
         term: the teacher term to account for (default: the only one).
         max_change: the largest factor by which one update may change ``K``.
+        backoff: with ``adapt``, the factor by which the interval between measurements grows
+            after a measurement that leaves ``K`` unchanged (``1``: a fixed cadence).
+        max_every: the longest interval between measurements (default ``8 * every``).
+        history_size: the most recent measurements kept in ``history`` (a long run's memory
+            stays bounded).
 
     Attributes:
         k: the inner size now in use (``None`` until adapted: the guide's or the model's).
         components: pooled `VarianceComponents` over the window.
-        history: per-measurement dicts (step, V_b, V_w, costs, K*, K, predicted ECM).
+        history: the last ``history_size`` per-measurement dicts (step, V_b, V_w, costs, K*, K,
+            predicted ECM), oldest first.
         step_costs: ``{K: median seconds of a step}`` at the sizes run so far.
 
     Raises:
@@ -447,6 +456,9 @@ class Accountant:
         costs: tuple[float, float] | None = None,
         term: str | None = None,
         max_change: float = 2.0,
+        backoff: float = 2.0,
+        max_every: int | None = None,
+        history_size: int = 1000,
     ):
         if plate is not None:
             _checks.instance("plate", plate, str, "a plate name or None")
@@ -477,6 +489,15 @@ class Accountant:
         max_change = _checks.positive_float("max_change", max_change)
         if max_change < 1.0:
             raise ValueError(f"max_change must be >= 1, got {max_change!r}")
+        backoff = _checks.positive_float("backoff", backoff)
+        if backoff < 1.0:
+            raise ValueError(f"backoff must be >= 1 (1: a fixed cadence), got {backoff!r}")
+        if max_every is None:
+            max_every = 8 * every
+        _checks.positive_int("max_every", max_every)
+        if max_every < every:
+            raise ValueError(f"max_every must be >= every={every}, got {max_every!r}")
+        _checks.positive_int("history_size", history_size, maximum=10**9)
         self.plate = plate
         self.k_range = (lo, hi)
         self.every = every
@@ -486,6 +507,8 @@ class Accountant:
         self.costs = costs
         self.term = term
         self.max_change = max_change
+        self.backoff = backoff
+        self.max_every = max_every
         self.k: int | None = None
         self.step = 0
         self._measurements: deque[_Measurement] = deque(maxlen=window)
@@ -493,7 +516,9 @@ class Accountant:
         self._inner_times: deque[float] = deque(maxlen=window)
         self._step_times: dict[int, deque[float]] = {}
         self.components = VarianceComponents()
-        self.history: list[dict[str, Any]] = []
+        self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
+        self._interval = float(every)
+        self._next_measure = 0
         self.last_R: int | None = None
         self.last_K: int | None = None
         self._checked = False
@@ -509,7 +534,7 @@ class Accountant:
 
     def wants_components(self) -> bool:
         """Whether this step estimates the variance components."""
-        return self.step % self.every == 0
+        return self.step >= self._next_measure
 
     def select(self, records: list) -> Any:
         """The record of the accounted term (raises if ambiguous or absent)."""
@@ -592,11 +617,16 @@ class Accountant:
             "c_inner": c_inner,
         }
         ok = vc.n_within >= 1 and vc.n_outer >= 1 and math.isfinite(c_outer) and c_inner > 0
+        k_before = self.k
+        adapted = False
+        v_b = self._robust_between(vc) if ok else math.nan
+        # one measurement with V_b <= 0 has no standard error to floor it: no K* from it
+        ok = ok and math.isfinite(v_b)
         if ok:
-            v_b = self._robust_between(vc)
             entry["k_star"] = optimal_inner_size(c_outer, c_inner, v_b, max(vc.v_within, 0.0))
             if self.adapt and len(self._measurements) >= self.min_measurements:
                 self.k = self._choose_k(v_b, max(vc.v_within, 0.0))
+                adapted = True
             k_now = self.k if self.k is not None else self.last_K
             if k_now:
                 entry["ecm_predicted"] = effective_compute_multiplier(
@@ -604,15 +634,24 @@ class Accountant:
                 )
         entry["K"] = self.k if self.k is not None else self.last_K
         self.history.append(entry)
+        # a settled choice is measured less and less often; a change is watched closely again
+        if adapted and self.k == k_before:
+            self._interval = min(self._interval * self.backoff, float(self.max_every))
+        elif adapted:
+            self._interval = float(self.every)
+        self._next_measure = self.step + max(int(round(self._interval)), 1)
 
     @staticmethod
     def _robust_between(vc: VarianceComponents) -> float:
         """``V_b`` for decisions: the pooled mean, but never below one standard error (a
-        non-positive estimate says ``V_b`` is small, not that it is zero)."""
+        non-positive estimate says ``V_b`` is small, not that it is zero); ``nan`` when the
+        estimate is not positive and has no standard error yet (one measurement)."""
         _, se_b = vc.stderr()
-        floor = se_b if math.isfinite(se_b) else 0.0
-        floor = max(floor, 1e-12 * max(abs(vc.mean_within), 1e-300))
-        return max(vc.mean_between, floor)
+        if vc.mean_between > 0:
+            return vc.mean_between if not math.isfinite(se_b) else max(vc.mean_between, se_b)
+        if not math.isfinite(se_b) or se_b <= 0:
+            return math.nan  # a single non-positive estimate: no scale to floor it at
+        return se_b
 
     def cost_of(self, K: int) -> float:
         """The predicted seconds of a step at ``K``: from the declared costs if given, else
