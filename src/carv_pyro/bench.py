@@ -64,7 +64,8 @@ LEGEND: dict[str, str] = {
     "row: above 1 the row reaches equal variance with that many times less compute",
     "ECM pred": "the ECM predicted before the rows were measured, from the accountant's "
     "V_b, V_w and its own cost measurements (the accounting table): "
-    "(V_b + V_w) cost(R, 1) / ((V_b + V_w / K) cost(R, K)); plain reuse and adaptive rows only",
+    "(V_b + V_w) cost(R, 1) / ((V_b + V_w / K) cost(R, K)); plain reuse and adaptive rows "
+    "only, '-' elsewhere and where the pipeline has no accountant",
 }
 
 #: The ``K`` values the accountant's table, best ``K`` and ``K*`` note are read at.
