@@ -22,7 +22,8 @@ my_sds = TeacherObjective(teacher, residual=eps_residual, weighting="sds", guida
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +43,16 @@ __all__ = [
     "ScoreDifference",
     "DenoisingLoss",
     "WEIGHTINGS",
+    "RESIDUAL_HOOK",
+    "eps_control_variate",
     "eps_residual",
 ]
+
+#: The one hook of control variates: while an estimator applies them (see
+#: [`carv_pyro.infer.control_variates`][carv_pyro.infer.control_variates]) it holds a callable
+#: ``hook(objective, batch, r) -> r'`` that `TeacherObjective.evaluate` calls on the residual of
+#: an objective that declares control variates; ``None`` otherwise (the residual as declared).
+RESIDUAL_HOOK: ContextVar[Callable | None] = ContextVar("carv_residual_hook", default=None)
 
 
 def _w_sds(schedule: DiscreteSchedule, t: Tensor) -> Tensor:
@@ -148,6 +157,13 @@ def eps_residual(batch: NoisedBatch) -> Tensor:
     return batch.eps_hat() - batch.eps
 
 
+def eps_control_variate(batch: NoisedBatch) -> Tensor:
+    """The control variate ``eps``: ``(N, *event)``, zero-mean given ``x`` and ``t`` (SDS
+    subtracts it with coefficient one; an estimator with control variates tunes the coefficient
+    per timestep)."""
+    return batch.eps
+
+
 def _check_weighting(
     fn: Callable[[DiscreteSchedule, Tensor], Tensor],
     schedule: DiscreteSchedule,
@@ -208,6 +224,13 @@ class TeacherObjective:
         prior: a timestep prior; default ``UniformTimesteps(T, t_range)``.
         t_range: ``(lo, hi)`` in ``[0, 1)`` for the default prior.
         guidance_scale: classifier-free guidance scale passed to the teacher.
+        control_variates: zero-mean terms of a residual objective, each a callable
+            ``(NoisedBatch) -> (N, *event)`` whose mean given ``x`` and ``t`` is zero (e.g.
+            `eps_control_variate`, or a
+            [`SteinControlVariate`][carv_pyro.infer.control_variates.SteinControlVariate]). They
+            change nothing by themselves: an estimator with ``control_variates=True`` fits their
+            coefficients online and subtracts them from the residual (the objective is kept).
+            Settable later as the ``control_variates`` attribute.
 
     Raises:
         ValueError: on an unknown weighting, both or neither of ``residual`` / ``loss``, a bad
@@ -228,6 +251,7 @@ class TeacherObjective:
         prior: AbstractTimestepDistribution | None = None,
         t_range: tuple[float, float] = (0.02, 0.98),
         guidance_scale: float = 1.0,
+        control_variates: Sequence[Callable[[NoisedBatch], Tensor]] = (),
     ):
         if not isinstance(teacher, AbstractTeacher):
             raise TypeError(f"teacher must be an AbstractTeacher, got {type(teacher).__name__}")
@@ -277,6 +301,28 @@ class TeacherObjective:
         self.residual_fn = residual
         self.loss_fn = loss
         self.guidance_scale = guidance_scale
+        self.control_variates = control_variates
+
+    @property
+    def control_variates(self) -> tuple[Callable[[NoisedBatch], Tensor], ...]:
+        """The declared control variates (see the class docstring)."""
+        return self._control_variates
+
+    @control_variates.setter
+    def control_variates(self, cvs: Sequence[Callable[[NoisedBatch], Tensor]]) -> None:
+        if callable(cvs) or isinstance(cvs, (str, bytes)) or not isinstance(cvs, Sequence):
+            raise TypeError(
+                f"control_variates must be a sequence of callables (NoisedBatch) -> Tensor, got "
+                f"{cvs!r:.80}"
+            )
+        for cv in cvs:
+            if not callable(cv):
+                raise TypeError(
+                    f"control_variates must hold callables (NoisedBatch) -> Tensor, got {cv!r:.80}"
+                )
+        if cvs and self.residual_fn is None:
+            raise ValueError("control_variates apply to residual objectives, not loss objectives")
+        self._control_variates = tuple(cvs)
 
     @property
     def event_shape(self) -> torch.Size:
@@ -327,11 +373,15 @@ class TeacherObjective:
         if self.residual_fn is not None:
             with torch.no_grad():
                 batch = self.noised(x.detach(), t, eps, cond)
-                h = w.reshape(view) * self.residual_fn(batch)
-            if h.shape != x.shape:
-                raise ValueError(
-                    f"the residual returned shape {tuple(h.shape)}; expected {tuple(x.shape)}"
-                )
+                r = self.residual_fn(batch)
+                if r.shape != x.shape:
+                    raise ValueError(
+                        f"the residual returned shape {tuple(r.shape)}; expected {tuple(x.shape)}"
+                    )
+                hook = RESIDUAL_HOOK.get()
+                if hook is not None and self._control_variates:
+                    r = hook(self, batch, r)
+                h = w.reshape(view) * r
             nonfinite = ~torch.isfinite(h.flatten(1)).all(1)
             h = torch.where(nonfinite.reshape(view), h.new_zeros(()), h)
             flat = h.flatten(1)
@@ -398,6 +448,7 @@ class SDS(TeacherObjective):
             prior=prior,
             t_range=t_range,
             guidance_scale=guidance_scale,
+            control_variates=(eps_control_variate,),
         )
 
 

@@ -50,6 +50,9 @@ class Estimator:
             (camera poses, generator latents, labels): ``None`` (i.i.d.), ``"stratified"``,
             ``"antithetic"`` (even plates) or ``"sobol"``; see
             [`carv_pyro.infer.outer`][carv_pyro.infer.outer].
+        control_variates: fit and apply the control variates the objective declares
+            (SDS: its ``eps`` term with a tuned coefficient per timestep), keeping the estimate
+            unbiased; see [`carv_pyro.infer.control_variates`][carv_pyro.infer.control_variates].
         adapt: choose ``K`` online: an [`Accountant`][carv_pyro.accounting.Accountant] measures
             ``V_b``, ``V_w`` and the cost of a step at the sizes it runs, and sets ``K`` to the
             candidate that minimises ``Var(R, K) * cost(R, K)`` (the compute-aware estimator).
@@ -65,6 +68,7 @@ class Estimator:
     stratify: str | None = None
     noise: str = "iid"
     outer: str | None = None
+    control_variates: bool = False
     adapt: bool = False
     k_range: tuple[int, int] = (1, 32)
     name: str = "custom"
@@ -83,6 +87,7 @@ class Estimator:
         _checks.choice("stratify", self.stratify, STRATIFY)
         _checks.choice("noise", self.noise, NOISE)
         _checks.choice("outer", self.outer, OUTER)
+        _checks.instance("control_variates", self.control_variates, bool, "True or False")
         if self.noise == "antithetic" and self.K is not None and self.K % 2:
             raise ValueError(f"noise='antithetic' needs an even K, got K={self.K}")
         _checks.instance("adapt", self.adapt, bool, "True or False")
@@ -133,6 +138,7 @@ class Estimator:
             generator=generator,
             outer=self.outer,
             outer_seed=outer_seed,
+            control_variates=self.control_variates,
         )
 
     def loss(self, **kwargs: Any):
@@ -189,6 +195,8 @@ class Estimator:
         fields += f", noise={self.noise!r}"
         if self.outer is not None:
             fields += f", outer={self.outer!r}"
+        if self.control_variates:
+            fields += ", control_variates=True"
         if self.adapt:
             fields += f", adapt=True, k_range={self.k_range}"
         return f"Estimator({self.name!r}: {fields})"

@@ -41,6 +41,7 @@ from torch import Tensor
 from .. import _checks
 from ..layout import TermLayout
 from ..timesteps import AbstractTimestepDistribution
+from .control_variates import ControlVariateFit
 from .outer import AbstractOuterDesign, OuterDesigner, outer_design
 from .primitives import (
     LAYOUT_KEY,
@@ -125,6 +126,10 @@ class TimestepGuide(GuideMessenger):
         outer_sites: the upstream sites the design draws (default: all it can).
         outer_seed: seeds the outer design apart from the rest (give every rank the same
             one to shard one global design); default: the guide's own randomness.
+        control_variates: fit and apply the control variates the objectives declare
+            (``True``, or a [`ControlVariateFit`][carv_pyro.infer.control_variates.ControlVariateFit]
+            with its own settings); see
+            [`carv_pyro.infer.control_variates`][carv_pyro.infer.control_variates].
         seed: seeds the guide's own draws (reproducible per device).
         generator: a ``torch.Generator`` for the guide's draws instead of ``seed``.
         source: a [`RandomSource`][carv_pyro.infer.samplers.RandomSource] instead of ``seed``
@@ -151,6 +156,7 @@ class TimestepGuide(GuideMessenger):
         outer: str | AbstractOuterDesign | None = None,
         outer_sites: tuple[str, ...] | None = None,
         outer_seed: int | None = None,
+        control_variates: bool | ControlVariateFit = False,
     ):
         if model is not None and not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
@@ -192,6 +198,15 @@ class TimestepGuide(GuideMessenger):
             for s in outer_sites:
                 _checks.instance("outer_sites", s, str, "a tuple of site names")
         outer_source = RandomSource(seed=outer_seed) if outer_seed is not None else None
+        if control_variates is True:
+            control_variates = ControlVariateFit()
+        elif control_variates is False:
+            control_variates = None
+        elif not isinstance(control_variates, ControlVariateFit):
+            raise TypeError(
+                f"control_variates must be True, False or a ControlVariateFit, got "
+                f"{control_variates!r:.60}"
+            )
         if source is None:
             source = RandomSource(seed=seed, generator=generator)
         elif seed is not None or generator is not None:
@@ -208,6 +223,8 @@ class TimestepGuide(GuideMessenger):
         self.outer = (
             None if design is None else OuterDesigner(design, outer_source or source, outer_sites)
         )
+        #: the online fit of the objectives' control variates (``None``: not applied)
+        self.control_variates = control_variates
         self.learning = True
         self._proposals: dict[str, tuple[weakref.ref, AbstractTimestepDistribution]] = {}
         self._upstream_trace = None
@@ -262,8 +279,10 @@ class TimestepGuide(GuideMessenger):
         if self.outer is not None:
             self.outer.begin()
         try:
+            fit = self.control_variates
             with self, DrawsSizer(size), NonEmptyPlates():
-                wrap(model)(*args, **kwargs)
+                with fit.applying() if fit is not None else contextlib.nullcontext():
+                    wrap(model)(*args, **kwargs)
         finally:
             del self.args_kwargs
             self._msg = None
@@ -375,9 +394,12 @@ class TimestepGuide(GuideMessenger):
         return q
 
     def update(self, records: list[TermRecord]) -> None:
-        """Feed a step's term records to learning proposals (called by the loss)."""
+        """Feed a step's term records to learning proposals and the control-variate fit
+        (called by the loss after a backward)."""
         if not self.learning:
             return
+        if self.control_variates is not None:
+            self.control_variates.commit()
         for record in records:
             hit = self._proposals.get(record.name)
             if hit is not None and hit[0]() is record.objective:
