@@ -23,6 +23,13 @@ indices ``range(start_i, stop_i)`` instead of ``range(R)``, so
 A model may instead size its plate itself with `shard_size` (and pass
 ``outer_plate=None``).
 
+**Global stratification across ranks.** With ``stratify="global"`` (or ``"auto"`` at ``K = 1``)
+the ``R K`` timestep draws of a step are one stratified design: one draw in each of ``R K``
+equal-probability strata of ``q``. A guide whose source is a `SharedStrataSource` draws that
+design over all ranks' draws from a stream that is the same on every rank and keeps its own
+shard of it (one all-gather of a count per step), so the union of the ranks' draws is the
+single-process design; its other draws (noise) come from the rank's own seed.
+
 **Accounting.** `DistributedAccountant` is an [`Accountant`][carv_pyro.accounting.Accountant]
 whose measurements are gathered from all ranks (every rank pools every rank's per-step
 estimates of ``V_w`` and ``V_b``, as one accountant would that saw all the streams) and whose
@@ -82,6 +89,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..accounting import Accountant, VarianceComponents, _Measurement
+from .samplers import RandomSource
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -91,6 +99,7 @@ __all__ = [
     "RankFailedError",
     "RankTimeoutError",
     "ShardMessenger",
+    "SharedStrataSource",
     "all_reduce_gradients",
     "init_from_env",
     "launch",
@@ -515,6 +524,78 @@ class ShardMessenger(Messenger):
             shard = shard_range(int(fn.size), rank, world)
             self.last_shard = shard
             msg["value"] = torch.arange(shard.start, shard.stop, device=getattr(fn, "device", None))
+
+
+class SharedStrataSource(RandomSource):
+    """A rank's [`RandomSource`][carv_pyro.infer.samplers.RandomSource] whose global strata
+    span all ranks.
+
+    Every draw comes from this rank's own ``seed`` except the ``"global"`` stratified design:
+    `global_strata` gathers every rank's number of draws ``n_i`` (collective), draws the design
+    of ``N = sum_i n_i`` draws from a stream seeded by ``shared_seed`` (the same on every rank,
+    so every rank draws the same ``N`` strata and jitters) and returns this rank's slice, the
+    draws ``sum_{j < i} n_j .. + n_i``. Shards of the outer plate are contiguous and in rank
+    order (`shard_range`), so the union of the ranks' draws, in rank order, is exactly the
+    design one process would draw for all ``R K`` draws from ``shared_seed``.
+
+    Pass it as a guide's ``source`` (``TimestepGuide(..., source=...)``, or set
+    ``guide.source``); every rank must then run the guide at every step, as
+    `DistributedCARVLoss` does.
+
+    Args:
+        seed: this rank's own seed (different on every rank).
+        shared_seed: the global design's seed (the same on every rank).
+        group: the process group (default: the world).
+
+    Raises:
+        ValueError: if a seed is not an integer in ``[0, 2**63)`` or the two are equal.
+    """
+
+    def __init__(self, seed: int, shared_seed: int, *, group: Any = None):
+        for name, value in (("seed", seed), ("shared_seed", shared_seed)):
+            if _checks.seed_value(name, value) is None:
+                raise ValueError(f"{name} must be an integer in [0, 2**63), got None")
+        if seed == shared_seed:
+            raise ValueError(
+                f"seed and shared_seed must differ (both {seed}): the rank's own draws would "
+                f"repeat the shared design's"
+            )
+        super().__init__(seed=seed)
+        self.shared = RandomSource(seed=shared_seed)
+        self.group = group
+
+    def global_strata(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """This rank's ``n`` draws of the ``N``-draw global design (see the class docstring).
+
+        Returns:
+            ``(n,)`` float64 on ``device``: exactly one of all ranks' ``N`` draws falls in each
+            stratum ``[b / N, (b + 1) / N)``.
+        """
+        rank, world = rank_and_world(self.group)
+        if world == 1:
+            return self.shared.global_strata(n, device)
+        local = torch.tensor([n], dtype=torch.int64, device=_comm_device(self.group))
+        counts = [torch.empty_like(local) for _ in range(world)]
+        _collective(
+            "the global strata's all-gather",
+            lambda: dist.all_gather(counts, local, group=self.group),
+            self.group,
+        )
+        sizes = [int(c) for c in counts]
+        start = sum(sizes[:rank])
+        return self.shared.global_strata(sum(sizes), device)[start : start + n]
+
+    def get_state(self) -> dict:
+        """Both streams' states (for checkpoints)."""
+        return {"own": super().get_state(), "shared": self.shared.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        """Restore `get_state`'s result."""
+        super().set_state(state["own"])
+        self.shared.set_state(state["shared"])
+
+    def __repr__(self) -> str:
+        return f"SharedStrataSource(seed={self.seed}, shared_seed={self.shared.seed})"
 
 
 # -- the accountant ----------------------------------------------------------------------------

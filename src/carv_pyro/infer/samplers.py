@@ -126,6 +126,19 @@ class RandomSource:
         """Standard normals of ``shape`` and ``dtype`` on ``device``."""
         return self._draw(torch.randn, shape, dtype, device)
 
+    def global_strata(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """``n`` uniforms, exactly one in each stratum ``[b / n, (b + 1) / n)``, strata in a
+        uniformly random order: the ``"global"`` design of `stratified_uniforms`.
+
+        The hook a source overrides to stratify over more draws than this process makes
+        ([`SharedStrataSource`][carv_pyro.infer.distributed.SharedStrataSource] spans ranks).
+
+        Returns:
+            ``(n,)`` float64 on ``device``.
+        """
+        strata = torch.argsort(self.permutation_keys((1, n), device), dim=-1)[0]
+        return (strata.to(torch.float64) + self.uniform((n,), device)) / n
+
     def integer_seed(self) -> int:
         """A fresh seed for a scrambled sequence, drawn on the host (no device round trip)."""
         gen = self.generator_for("cpu") if self.generator is None else self.generator
@@ -180,10 +193,7 @@ def stratified_uniforms(
     if stratify is None:
         return source.uniform(shape, device)
     if stratify == "global":
-        n = math.prod(shape)
-        strata = torch.argsort(source.permutation_keys((1, n), device), dim=-1)[0]
-        u = (strata.to(torch.float64) + source.uniform((n,), device)) / n
-        return u.reshape(shape)
+        return source.global_strata(math.prod(shape), device).reshape(shape)
     if stratify == "per_outer":
         n_outer, n_inner = layout.n_outer, layout.n_inner
         strata = torch.argsort(source.permutation_keys((n_outer, n_inner), device), dim=-1)
