@@ -200,6 +200,7 @@ PUBLIC_MODULES = [
     "carv_pyro.classifier",
     "carv_pyro.sampling",
     "carv_pyro.integrations.threestudio",
+    "carv_pyro.integrations.lightning",
     "carv_pyro.pipelines.base",
     "carv_pyro.pipelines.render",
     "carv_pyro.pipelines.shapes",
