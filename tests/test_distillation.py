@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 
 import pyro
@@ -54,6 +51,7 @@ from carv_pyro.schedules import DiscreteSchedule
 from carv_pyro.teachers import AbstractTeacher, GaussianTeacher
 
 from .seeds import seed
+from .signals import signal_when_ready
 
 T = 60
 M_REAL = torch.tensor([0.5, -0.25], dtype=torch.float64)
@@ -478,36 +476,10 @@ def test_a_run_stopped_by_sigterm_resumes_bit_for_bit(tiny_teacher, tmp_path):
     steps, out = 4, tmp_path / "run"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            str(script),
-            str(out),
-            str(seed(0)),
-            str(steps),
-            json.dumps(config.to_dict()),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
-    try:
-        lines = []
-        for line in child.stdout:
-            lines.append(line.strip())
-            if line.strip() == "step 2":
-                child.send_signal(signal.SIGTERM)
-                child.stdin.write("go\n")
-                child.stdin.flush()
-                break
-        rest, err = child.communicate(timeout=120)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode == 128 + signal.SIGTERM, (lines, rest, err[-2000:])
-    assert "stopped after 2" in rest
+    argv = [str(script), str(out), str(seed(0)), str(steps), json.dumps(config.to_dict())]
+    code, lines, err = signal_when_ready(argv, signal.SIGTERM, ready="step 2")
+    assert code == 128 + signal.SIGTERM, (lines, err[-2000:])
+    assert "stopped after 2" in lines
     assert json.loads((out / "carv-run.json").read_text())["state"] == "running"
     assert Checkpointer(out / "checkpoint.pt").load()["loop"]["step"] == 2
     kwargs = dict(steps=steps, teacher=tiny_teacher, evaluate=False, progress=False)

@@ -2,7 +2,7 @@
 and a fixed-checkpoint bench base (a file a concept)."""
 
 from .bench import FixedCheckpointBench, config_estimator
-from .checkpoint import Checkpointer, RunFolder, RunFolderError
+from .checkpoint import Checkpointer, RunFolder, RunFolderError, write_json
 from .config import PipelineConfig
 from .loop import Clock, LoopState, RunStopped, StopSignals, TrainLoop
 
@@ -18,4 +18,5 @@ __all__ = [
     "StopSignals",
     "TrainLoop",
     "config_estimator",
+    "write_json",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Checkpointer", "RunFolder", "RunFolderError"]
+__all__ = ["Checkpointer", "RunFolder", "RunFolderError", "write_json"]
 
 MARKER = "carv-run.json"
 
@@ -68,6 +68,15 @@ class Checkpointer:
         if not isinstance(state, dict):
             raise ValueError(f"{self.path} is not a carv-pyro checkpoint")
         return state
+
+
+def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically (a temporary file, then a rename), so a
+    reader sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def _fsync_dir(folder: Path) -> None:

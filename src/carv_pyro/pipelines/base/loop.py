@@ -71,17 +71,28 @@ class Clock:
 class RunStopped(Exception):
     """A run stopped on a signal after checkpointing its last completed step.
 
+    Args:
+        signum: the signal.
+        step: the last completed step.
+        where: the run's folder, for the message.
+        saved: whether that step was checkpointed (``False``: a run without a folder).
+
     Attributes:
         signum: the signal (``signal.SIGINT`` or ``signal.SIGTERM``).
         step: the last completed step.
         exit_code: the conventional exit status, ``128 + signum``.
     """
 
-    def __init__(self, signum: int, step: int, where: str = ""):
+    def __init__(self, signum: int, step: int, where: str = "", saved: bool = True):
         self.signum = signum
         self.step = step
         self.exit_code = 128 + int(signum)
         name = signal.Signals(signum).name
+        if not saved:  # a run without a folder: say so rather than promise a resume
+            super().__init__(
+                f"stopped by {name} after step {step}; nothing was saved (no run folder)"
+            )
+            return
         super().__init__(
             f"stopped by {name} after step {step}; the run is checkpointed"
             + (f" in {where}" if where else "")
@@ -304,7 +315,9 @@ class TrainLoop:
                     if signals.received is not None:
                         if self.save is not None:
                             self.save(state)
-                        raise RunStopped(signals.received, state.step, self.where)
+                        raise RunStopped(
+                            signals.received, state.step, self.where, self.save is not None
+                        )
                     if due:
                         self.save(state)
                         last_save = time.monotonic()

@@ -10,12 +10,10 @@ checkpoints from which a stopped run resumes bit for bit.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyro
@@ -25,7 +23,7 @@ from pyro.params.param_store import param_with_module_name
 
 from ... import _checks
 from ...infer.estimator import Estimator
-from ..base.checkpoint import RunFolder
+from ..base.checkpoint import RunFolder, write_json
 from ..base.loop import Clock, LoopState, TrainLoop
 from .config import DistillationConfig
 from .distiller import Distiller, derived_seeds
@@ -159,12 +157,6 @@ def _resumed_config(saved: dict[str, Any], given: DistillationConfig | None) -> 
             f"(pass config=None to take it from the checkpoint)"
         )
     return given
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def train_distillation(
@@ -356,6 +348,6 @@ def train_distillation(
 
     history = DistillationHistory.from_state(config, timer.kind, state, distiller, where or None)
     if folder is not None:
-        _write_json(folder.path / SUMMARY_FILE, history.to_dict())
+        write_json(folder.path / SUMMARY_FILE, history.to_dict())
         folder.mark("finished")
     return history
