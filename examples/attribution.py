@@ -8,8 +8,15 @@ other digits, stratifies it (one draw per stratum of q*) and draws eps by scramb
 Each estimator is a carv_pyro.Estimator, built from the bench's table of methods.
 Scores are TRAK's Q (F^T F + lambda I)^-1 F^T.
 
+With --run-dir DIR the two long estimates (the reference and the CARV features) run as
+resumable runs (carv_pyro.pipelines.attribution.attribute) in DIR/reference and DIR/carv: they
+checkpoint every minute, Ctrl-C or SIGTERM stops them after the example in progress, and the
+same command with --resume continues them exactly; a finished run is never overwritten without
+--resume or --overwrite.
+
     python examples/attribution.py              # a few minutes on one CPU core
     python examples/attribution.py --ecm        # also the ECM table at K = 4 and K = 64
+    python examples/attribution.py --run-dir runs/attribution   # resumable (--resume after a stop)
 
 Writes attribution.png (each query next to its top-5 attributed training digits).
 """
@@ -17,7 +24,10 @@ Writes attribution.png (each query next to its top-5 attributed training digits)
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import statistics
+import sys
 import time
 
 import torch
@@ -27,12 +37,15 @@ from carv_pyro.data import load_digits_images
 from carv_pyro.pipelines.attribution import (
     BENCH_METHODS,
     AttributionFeaturizer,
+    attribute,
     attribution_scores,
     load_attribution_teacher,
     pick_examples,
     pilot_proposal,
     rank_correlation,
 )
+from carv_pyro.pipelines.attribution.run import CHECKPOINT_FILE
+from carv_pyro.pipelines.base import RunFolderError, RunStopped
 
 torch.set_num_threads(1)
 
@@ -59,7 +72,20 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="attribution.png")
+    p.add_argument("--run-dir", default=None, help="folder of resumable run folders (optional)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the runs in --run-dir")
+    group.add_argument("--overwrite", action="store_true", help="replace the runs in --run-dir")
     return p.parse_args()
+
+
+def run_folder(args: argparse.Namespace, name: str) -> dict:
+    """``out_dir``, ``resume`` and ``overwrite`` of one run: resume where a checkpoint is."""
+    if args.run_dir is None:
+        return {}
+    folder = os.path.join(args.run_dir, name)
+    resume = args.resume and os.path.isfile(os.path.join(folder, CHECKPOINT_FILE))
+    return {"out_dir": folder, "resume": resume, "overwrite": args.overwrite}
 
 
 def bench_estimators(q_star) -> dict[str, Estimator]:
@@ -185,25 +211,32 @@ def main() -> None:
     # the reference: q* stratified, 64 evaluations per example per estimate
     reference_estimator = methods["IS*+strat"].replace(K=64)
 
-    t0 = time.perf_counter()
-    reference = featurizer.reference(
-        images,
-        labels,
-        n=args.reference_n,
+    # the long estimates: resumable runs, one example a step (the reference draws
+    # independently across examples, as featurizer.reference does)
+    examples = (train_x[ti], train_y[ti], test_x[qi], test_y[qi])
+    reference = attribute(
+        featurizer,
+        *examples,
         estimator=reference_estimator,
+        estimates=args.reference_n,
+        shared_draws=False,
         seed=args.seed,
-        progress=True,
+        **run_folder(args, "reference"),
     )
     print(
         f"reference: {args.reference_n * reference_estimator.K} evaluations per example "
-        f"({time.perf_counter() - t0:.0f} s)"
+        f"({reference.seconds:.0f} s)"
     )
-    ref_scores = attribution_scores(reference[:n], reference[n:])
+    ref_scores = reference.scores
 
-    carv = featurizer.features(
-        images, labels, estimator=methods["IS*+strat+QMC"].replace(K=args.K), seed=args.seed
+    carv = attribute(
+        featurizer,
+        *examples,
+        estimator=methods["IS*+strat+QMC"].replace(K=args.K),
+        seed=args.seed,
+        **run_folder(args, "carv"),
     )
-    scores = attribution_scores(carv.features[:n], carv.features[n:])
+    scores = carv.scores
     top = scores.topk(5, dim=1).indices
     print(f"\ntop-5 attributed training digits (CARV: IS*+strat+QMC, K = {args.K}):")
     for i in range(args.n_query):
@@ -236,5 +269,25 @@ def main() -> None:
         )
 
 
+def _signalled(signum, frame):
+    # outside a run's loop (which stops cleanly itself), SIGTERM ends the script like Ctrl-C
+    raise KeyboardInterrupt(signum)
+
+
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, _signalled)
+    try:
+        main()
+    except RunStopped as stop:  # after the example in progress, checkpointed with --run-dir
+        print(f"attribution.py: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt as stop:
+        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
+        print(
+            f"attribution.py: stopped by {signal.Signals(signum).name}; the last checkpoint in "
+            f"--run-dir, if any, is kept (continue with --resume)",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signum)
+    except RunFolderError as err:  # a finished run is never overwritten: --resume/--overwrite
+        sys.exit(f"attribution.py: {err}")

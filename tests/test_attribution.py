@@ -18,6 +18,8 @@ least about 50 independent draws, so the normal approximation holds). Every seed
 
 from __future__ import annotations
 
+import json
+import signal
 import warnings
 
 import pyro
@@ -33,6 +35,7 @@ from carv_pyro.pipelines.attribution import (
     AttributionFeaturizer,
     RandomProjection,
     VAEEncoder,
+    attribute,
     attribution_scores,
     geometric_bins,
     pick_examples,
@@ -42,6 +45,7 @@ from carv_pyro.pipelines.attribution import (
 )
 from carv_pyro.pipelines.attribution._random_init import random_init
 from carv_pyro.pipelines.attribution.recorder import DrawRecorder
+from carv_pyro.pipelines.base import RunFolderError
 from carv_pyro.proposals import WeightedProposal, second_moment_proposal
 from carv_pyro.schedules import DiscreteSchedule
 from carv_pyro.teachers import AbstractTeacher, DiffusersTeacher
@@ -49,6 +53,7 @@ from carv_pyro.teachers.trainable import trainable
 from carv_pyro.timesteps import UniformTimesteps
 
 from .seeds import seed
+from .signals import signal_when_ready
 
 Z = 5.0
 
@@ -481,6 +486,133 @@ def test_pick_examples_cycles_through_the_digits():
         pick_examples(labels, 9)
 
 
+# ------------------------------------------------------------------ the resumable run
+
+
+def _run_inputs():
+    """A small attribution run: a tiny UNet, 4 training examples and a query, 2 estimates, and
+    an adaptive proposal (its learned state must survive a resume). ``(featurizer, args,
+    kwargs)`` for `attribute`; a fresh featurizer every call."""
+    featurizer = AttributionFeaturizer(
+        _tiny_teacher(seed(0)), params=("up_blocks.1", "conv_out"), dim=8, projection_seed=seed(1)
+    )
+    g = torch.Generator().manual_seed(seed(5))
+    x = torch.rand(5, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.tensor([0, 1, 2, 3, 1])
+    estimator = carv.Estimator(K=4, proposal="adaptive", stratify="per_outer", noise="sobol")
+    kwargs = dict(estimator=estimator, estimates=2, shared_draws=False, seed=seed(2))
+    return featurizer, (x[:4], y[:4], x[4:], y[4:]), kwargs
+
+
+def _same_run(a, b) -> bool:
+    return (
+        torch.equal(a.estimates, b.estimates)
+        and torch.equal(a.features, b.features)
+        and torch.equal(a.scores, b.scores)
+    )
+
+
+def test_attribute_writes_its_folder_and_never_overwrites_a_finished_run(tmp_path):
+    featurizer, args, kwargs = _run_inputs()
+    out = tmp_path / "run"
+    run = attribute(featurizer, *args, out_dir=out, progress=False, **kwargs)
+    assert run.steps == 10 and run.resumed_from is None
+    assert run.features.shape == (5, 8) and run.estimates.shape == (2, 5, 8)
+    assert run.scores.shape == (1, 4) and torch.isfinite(run.estimates).all()
+    # the run draws as the featurizer's reference does (the projection rounds one row at a time)
+    fresh, (x, y, xq, yq), _ = _run_inputs()
+    ref = fresh.reference(
+        torch.cat([x, xq]), torch.cat([y, yq]), n=2, estimator=kwargs["estimator"], seed=seed(2)
+    )
+    assert torch.allclose(run.features, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert json.loads((out / "carv-run.json").read_text()) == {
+        "kind": "attribution",
+        "state": "finished",
+    }
+    assert json.loads((out / "summary.json").read_text())["top_train_examples"][0] == (
+        run.scores.topk(4, dim=1).indices[0].tolist()
+    )
+    assert torch.equal(torch.load(out / "features.pt")["features"], run.features)
+    # a second run with the same settings agrees bit for bit (the adaptive proposal restarts)
+    again = attribute(featurizer, *args, out_dir=tmp_path / "again", progress=False, **kwargs)
+    assert _same_run(run, again)
+    # a finished folder is never overwritten without resume or overwrite, and nothing changes
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(RunFolderError, match="finished 'attribution' run.*--resume.*--overwrite"):
+        attribute(featurizer, *args, out_dir=out, progress=False, **kwargs)
+    for changed, differ in (
+        (dict(kwargs, seed=seed(3)), "'seed'"),
+        (dict(kwargs, estimator=kwargs["estimator"].replace(K=2)), "'estimator'"),
+    ):
+        with pytest.raises(ValueError, match=rf"cannot resume .*differ in \[{differ}\]"):
+            attribute(featurizer, *args, out_dir=out, resume=True, progress=False, **changed)
+    with pytest.raises(ValueError, match=r"differ in \['inputs_sha256'\]"):
+        other = (x, y, xq + 1, yq)
+        attribute(featurizer, *other, out_dir=out, resume=True, progress=False, **kwargs)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    resumed = attribute(featurizer, *args, out_dir=out, resume=True, progress=False, **kwargs)
+    assert resumed.resumed_from == 10 and _same_run(run, resumed)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="not empty"):
+        attribute(featurizer, *args, out_dir=foreign, progress=False, **kwargs)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    replaced = attribute(featurizer, *args, out_dir=out, overwrite=True, progress=False, **kwargs)
+    assert _same_run(run, replaced)
+
+
+_CHILD = """
+import sys
+import torch
+torch.set_num_threads(1)
+from carv_pyro.pipelines.attribution import attribute
+from carv_pyro.pipelines.base import RunStopped
+from tests.signals import pause_on_call
+from tests.test_attribution import _run_inputs
+
+featurizer, args, kwargs = _run_inputs()
+# pause inside the teacher's forward pass of step 4 (one teacher call a step)
+pause_on_call(featurizer.teacher, "_predict_eps", call=4)
+try:
+    attribute(featurizer, *args, out_dir=sys.argv[1], progress=False, checkpoint_every=2, **kwargs)
+except RunStopped as stop:
+    print(f"carv-pyro: {stop}", file=sys.stderr)
+    sys.exit(stop.exit_code)
+"""
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: signal.Signals(s).name
+)
+def test_a_signal_inside_a_step_loses_nothing_and_resume_is_bit_identical(tmp_path, sig):
+    """A real subprocess is signalled inside the teacher's forward pass of step 4: SIGINT and
+    SIGTERM let the step finish, checkpoint it and exit 130 / 143 with one line; SIGKILL loses
+    the work since the last periodic checkpoint (step 2). Resumed, the run equals an
+    uninterrupted one bit for bit."""
+    out = tmp_path / "run"
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    code, lines, err = signal_when_ready([str(script), str(out)], sig)
+    done = torch.load(out / "checkpoint.pt", weights_only=False)["loop"]["step"]
+    assert json.loads((out / "carv-run.json").read_text())["state"] == "running"
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL and done == 2
+    else:
+        assert code == 128 + sig, err[-2000:]
+        name = signal.Signals(sig).name
+        assert err.strip().splitlines() == [
+            f"carv-pyro: stopped by {name} after step 4; the run is checkpointed in {out} and "
+            f"continues with --resume"
+        ]
+        assert done == 4
+    featurizer, args, kwargs = _run_inputs()
+    resumed = attribute(featurizer, *args, out_dir=out, resume=True, progress=False, **kwargs)
+    assert resumed.resumed_from == done and resumed.steps == 10
+    whole = attribute(*_run_inputs()[:1], *args, progress=False, **kwargs)
+    assert _same_run(resumed, whole)
+
+
 # ------------------------------------------------------------------------- bad input
 
 
@@ -511,6 +643,15 @@ def test_bad_arguments_raise_errors_naming_them(tiny):
         (lambda: attribution_scores(torch.zeros(4), torch.zeros(2, 4)), "train_features"),
         (lambda: rank_correlation(torch.zeros(3), torch.zeros(4)), "shape"),
         (lambda: AttributionBench(quick="yes"), "quick"),
+        (lambda: attribute(object(), images), "featurizer must be an AttributionFeaturizer"),
+        (lambda: attribute(f, images, labels, estimates=0), "estimates must"),
+        (lambda: attribute(f, images, labels, estimator="auto"), "adapt"),
+        (lambda: attribute(f, images, labels[:2]), "train_labels must have shape"),
+        (lambda: attribute(f, images, labels, images), "labels for both"),
+        (lambda: attribute(f, images, labels, images[0, 0, 0], labels), "query_images must"),
+        (lambda: attribute(f, images, labels, resume=True), "need an out_dir"),
+        (lambda: attribute(f, images, labels, seed=None), "seed"),
+        (lambda: attribute(f, images[:, :, :4], labels), r"images must have shape \(n, 1, 8, 8\)"),
     ]
     for call, match in cases:
         with pytest.raises((ValueError, TypeError), match=match):

@@ -38,6 +38,16 @@ Examples:
     scores = attribution_scores(train.features, query.features)  # (m, n)
     values, index = scores.topk(5, dim=1)                          # most helpful training examples
     ```
+
+    Over many examples, `attribute` runs the same estimates as a resumable run: one example a
+    step, checkpointed into a run folder, stopped cleanly by SIGINT/SIGTERM, resumed bit for
+    bit, and never written over a finished run without ``resume`` or ``overwrite``:
+
+    ```python
+    run = attribute(featurizer, train_images, train_labels, query_images, query_labels,
+                    estimator=carv, out_dir="runs/attribution")  # resume=True after a stop
+    values, index = run.scores.topk(5, dim=1)
+    ```
 """
 
 from .bench import BENCH_METHODS, AttributionBench
@@ -47,12 +57,14 @@ from .featurizer import AttributionFeaturizer, FeatureResult
 from .parameters import select_parameters
 from .pilot import geometric_bins, pilot_proposal
 from .projection import PROJECTIONS, RandomProjection
+from .run import AttributionRun, attribute
 from .scores import SCORE_METHODS, attribution_scores, rank_correlation
 from .teacher import load_attribution_teacher
 
 __all__ = [
     "AttributionBench",
     "AttributionFeaturizer",
+    "AttributionRun",
     "BENCH_METHODS",
     "FeatureResult",
     "PROJECTIONS",
@@ -60,6 +72,7 @@ __all__ = [
     "SCORE_METHODS",
     "TINY_VAE_CONFIG",
     "VAEEncoder",
+    "attribute",
     "attribution_scores",
     "geometric_bins",
     "load_attribution_teacher",

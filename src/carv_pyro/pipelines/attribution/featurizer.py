@@ -40,10 +40,31 @@ from .parameters import select_parameters
 from .projection import PROJECTIONS, RandomProjection
 from .recorder import DrawRecorder
 
-__all__ = ["TERM", "AttributionFeaturizer", "FeatureResult"]
+__all__ = [
+    "TERM",
+    "AttributionFeaturizer",
+    "FeatureResult",
+    "check_examples",
+    "example_seeds",
+    "fixed_k_estimator",
+]
 
 #: The teacher term's name in the featurizer's model (sites ``denoise.t``, ``denoise.eps``).
 TERM = "denoise"
+
+
+def example_seeds(seed: int, n: int, shared_draws: bool) -> list[int]:
+    """The draws' seed of each of ``n`` examples in one estimate seeded by ``seed``.
+
+    Shared draws: ``seed`` for every example (D-TRAK's one fixed set of draws); else ``n``
+    independent seeds drawn from ``RandomSource(seed)``. `AttributionFeaturizer.features` and
+    the resumable [`attribute`][carv_pyro.pipelines.attribution.attribute] run both use it, so
+    they draw alike.
+    """
+    if shared_draws:
+        return [seed] * n
+    source = RandomSource(seed=seed)
+    return [source.integer_seed() for _ in range(n)]
 
 
 @dataclass
@@ -80,6 +101,45 @@ class FeatureResult:
     def seconds(self) -> float:
         """Total wall-clock seconds."""
         return self.seconds_upstream + self.seconds_teacher + self.seconds_projection
+
+
+def fixed_k_estimator(estimator: Estimator | str, **overrides: Any) -> Estimator:
+    """The `Estimator` features are estimated with: ``K`` set and not adapting.
+
+    Raises:
+        ValueError: naming the estimator (or the override) that does not fit.
+    """
+    est = resolve_estimator(estimator, **overrides)
+    if est.K is None:
+        raise ValueError(f"the estimator must set K (teacher evaluations per example), got {est!r}")
+    if est.adapt:
+        raise ValueError(
+            f"features are estimated at a fixed K; the adapting estimator {est!r} is not "
+            f"supported (pass adapt=False or a preset without it)"
+        )
+    return est
+
+
+def check_examples(
+    images: Any, labels: Any, names: tuple[str, str] = ("images", "labels")
+) -> Tensor | None:
+    """Check ``(n, *image)`` examples and their ``(n,)`` labels; return the labels as a tensor.
+
+    Raises:
+        ValueError: naming the argument (``names``) that is not of that shape.
+    """
+    if not isinstance(images, Tensor) or images.dim() < 2 or images.shape[0] < 1:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"{names[0]} must be an (n, ...) tensor with n >= 1, got {shape}")
+    if labels is None:
+        return None
+    n = images.shape[0]
+    labels = torch.as_tensor(labels)
+    if labels.shape != (n,):
+        raise ValueError(
+            f"{names[1]} must have shape ({n},) to match {names[0]}, got {tuple(labels.shape)}"
+        )
+    return labels
 
 
 class AttributionFeaturizer:
@@ -171,6 +231,34 @@ class AttributionFeaturizer:
         """Dimension of a feature (``k``, or ``d`` without projection)."""
         return self.projection.dim_out if self.projection is not None else self.dim_in
 
+    def get_state(self) -> dict[str, Any]:
+        """The featurizer's own Pyro param store (a learning proposal's state), for checkpoints."""
+        return {
+            "params": dict(self._store["params"]),
+            "constraints": dict(self._store["constraints"]),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore what `get_state` returned."""
+        self._store.clear()
+        self._store.update(params=dict(state["params"]), constraints=dict(state["constraints"]))
+
+    def describe(self) -> dict[str, Any]:
+        """What makes this featurizer's features what they are, JSON-ready (for run folders):
+        the teacher's class, the selected parameters, the dimensions and the projection."""
+        projection = self.projection
+        return {
+            "teacher": type(self.teacher).__name__,
+            "params": [name for name, _ in self.named_params],
+            "dim_in": self.dim_in,
+            "dim": self.dim,
+            "projection": None
+            if projection is None
+            else {"kind": projection.kind, "seed": projection.seed},
+            "objective": type(self.objective).__name__,
+            "upstream": None if self.upstream is None else type(self.upstream).__name__,
+        }
+
     # -- the Pyro model ------------------------------------------------------------------
     def model(self, u: Tensor, cond: Tensor | None, K: int) -> None:
         """The teacher expectation as a Pyro model: examples outer, ``K`` draws inner.
@@ -235,16 +323,7 @@ class AttributionFeaturizer:
         """
         from tqdm.auto import tqdm
 
-        est = resolve_estimator(estimator, **overrides)
-        if est.K is None:
-            raise ValueError(
-                f"the estimator must set K (teacher evaluations per example), got {est!r}"
-            )
-        if est.adapt:
-            raise ValueError(
-                f"features are estimated at a fixed K; the adapting estimator {est!r} is not "
-                f"supported (pass adapt=False or a preset without it)"
-            )
+        est = fixed_k_estimator(estimator, **overrides)
         K = est.K
         batch_size = _checks.positive_int("batch_size", batch_size)
         for name, flag in (
@@ -254,26 +333,14 @@ class AttributionFeaturizer:
         ):
             _checks.instance(name, flag, bool, "True or False")
         _checks.seed_value("seed", seed)
-        if not isinstance(images, Tensor) or images.dim() < 2 or images.shape[0] < 1:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must be an (n, ...) tensor with n >= 1, got {shape}")
+        labels = check_examples(images, labels)
         n = images.shape[0]
-        if labels is not None:
-            labels = torch.as_tensor(labels)
-            if labels.shape != (n,):
-                raise ValueError(
-                    f"labels must have shape ({n},) to match images, got {tuple(labels.shape)}"
-                )
         loss = est.loss() if loss is None else loss
         if record_draws and loss.num_particles != 1:
             raise ValueError("record_draws needs a loss with num_particles=1")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
-        if shared_draws:
-            seeds = [seed] * n
-        else:
-            source = RandomSource(seed=seed)
-            seeds = [source.integer_seed() for _ in range(n)]
+        seeds = example_seeds(seed, n, shared_draws)
         recorder = DrawRecorder(TERM)
         if record_draws:
             loss.hooks.append(recorder)
@@ -287,7 +354,7 @@ class AttributionFeaturizer:
                 for lo in range(0, n, batch_size):
                     hi = min(n, lo + batch_size)
                     watch = Stopwatch(device)
-                    u = self._upstream(images[lo:hi]).to(device=device, dtype=param0.dtype)
+                    u = self.teacher_inputs(images[lo:hi]).to(device=device, dtype=param0.dtype)
                     secs["up"] += watch.stop().seconds()
                     grads = torch.empty((hi - lo, self.dim_in), dtype=param0.dtype, device=device)
                     for i in range(lo, hi):
@@ -324,7 +391,12 @@ class AttributionFeaturizer:
             result.weights = torch.cat(recorder.weights)
         return result
 
-    def _upstream(self, images: Tensor) -> Tensor:
+    def teacher_inputs(self, images: Tensor) -> Tensor:
+        """``(n, *image) -> (n, *event)``: the teacher's inputs (``upstream(images)``, no grad).
+
+        Raises:
+            ValueError: if they are not of the teacher's event shape.
+        """
         if self.upstream is None:
             u = images
         else:
