@@ -177,6 +177,8 @@ PUBLIC_MODULES = [
     "carv_pyro.infer.guide",
     "carv_pyro.infer.loss",
     "carv_pyro.infer.samplers",
+    "carv_pyro.infer.outer",
+    "carv_pyro.infer.control_variates",
     "carv_pyro.infer.proposals",
     "carv_pyro.infer.functional",
     "carv_pyro.infer.distributed",

@@ -294,3 +294,28 @@ def test_outer_options_are_checked():
     settings = est.settings()
     settings["k_range"] = tuple(settings["k_range"])
     assert carv.Estimator(**settings) == est
+
+
+def test_design_split_accounting():
+    """Rows solved for V_b and V_w, plain and under a design: the split, the ceilings, K*, ECM."""
+    from carv_pyro.accounting import DesignSplit, effective_compute_multiplier
+    from carv_pyro.bench import BenchRow, design_splits
+
+    vb, vw, vb_left = 0.4, 3.6, 0.1
+
+    def row(K, v_b, outer=None):
+        return BenchRow(method="m", R=2, K=K, var=(v_b + vw / K) / 2, cost_s=1.0, outer=outer)
+
+    rows = [row(1, vb), row(8, vb), row(1, vb_left, "stratified"), row(8, vb_left, "stratified")]
+    (split,) = design_splits(rows)
+    assert split.design == "outer=stratified"
+    assert split.v_between == pytest.approx(vb) and split.v_between_left == pytest.approx(vb_left)
+    assert split.v_between_removed == pytest.approx(vb - vb_left)
+    assert split.ceiling_before == pytest.approx(10.0) and split.ceiling_after == pytest.approx(40.0)
+    assert split.k_star(1.0, 1.0) == pytest.approx(math.sqrt(vw / vb_left))
+    want = (vb + vw) * 2 / ((vb_left + vw / 4) * 5)
+    assert split.ecm(4, 1.0, 1.0) == pytest.approx(want)
+    assert effective_compute_multiplier(
+        4, 1.0, 1.0, vb, vw, v_between_left=vb_left
+    ) == pytest.approx(want)
+    assert "removes 75%" in DesignSplit("d", vb, vw, vb_left, vw).text(1.0, 1.0)

@@ -47,10 +47,12 @@ from . import _checks
 __all__ = [
     "Accountant",
     "AccountingReport",
+    "DesignSplit",
     "VarianceComponents",
     "anova_estimates",
     "effective_compute_multiplier",
     "fit_cost_curve",
+    "inner_plate_ceiling",
     "optimal_inner_size",
 ]
 
@@ -90,12 +92,24 @@ def optimal_inner_size(c_outer: float, c_inner: float, v_between: float, v_withi
 
 
 def effective_compute_multiplier(
-    K: float, c_outer: float, c_inner: float, v_between: float, v_within: float
+    K: float,
+    c_outer: float,
+    c_inner: float,
+    v_between: float,
+    v_within: float,
+    *,
+    v_between_left: float | None = None,
+    v_within_left: float | None = None,
 ) -> float:
     """ECM of ``K`` inner draws against ``K = 1`` under the linear cost model.
 
     ``ECM(K) = (V_b + V_w)(c_outer + c_inner) / [(V_b + V_w / K)(c_outer + K c_inner)]``:
     how many times less compute the ``(R, K)`` estimator needs for the same variance.
+
+    With an outer design or control variates, the estimator's own components are what they
+    leave, ``V_b'`` (``v_between_left``) and ``V_w'`` (``v_within_left``), against the plain
+    ``K = 1`` baseline's ``V_b + V_w``:
+    ``(V_b + V_w)(c_outer + c_inner) / [(V_b' + V_w' / K)(c_outer + K c_inner)]``.
 
     Raises:
         ValueError: on negative or non-finite input or ``K <= 0``.
@@ -103,10 +117,103 @@ def effective_compute_multiplier(
     _check_nonneg(c_outer=c_outer, c_inner=c_inner, v_between=v_between, v_within=v_within)
     if not (isinstance(K, (int, float)) and K > 0 and math.isfinite(K)):
         raise ValueError(f"K must be a finite number > 0, got {K!r}")
-    den = (v_between + v_within / K) * (c_outer + K * c_inner)
+    vb = v_between if v_between_left is None else v_between_left
+    vw = v_within if v_within_left is None else v_within_left
+    _check_nonneg(v_between_left=vb, v_within_left=vw)
+    den = (vb + vw / K) * (c_outer + K * c_inner)
     if den == 0:
         raise ValueError("variance and cost are both zero: the ECM is undefined")
     return (v_between + v_within) * (c_outer + c_inner) / den
+
+
+def inner_plate_ceiling(
+    v_between: float, v_within: float, v_between_left: float | None = None
+) -> float:
+    """The most any inner-plate estimator can cut the plain ``Var(R, 1)``: ``(V_b + V_w) / V_b``.
+
+    Nothing done on the inner plate (more draws, IS, stratification, QMC, control variates)
+    removes ``V_b``. An outer design leaves ``V_b' = v_between_left`` of it, which raises the
+    ceiling of everything on top of it to ``(V_b + V_w) / V_b'``.
+
+    Returns:
+        The ceiling (``inf`` when the remaining ``V_b`` is not positive).
+
+    Raises:
+        ValueError: on negative or non-finite ``v_within``.
+    """
+    _check_nonneg(v_within=v_within)
+    left = v_between if v_between_left is None else v_between_left
+    return (v_between + v_within) / left if left > 0 else math.inf
+
+
+@dataclass
+class DesignSplit:
+    """Variance components of the plain estimator and of a design, side by side.
+
+    ``V_b`` splits into what the design removes and what remains; control variates lower
+    ``V_w``. ``K*``, the predicted ECM and the ceiling follow from what remains.
+
+    Attributes:
+        design: the design's name (e.g. ``"outer=stratified"``).
+        v_between: plain ``V_b`` (i.i.d. upstream draws).
+        v_within: plain ``V_w``.
+        v_between_left: ``V_b'`` under the design.
+        v_within_left: ``V_w'`` under the design.
+    """
+
+    design: str
+    v_between: float
+    v_within: float
+    v_between_left: float
+    v_within_left: float
+
+    @property
+    def v_between_removed(self) -> float:
+        """``V_b - V_b'``: what the design removes of ``V_b``."""
+        return self.v_between - self.v_between_left
+
+    @property
+    def ceiling_before(self) -> float:
+        """``(V_b + V_w) / V_b``: the inner plate's ceiling with i.i.d. upstream draws."""
+        return inner_plate_ceiling(self.v_between, self.v_within)
+
+    @property
+    def ceiling_after(self) -> float:
+        """``(V_b + V_w) / V_b'``: the ceiling of inner-plate estimators on top of the design."""
+        return inner_plate_ceiling(self.v_between, self.v_within, max(self.v_between_left, 0.0))
+
+    def k_star(self, c_outer: float, c_inner: float) -> float:
+        """Cochran's ``K*`` with the design's components."""
+        return optimal_inner_size(
+            c_outer, c_inner, max(self.v_between_left, 0.0), max(self.v_within_left, 0.0)
+        )
+
+    def ecm(self, K: float, c_outer: float, c_inner: float) -> float:
+        """Predicted ECM of the design at ``K`` against the plain ``K = 1`` baseline."""
+        return effective_compute_multiplier(
+            K,
+            c_outer,
+            c_inner,
+            max(self.v_between, 0.0),
+            max(self.v_within, 0.0),
+            v_between_left=max(self.v_between_left, 0.0),
+            v_within_left=max(self.v_within_left, 0.0),
+        )
+
+    def text(self, c_outer: float | None = None, c_inner: float | None = None, K: int = 8) -> str:
+        """One readable line (with ``K*`` and the ECM at ``K`` when costs are given)."""
+        share = self.v_between_removed / self.v_between if self.v_between > 0 else math.nan
+        out = (
+            f"{self.design}: V_b {self.v_between:.4g} -> {self.v_between_left:.4g} (removes "
+            f"{share:.0%}), V_w {self.v_within:.4g} -> {self.v_within_left:.4g}; inner-plate "
+            f"ceiling {self.ceiling_before:.3g}x before, {self.ceiling_after:.3g}x with it"
+        )
+        if c_outer is not None and c_inner is not None and c_inner > 0:
+            out += (
+                f"; K* {self.k_star(c_outer, c_inner):.3g}, predicted ECM at K = {K} "
+                f"{self.ecm(K, c_outer, c_inner):.3g}"
+            )
+        return out
 
 
 # -- pooled estimates -------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .accounting import AccountingReport, effective_compute_multiplier
+from .accounting import AccountingReport, DesignSplit, effective_compute_multiplier
 from .timing import device_name
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "BenchPipeline",
     "BenchRow",
     "cost_warnings",
+    "design_splits",
     "k_star_note",
     "main",
     "run_protocol",
@@ -93,6 +94,8 @@ class BenchRow:
         proposal: the guide's timestep proposal.
         stratify: the guide's stratification.
         noise: the guide's noise sampler.
+        outer: the guide's outer-plate design of the upstream latents (``None``: i.i.d.).
+        cv: the control variates fitted and applied (``None``: none), e.g. ``"eps"``.
     """
 
     method: str
@@ -108,6 +111,8 @@ class BenchRow:
     proposal: str = "prior"
     stratify: str | None = None
     noise: str = "iid"
+    outer: str | None = None
+    cv: str | None = None
 
 
 class BenchPipeline(Protocol):
@@ -124,12 +129,22 @@ class BenchPipeline(Protocol):
     def extras(self) -> dict: ...
 
 
-def _is_plain(config: dict) -> bool:
+def _inner_plain(config: dict) -> bool:
+    """Prior proposal, no stratification, i.i.d. noise (whatever the outer design)."""
     return (
         config.get("proposal", "prior") == "prior"
         and config.get("stratify") is None
         and config.get("noise", "iid") == "iid"
     )
+
+
+def _design(config: dict) -> tuple[str | None, str | None]:
+    """``(outer, cv)`` of a configuration: what it does beyond the inner plate."""
+    return config.get("outer"), config.get("cv")
+
+
+def _is_plain(config: dict) -> bool:
+    return _inner_plain(config) and _design(config) == (None, None)
 
 
 def run_protocol(
@@ -191,6 +206,8 @@ def run_protocol(
                 proposal=config.get("proposal", "prior"),
                 stratify=config.get("stratify"),
                 noise=config.get("noise", "iid"),
+                outer=config.get("outer"),
+                cv=config.get("cv"),
                 ecm_predicted=predicted(config) if predicted else None,
             )
         )
@@ -217,7 +234,9 @@ def _relative(rows: list[BenchRow]) -> None:
             r.ecm = (base.var * base.cost_s) / (r.var * r.cost_s)
 
 
-def components_from_rows(rows: list[BenchRow]) -> dict[str, float] | None:
+def components_from_rows(
+    rows: list[BenchRow], design: tuple[str | None, str | None] = (None, None)
+) -> dict[str, float] | None:
     """``V_b``, ``V_w`` and the ceiling on any inner-plate variance cut, from two plain rows.
 
     The plain estimator (prior proposal, no stratification, i.i.d. noise) has
@@ -231,12 +250,14 @@ def components_from_rows(rows: list[BenchRow]) -> dict[str, float] | None:
     Args:
         rows: measured rows; the first ``R`` with a plain ``K = 1`` row and a plain ``K > 1``
             row is used (the largest such ``K``).
+        design: ``(outer, cv)``: solve the rows of this design instead (plain inner plate,
+            the given outer design and control variates), for `design_splits`.
 
     Returns:
         ``{"R", "K", "v_between", "v_within", "ceiling"}`` (``ceiling`` is ``inf`` when the
         measured ``V_b`` is not positive), or ``None`` without such a pair of rows.
     """
-    plain = [r for r in rows if _is_plain(asdict(r))]
+    plain = [r for r in rows if _inner_plain(asdict(r)) and _design(asdict(r)) == design]
     for one in (r for r in plain if r.K == 1):
         many = [r for r in plain if r.R == one.R and r.K > 1]
         if not many:
@@ -254,6 +275,42 @@ def components_from_rows(rows: list[BenchRow]) -> dict[str, float] | None:
             "ceiling": ceiling,
         }
     return None
+
+
+def design_splits(rows: list[BenchRow]) -> list[DesignSplit]:
+    """`V_b` split by each outer design (and control variates) that has its own pair of rows.
+
+    For every design ``(outer, cv)`` with rows at ``(R, 1)`` and ``(R, K)`` whose inner plate
+    is plain (as the plain rows are), `components_from_rows` gives its components ``V_b'`` and
+    ``V_w'``; set beside the plain rows' ``V_b`` and ``V_w`` (both from rows, so the reference's
+    variance sits alike in both), they say how much of ``V_b`` the design removes and the
+    inner-plate ceiling before and after.
+
+    Returns:
+        One [`DesignSplit`][carv_pyro.accounting.DesignSplit] per such design.
+    """
+    plain = components_from_rows(rows)
+    if plain is None:
+        return []
+    designs = sorted(
+        {_design(asdict(r)) for r in rows} - {(None, None)}, key=lambda d: (str(d[0]), str(d[1]))
+    )
+    out = []
+    for outer, cv in designs:
+        c = components_from_rows(rows, (outer, cv))
+        if c is None or c["R"] != plain["R"]:
+            continue
+        name = ", ".join(f"{k}={v}" for k, v in (("outer", outer), ("cv", cv)) if v)
+        out.append(
+            DesignSplit(
+                design=name,
+                v_between=plain["v_between"],
+                v_within=plain["v_within"],
+                v_between_left=c["v_between"],
+                v_within_left=c["v_within"],
+            )
+        )
+    return out
 
 
 def format_table(rows: list[BenchRow]) -> str:
@@ -514,6 +571,25 @@ def cost_warnings(
     return out
 
 
+def _designs_json(rows: list[BenchRow], report: AccountingReport | None) -> list[dict]:
+    """`design_splits` as JSON-ready dicts, each with its printed line (``K*`` and the
+    predicted ECM from the accountant's costs where the pipeline has one)."""
+    costs = (report.c_outer, report.c_inner) if report is not None else (None, None)
+    if not all(c is not None and math.isfinite(c) for c in costs):
+        costs = (None, None)
+    out = []
+    for d in design_splits(rows):
+        entry = asdict(d)
+        entry.update(
+            v_between_removed=d.v_between_removed,
+            ceiling_before=d.ceiling_before,
+            ceiling_after=d.ceiling_after,
+            text=d.text(*costs),
+        )
+        out.append(entry)
+    return out
+
+
 def format_report(result: dict[str, Any], report: AccountingReport | None = None) -> str:
     """The bench's printed report from its JSON-ready ``result`` (see `main`), prose wrapped at
     100 columns."""
@@ -543,6 +619,11 @@ def format_report(result: dict[str, Any], report: AccountingReport | None = None
             f"{said} this bench's variance components ({c['how']}); no inner-plate estimator "
             f"can cut Var(R, 1) by more than (V_b + V_w) / V_b, {c['ceiling']:.3g}x"
         )
+    designs = result.get("designs") or []
+    if designs:
+        lines += ["", "outer designs and control variates (plain and design rows solved alike):"]
+    for d in designs:
+        lines += prose(d["text"], first="  ", rest="    ")
     note = (result.get("accounting") or {}).get("k_star_note")
     if note is not None:
         lines += prose(note["text"])
@@ -696,6 +777,7 @@ def main(args: Any) -> int:
         "legend": dict(LEGEND),
         "rows": [asdict(r) for r in rows],
         "components": variance_components(rows, report),
+        "designs": _designs_json(rows, report),
         "warnings": cost_warnings(
             rows,
             report.teacher_seconds if report is not None else None,

@@ -25,13 +25,21 @@ from ...measure import gradient_estimate
 __all__ = ["FixedCheckpointBench", "config_estimator"]
 
 
+#: Estimates a configuration with control variates runs before it is measured: its fit learns
+#: the coefficients at the checkpoint (as a training run's does over its first steps).
+CV_WARMUP = 10
+
+
 def config_estimator(config: dict[str, Any]) -> Estimator:
-    """The `Estimator` of a bench configuration ``{method, R, K, proposal, stratify, noise}``."""
+    """The `Estimator` of a bench configuration ``{method, R, K, proposal, stratify, noise,
+    outer, cv}`` (``cv``: the name of the control variates the pipeline declares, or ``None``)."""
     return Estimator(
         K=int(config["K"]),
         proposal=config.get("proposal", "prior"),
         stratify=config.get("stratify"),
         noise=config.get("noise", "iid"),
+        outer=config.get("outer"),
+        control_variates=bool(config.get("cv")),
         name=str(config.get("method", "custom")),
     )
 
@@ -90,6 +98,12 @@ class FixedCheckpointBench:
             model, args, kwargs = self.model_for(config, seed)
             guide = config_estimator(config).guide(model, seed=seed + 7919)
             self._cache[key] = (model, guide, CARVLoss(), args, kwargs)
+            if config.get("cv"):
+                with self.scope():
+                    for _ in range(CV_WARMUP):
+                        gradient_estimate(
+                            self._cache[key][2], model, guide, *args, params=self.params(), **kwargs
+                        )
         return self._cache[key]
 
     def estimate(self, config: dict[str, Any]) -> Tensor:

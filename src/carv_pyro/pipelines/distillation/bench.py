@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ... import _checks
+from ...objectives import eps_control_variate
 from ..base.bench import FixedCheckpointBench
 from .config import DEFAULT_K, DistillationConfig
 from .distiller import Distiller
@@ -15,7 +16,7 @@ from .metrics import fid_digits
 from .model import make_model
 from .train import train_distillation
 
-__all__ = ["BENCH_ROWS", "DistillationBench"]
+__all__ = ["BENCH_ROWS", "DESIGN_ROWS", "DistillationBench"]
 
 #: The bench's rows: ``(method, K, proposal, stratify, noise)``, measured at the bench's ``R``.
 BENCH_ROWS: tuple[tuple[str, int, str, str | None, str], ...] = (
@@ -25,6 +26,21 @@ BENCH_ROWS: tuple[tuple[str, int, str, str | None, str], ...] = (
     ("reuse+strat", DEFAULT_K, "prior", "per_outer", "iid"),
     ("reuse+IS+strat", DEFAULT_K, "weighted", "per_outer", "iid"),
     ("reuse+strat+QMC", DEFAULT_K, "prior", "per_outer", "sobol"),
+)
+
+#: Rows beyond the inner plate: ``(method, K, proposal, stratify, noise, outer, cv)``. The
+#: outer designs draw the latents ``z`` and labels jointly (`carv_pyro.infer.outer`); the plain
+#: ``outer strat`` pair at ``K = 1`` and ``K = DEFAULT_K`` splits ``V_b`` (what the design
+#: removes, what is left); ``cv="eps"`` fits a coefficient per timestep on the noise ``eps``,
+#: zero-mean given the sample (declared on the DMD objective by the bench).
+DESIGN_ROWS: tuple[tuple[str, int, str, str | None, str, str | None, str | None], ...] = (
+    ("outer strat", 1, "prior", None, "iid", "stratified", None),
+    ("outer strat", DEFAULT_K, "prior", None, "iid", "stratified", None),
+    ("reuse+strat+outer strat", DEFAULT_K, "prior", "per_outer", "iid", "stratified", None),
+    ("reuse+strat+outer anti", DEFAULT_K, "prior", "per_outer", "iid", "antithetic", None),
+    ("reuse+strat+outer sobol", DEFAULT_K, "prior", "per_outer", "iid", "sobol", None),
+    ("reuse+strat+CV(eps)", DEFAULT_K, "prior", "per_outer", "iid", None, "eps"),
+    ("reuse+strat+outer+CV", DEFAULT_K, "prior", "per_outer", "iid", "antithetic", "eps"),
 )
 
 
@@ -111,6 +127,8 @@ class DistillationBench(FixedCheckpointBench):
             self.distiller = Distiller(self.config, teacher=teacher, device=device)
             self.distiller.fake_step(self.config.fake_warmup)
         self.R = self.config.R
+        # the DMD residual's zero-mean term for the CV rows (inert unless an estimator applies it)
+        self.distiller.objective.control_variates = (eps_control_variate,)
         self._snapshot = [p.detach().clone() for p in self.params()]
 
     # -- the FixedCheckpointBench hooks ----------------------------------------------------------
@@ -133,10 +151,16 @@ class DistillationBench(FixedCheckpointBench):
 
     def configs(self) -> list[dict[str, Any]]:
         """The rows to measure: ``dict(method, R, K, proposal, stratify, noise)`` (`BENCH_ROWS`)."""
-        return [
+        rows = [
             {"method": m, "R": self.R, "K": K, "proposal": p, "stratify": s, "noise": n}
             for m, K, p, s, n in BENCH_ROWS
         ]
+        rows += [
+            {"method": m, "R": self.R, "K": K, "proposal": p, "stratify": s, "noise": n}
+            | {"outer": o, "cv": cv}
+            for m, K, p, s, n, o, cv in DESIGN_ROWS
+        ]
+        return rows
 
     def reference_config(self) -> dict[str, Any]:
         """The reference: ``R = 8 R_bench``, ``K = 16``, stratified per sample, prior proposal."""

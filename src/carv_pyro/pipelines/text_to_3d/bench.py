@@ -13,6 +13,7 @@ import pyro
 import torch
 from pyro.infer import SVI
 
+from ...infer.control_variates import SteinControlVariate, clean_gain
 from ...infer.estimator import Estimator
 from ...measure import measure
 from ...objectives import SDS
@@ -62,6 +63,17 @@ class TextTo3DBench(FixedCheckpointBench):
             t_range=self.config.t_range,
             guidance_scale=self.scene.guidance_scale,
         )
+        # the same SDS with a Stein control variate declared beside its eps term: x * eps, a
+        # noise gain that follows the render (for the "+CV(eps+Stein)" rows)
+        self.objective_stein = SDS(
+            self.scene.teacher,
+            weighting=self.config.weighting,
+            t_range=self.config.t_range,
+            guidance_scale=self.scene.guidance_scale,
+        )
+        self.objective_stein.control_variates += (
+            SteinControlVariate(clean_gain(1), diagonal=True),
+        )
         self.field = VoxelField(self.config.resolution, self.scene.channels, seed=seed).to(
             self.device
         )
@@ -69,9 +81,10 @@ class TextTo3DBench(FixedCheckpointBench):
             self._pretrain(steps=2 if smoke else 20 if quick else 100)
         self.k_adaptive: int | None = None
 
-    def _model(self, R: int, K: int, seed: int):
+    def _model(self, R: int, K: int, seed: int, cv: str | None = None):
         gen = torch.Generator().manual_seed(seed)
-        return make_model(self.field, self.scene, self.objective, R, K, gen)
+        objective = self.objective_stein if cv == "eps+stein" else self.objective
+        return make_model(self.field, self.scene, objective, R, K, gen)
 
     def _pretrain(self, steps: int) -> None:
         model = self._model(self.R, 1, self.seed + 11)
@@ -89,7 +102,7 @@ class TextTo3DBench(FixedCheckpointBench):
         return list(self.field.parameters())
 
     def model_for(self, config: dict[str, Any], seed: int):
-        return self._model(int(config["R"]), int(config["K"]), seed), (), {}
+        return self._model(int(config["R"]), int(config["K"]), seed, config.get("cv")), (), {}
 
     def setup(self, config: dict[str, Any]):
         hit = super().setup(config)
@@ -147,6 +160,28 @@ class TextTo3DBench(FixedCheckpointBench):
                 stratify="per_outer",
                 noise="sobol",
             ),
+        ]
+        carv = dict(proposal="weighted", stratify="per_outer")
+        rows += [
+            # the outer designs: plain inner rows at K = 1 and 16 split V_b (design_splits)
+            dict(method="outer strat", R=R, K=1, outer="stratified"),
+            dict(method="outer strat", R=R, K=16, outer="stratified"),
+            # a Latin hypercube over (camera, t) at K = 1
+            dict(
+                method="IS+strat global+outer",
+                R=R,
+                K=1,
+                proposal="weighted",
+                stratify="global",
+                outer="stratified",
+            ),
+            dict(method="IS+strat+outer strat", R=R, K=8, outer="stratified", **carv),
+            dict(method="IS+strat+outer anti", R=R, K=8, outer="antithetic", **carv),
+            dict(method="IS+strat+outer sobol", R=R, K=8, outer="sobol", **carv),
+            # control variates on the residual, at equal K
+            dict(method="IS+strat+CV(eps)", R=R, K=8, cv="eps", **carv),
+            dict(method="IS+strat+CV(eps+Stein)", R=R, K=8, cv="eps+stein", **carv),
+            dict(method="IS+strat+outer+CV", R=R, K=8, outer="stratified", cv="eps", **carv),
         ]
         if self.k_adaptive is not None:
             rows.append(
