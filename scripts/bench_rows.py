@@ -48,12 +48,12 @@ def main() -> None:
     t0 = time.perf_counter()
     bench = PIPELINES[args.pipeline](quick=args.quick, seed=args.seed, device=args.device)
     every = bench.configs()
-    keep = [
-        c for c in every if c["method"] in args.methods and (not args.K or c["K"] in args.K)
-    ]
+    keep = [c for c in every if c["method"] in args.methods and (not args.K or c["K"] in args.K)]
     unknown = set(args.methods) - {c["method"] for c in every}
     if unknown:
-        raise SystemExit(f"no rows named {sorted(unknown)}; the rows: {[c['method'] for c in every]}")
+        raise SystemExit(
+            f"no rows named {sorted(unknown)}; the rows: {[c['method'] for c in every]}"
+        )
     bench.configs = lambda: keep
     rows, _ = run_protocol(bench, args.repeats, args.reference)
     print(format_table(rows))

@@ -80,8 +80,26 @@ def test_threestudio_guidance_keys_and_scaling():
     assert set(out) == {"loss_sds", "grad_norm", "carv_K", "carv_ess"} and out["carv_K"] == 2.0
     out["loss_sds"].backward()
     record = guidance._loss.loss.last_records[0]
-    w = guidance._loss.loss._last.weights["sds"]
+    w = guidance._loss.loss.last_particle.weights["sds"]
     grad = (w[..., None, None, None].to(record.residual.dtype) * record.residual).mean(1)
     want = (2.0 * grad / 2).permute(0, 2, 3, 1)
     torch.testing.assert_close(rgb.grad, want)
     assert torch.isclose(out["grad_norm"], grad.norm())
+
+
+def test_threestudio_guidance_reads_the_scale_as_threestudio_does():
+    """threestudio's stock SDS guidance is eps_c + s (eps_c - eps_u): its 100 is SDS's 101; the
+    diffusers convention passes the scale through."""
+    from .test_text_to_3d import tiny_teacher
+
+    teacher = tiny_teacher()
+    stock = CARVGuidance(teacher, K=2, guidance_scale=100.0, seed=seed(4))
+    assert stock.objective.guidance_scale == 101.0 and stock.library_guidance_scale == 101.0
+    plain = CARVGuidance(teacher, K=2, guidance_scale=7.5, guidance_convention="diffusers")
+    assert plain.objective.guidance_scale == 7.5
+    e_u, e_c, s = torch.tensor(0.3), torch.tensor(1.1), 100.0
+    threestudio = e_c + s * (e_c - e_u)  # stable_diffusion_guidance.py's line
+    ours = e_u + stock.library_guidance_scale * (e_c - e_u)
+    torch.testing.assert_close(ours, threestudio)
+    with pytest.raises(ValueError, match="guidance_convention"):
+        CARVGuidance(teacher, guidance_convention="dreamfusion")

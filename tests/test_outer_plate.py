@@ -311,7 +311,9 @@ def test_design_split_accounting():
     assert split.design == "outer=stratified"
     assert split.v_between == pytest.approx(vb) and split.v_between_left == pytest.approx(vb_left)
     assert split.v_between_removed == pytest.approx(vb - vb_left)
-    assert split.ceiling_before == pytest.approx(10.0) and split.ceiling_after == pytest.approx(40.0)
+    assert split.ceiling_before == pytest.approx(10.0) and split.ceiling_after == pytest.approx(
+        40.0
+    )
     assert split.k_star(1.0, 1.0) == pytest.approx(math.sqrt(vw / vb_left))
     want = (vb + vw) * 2 / ((vb_left + vw / 4) * 5)
     assert split.ecm(4, 1.0, 1.0) == pytest.approx(want)

@@ -565,6 +565,12 @@ class CARVLoss(ELBO):
         self._last: Particle | None = None
         self._diagnostics: dict[str, TermDiagnostics] | None = None
 
+    @property
+    def last_particle(self) -> Particle | None:
+        """The last particle of the last step (its records, importance weights and per-draw
+        surrogates), or ``None`` before the first step."""
+        return self._last
+
     # -- traces ----------------------------------------------------------------------------
     def _get_trace(self, model, guide, args, kwargs):
         """One particle's ``(model_trace, guide_trace)`` (Pyro's ELBO hook)."""

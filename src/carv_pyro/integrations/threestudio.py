@@ -14,12 +14,16 @@ choice, e.g. ``"carv-sds-guidance"``)::
     guidance:
       estimator: "carv"       # or auto, stratified, ... (carv_pyro.PRESETS)
       K: 8
-      guidance_scale: 100.    # threestudio's scale: eps_u + s (eps_c - eps_u), as here
+      guidance_scale: 100.    # threestudio's scale, read as threestudio reads it
     loss:
       lambda_sds: 1.
 
-The guidance scale follows ``eps_u + s (eps_c - eps_u)`` in threestudio, diffusers and this
-library alike, so a threestudio scale of 100 is 100 here.
+The guidance scale is read in threestudio's convention by default: its stock SDS guidance
+computes ``eps_c + s (eps_c - eps_u)`` (``stable_diffusion_guidance.py``), which is
+``eps_u + (s + 1) (eps_c - eps_u)`` in this library's and diffusers' convention, so a config's
+100 becomes [`SDS`][carv_pyro.objectives.SDS]'s 101. ``guidance_convention="diffusers"`` reads
+the scale as ``eps_u + s (eps_c - eps_u)`` instead (threestudio's VSD and unified guidances, and
+diffusers' pipelines, write it so).
 """
 
 from __future__ import annotations
@@ -30,11 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _checks
 from ..infer.estimator import Estimator, resolve_estimator
 from ..infer.functional import TeacherLoss
 from ..objectives import SDS
 
-__all__ = ["CARVGuidance"]
+__all__ = ["CONVENTIONS", "CARVGuidance"]
+
+#: How ``CARVGuidance.guidance_scale`` is read (see the module docstring).
+CONVENTIONS = ("threestudio", "diffusers")
 
 
 @dataclass
@@ -45,7 +53,10 @@ class CARVGuidance:
         teacher: the frozen teacher (its images are ``(N, C, H, W)`` in ``[-1, 1]``).
         estimator: preset name or [`Estimator`][carv_pyro.Estimator].
         K: inner draws per image (overrides the preset's).
-        guidance_scale: classifier-free guidance scale, ``eps_u + s (eps_c - eps_u)``.
+        guidance_scale: classifier-free guidance scale ``s``, in ``guidance_convention``.
+        guidance_convention: ``"threestudio"`` (``eps_c + s (eps_c - eps_u)``, its stock SDS
+            guidance's; the default) or ``"diffusers"`` (``eps_u + s (eps_c - eps_u)``, this
+            library's own).
         weighting: ``w(t)``: ``"sds"``, ``"uniform"`` or ``"fantasia3d"``.
         t_range: ``(min_step_percent, max_step_percent)``.
         seed: seeds the draws.
@@ -55,11 +66,14 @@ class CARVGuidance:
     estimator: Estimator | str = "carv"
     K: int | None = None
     guidance_scale: float = 100.0
+    guidance_convention: str = "threestudio"
     weighting: str = "sds"
     t_range: tuple[float, float] = (0.02, 0.98)
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        _checks.choice("guidance_convention", self.guidance_convention, CONVENTIONS)
+        _checks.non_negative_float("guidance_scale", self.guidance_scale)
         est = resolve_estimator(self.estimator)
         if self.K is not None:
             est = est.replace(K=self.K, name=est.name)
@@ -67,9 +81,16 @@ class CARVGuidance:
             self.teacher,
             weighting=self.weighting,
             t_range=self.t_range,
-            guidance_scale=self.guidance_scale,
+            guidance_scale=self.library_guidance_scale,
         )
         self._loss = TeacherLoss(self.objective, est, seed=self.seed)
+
+    @property
+    def library_guidance_scale(self) -> float:
+        """``guidance_scale`` in this library's (and diffusers') ``eps_u + s (eps_c - eps_u)``."""
+        if self.guidance_convention == "threestudio":
+            return self.guidance_scale + 1.0
+        return self.guidance_scale
 
     def __call__(
         self,
@@ -101,7 +122,7 @@ class CARVGuidance:
         loss, info = self._loss(x, cond)
         record = self._loss.loss.last_records[0]
         with torch.no_grad():
-            w = self._loss.loss._last.weights[record.name].to(record.residual.dtype)
+            w = self._loss.loss.last_particle.weights[record.name].to(record.residual.dtype)
             grad = w[(...,) + (None,) * (record.residual.dim() - w.dim())] * record.residual
             grad = grad.mean(1)  # (B, C, H, W): the estimate of E[w (eps_hat - eps)] per image
         return {

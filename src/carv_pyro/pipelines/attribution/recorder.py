@@ -33,4 +33,4 @@ class DrawRecorder:
         """The hook: ``hook(loss, records, model_trace, guide_trace)``."""
         self.timesteps.append(model_trace.nodes[f"{self.term}.t"]["value"].detach().cpu())
         self.noise.append(model_trace.nodes[f"{self.term}.eps"]["value"].detach().cpu())
-        self.weights.append(loss._last.weights[self.term].detach().cpu())
+        self.weights.append(loss.last_particle.weights[self.term].detach().cpu())
