@@ -7,6 +7,7 @@ samples per ray), so they run in seconds; the quality tests use the embedded sha
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -351,3 +352,14 @@ def test_race_writes_curves_target_and_ratios(tmp_path, monkeypatch):
     assert matplotlib.image.imread(path).shape[1] >= 1000
     with pytest.raises(RunFolderError):
         race("3", tmp_path / "race", estimators=["baseline"], seeds=1, budget_s=1.0, base=base)
+
+
+def test_race_median_time_is_the_time_by_which_half_the_seeds_arrived():
+    """Even seed counts: the lower middle (the baseline's own median seed is often censored)."""
+    from carv_pyro.pipelines.text_to_3d.race import _median_time, _ratio
+
+    assert _median_time([3.0, None]) == 3.0
+    assert _median_time([1.0, 2.0, None]) == 2.0
+    assert _median_time([None, None]) == math.inf
+    assert _ratio([2.0, 4.0], [4.0, None]) == 0.5
+    assert math.isnan(_ratio([None, None], [None, None]))

@@ -102,7 +102,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--R", type=_positive_int, help="rendered views per step (default 4)")
     p.add_argument("--K", type=_positive_int, help="teacher draws per view (the preset's)")
-    p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 0.05)")
+    p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 0.3)")
     p.add_argument(
         "--guidance-scale",
         type=_positive_float,

@@ -63,7 +63,7 @@ class TextTo3DConfig(PipelineConfig):
     steps: int = 300
     budget_s: float | None = None
     R: int = 4
-    lr: float = 0.05
+    lr: float = 0.3
     guidance_scale: float | None = None
     weighting: str = "sds"
     t_range: tuple[float, float] = (0.02, 0.98)

@@ -69,7 +69,11 @@ def time_to_target(
 
 
 def _median_time(times: Sequence[float | None]) -> float:
-    return statistics.median(math.inf if t is None else t for t in times)
+    """The time by which half of the runs have reached the target: the ordinary median for an
+    odd number of runs, the lower of the middle two for an even number (a run that never reaches
+    it counts as infinitely slow, so the average of the middle two would be infinite whenever one
+    of them is censored, as the baseline's own median seed often is)."""
+    return statistics.median_low(math.inf if t is None else t for t in times)
 
 
 def _ratio(times: Sequence[float | None], base: Sequence[float | None]) -> float:
