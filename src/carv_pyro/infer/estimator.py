@@ -211,7 +211,13 @@ PRESETS: dict[str, Estimator] = {
     "carv": Estimator(K=8, proposal="weighted", stratify="per_outer", name="carv"),
     "adaptive": Estimator(K=8, proposal="adaptive", stratify="per_outer", name="adaptive"),
     "auto": Estimator(
-        K=1, proposal="weighted", stratify="auto", adapt=True, k_range=(1, 32), name="auto"
+        K=1,
+        proposal="weighted",
+        stratify="auto",
+        outer="stratified",
+        adapt=True,
+        k_range=(1, 32),
+        name="auto",
     ),
 }
 
