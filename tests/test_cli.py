@@ -177,3 +177,23 @@ def test_race_quick_writes_json_and_plot(capsys, tmp_path, monkeypatch):
     assert set(results["estimators"]) == {"baseline", "auto"}
     assert results["target"]["metric"] == "p" and png.stat().st_size > 10_000
     assert "time to target" in capsys.readouterr().out
+
+
+def test_race_with_an_lr_grid_sweeps_beside_the_race_folder(capsys, tmp_path, monkeypatch):
+    """--lr-grid: each estimator's rate from a sweep on other seeds, then the race (the sweep's
+    folder once sat inside the race's, which then refused to start)."""
+    race_module = sys.modules["carv_pyro.pipelines.text_to_3d.race"]
+    monkeypatch.setattr(race_module, "make_scene", lambda *a, **k: tiny_scene())
+    real_dream = race_module.dream
+    monkeypatch.setattr(
+        race_module, "dream", lambda *a, **k: real_dream(*a, **{**k, "scene": tiny_scene()})
+    )
+    js = tmp_path / "race.json"
+    argv = ["race", "3", "--teacher", "digits", "--quick", "--seeds", "1", "--budget-s", "0.5"]
+    argv += ["--estimators", "baseline,auto", "--lr-grid", "0.1,0.3", "--tune-seeds", "1"]
+    assert cli.main([*argv, "--out", str(tmp_path / "r"), "--quiet", "--json", str(js)]) == 0
+    results = json.loads(js.read_text())
+    assert results["lr_sweep"]["lrs"] == [0.1, 0.3]
+    for name, entry in results["estimators"].items():
+        assert entry["lr"] == results["lr_sweep"]["best"][name]
+    assert (tmp_path / "r-lr-sweep" / "lr_sweep.json").exists()

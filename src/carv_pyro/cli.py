@@ -370,7 +370,7 @@ def _add_race(subparsers: Any) -> None:
         "--lr-grid",
         metavar="LR,LR,...",
         help="first pick each estimator's learning rate from this grid on --tune-seeds seeds of "
-        "their own (reported beside the race)",
+        "their own (reported beside the race; its runs go to DIR-lr-sweep)",
     )
     p.add_argument("--tune-seeds", type=_positive_int, default=2, help="seeds per rate (2)")
     p.add_argument("--out", metavar="DIR", help="the race's folder (default runs/race_PROMPT)")
@@ -427,6 +427,9 @@ def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     try:
         RunFolder(args.out, "race", "race.json").check(resume=args.resume, overwrite=args.overwrite)
+        # the sweep's races live beside the race's folder, not in it: the race's folder holds
+        # only the race
+        sweep_dir = f"{os.path.normpath(args.out)}-lr-sweep"
         base = TextTo3DConfig(prompt=args.prompt, **_run_overrides(args))
         _check_prompt(base, parser)
     except (RunFolderError, ValueError) as err:
@@ -442,7 +445,7 @@ def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if grid is not None:
             sweep = lr_sweep(
                 args.prompt,
-                os.path.join(args.out, "lr_sweep"),
+                sweep_dir,
                 grid,
                 estimators=estimators,
                 seeds=args.tune_seeds,
