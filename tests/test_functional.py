@@ -7,6 +7,7 @@ Bonferroni bound of 2.3e-6 per seed).
 
 from __future__ import annotations
 
+import pyro
 import pytest
 import torch
 
@@ -103,3 +104,20 @@ def test_threestudio_guidance_reads_the_scale_as_threestudio_does():
     torch.testing.assert_close(ours, threestudio)
     with pytest.raises(ValueError, match="guidance_convention"):
         CARVGuidance(teacher, guidance_convention="dreamfusion")
+
+
+def test_teacher_loss_refuses_an_adapting_estimator_and_lets_proposals_learn():
+    """auto's accountant measures gradients of parameters a TeacherLoss never sees: refused
+    (it silently never adapted); an adaptive proposal does learn across calls."""
+    with pytest.raises(ValueError, match="adapts K"):
+        carv.TeacherLoss(sds(), "auto")
+    loss_fn = carv.TeacherLoss(sds(), carv.Estimator.preset("adaptive", K=4), seed=seed(3))
+    x = torch.zeros(4, 2, requires_grad=True)
+    loss_fn(x)
+    proposal = next(iter(loss_fn.guide._proposals.values()))[1]
+    with pyro.get_param_store().scope(loss_fn._store):  # the loss keeps its state privately
+        before = proposal.probs().clone()
+    for _ in range(5):
+        loss_fn(x)[0].backward()
+    with pyro.get_param_store().scope(loss_fn._store):
+        assert not torch.allclose(proposal.probs(), before)

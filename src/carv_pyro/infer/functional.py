@@ -43,8 +43,13 @@ class TeacherLoss:
 
     Args:
         objective: the teacher objective (e.g. [`SDS`][carv_pyro.SDS]).
-        estimator: an [`Estimator`][carv_pyro.Estimator] or a preset name (its ``K`` draws per
-            row; ``"auto"`` adapts ``K`` from measured costs across calls).
+        estimator: an [`Estimator`][carv_pyro.Estimator] or a preset name with a fixed ``K``
+            (draws per row). An adapting estimator (``"auto"``) is refused: its accountant
+            measures ``V_b``, ``V_w`` and the upstream's cost as gradients and times of the
+            parameters upstream of ``x``, which this loss never sees; choose ``K`` with
+            [`measure`][carv_pyro.measure.measure] or run the model through
+            [`CARVLoss`][carv_pyro.CARVLoss]. Learning proposals (``"adaptive"``) and control
+            variates learn across calls.
         seed: seeds the estimator's draws (reproducible per device); ``None``: torch's global
             generators.
         name: the teacher term's name (``"sds"``).
@@ -66,6 +71,13 @@ class TeacherLoss:
         self.estimator = resolve_estimator(estimator)
         if self.estimator.K is None:
             raise ValueError("estimator must set K (draws per row of x) for a TeacherLoss")
+        if self.estimator.adapt:
+            raise ValueError(
+                f"estimator {self.estimator.name!r} adapts K from gradients and costs of the "
+                f"parameters upstream of x, which a TeacherLoss never sees; pass an estimator "
+                f"with a fixed K (e.g. Estimator.preset('carv', K=4), K chosen with "
+                f"carv_pyro.measure.measure), or write the upstream into a Pyro model for CARVLoss"
+            )
         self.guide = self.estimator.guide(seed=seed)
         self.loss = self.estimator.loss()
         self.name = _checks.instance("name", name, str, "a string")
@@ -108,6 +120,9 @@ class TeacherLoss:
 
         with pyro.get_param_store().scope(self._store):
             loss = self.loss.differentiable_loss(model, self.guide)
+            # learning proposals and control variates learn from each call's draws (they shape
+            # the next call's draws only, so every estimate stays unbiased)
+            self.guide.update(self.loss.last_records)
         d = self.loss.diagnostics[name]
         info = {"K": float(self.loss.last_records[0].n_inner), "ess": d.ess, "value": d.value}
         return loss, info
@@ -127,7 +142,7 @@ def teacher_loss(
         objective: the teacher objective.
         x: ``(R, *event)`` upstream outputs.
         cond: the conditioning.
-        estimator: an estimator or preset name (``"auto"`` needs a persistent `TeacherLoss`).
+        estimator: an estimator or preset name with a fixed ``K``.
         seed: seeds the draws.
     """
     return TeacherLoss(objective, estimator, seed=seed)(x, cond)[0]

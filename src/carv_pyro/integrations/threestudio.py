@@ -12,7 +12,7 @@ choice, e.g. ``"carv-sds-guidance"``)::
 
     guidance_type: "carv-sds-guidance"
     guidance:
-      estimator: "carv"       # or auto, stratified, ... (carv_pyro.PRESETS)
+      estimator: "carv"       # or stratified, adaptive, ... (a preset with a fixed K)
       K: 8
       guidance_scale: 100.    # threestudio's scale, read as threestudio reads it
     loss:
