@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--estimator", default="carv", choices=tuple(PRESETS))
     p.add_argument("--views", type=int, default=4, help="R: views per step over all processes")
     p.add_argument("--resolution", type=int, default=16, help="voxels per side")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=TextTo3DConfig.lr, help="Adam rate (0.3)")
     p.add_argument("--seed", type=int, default=0, help="the one seed every rank derives from")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--measure-every", type=int, default=5, help="accountant: steps between")
