@@ -32,7 +32,7 @@ from ... import _checks
 from ...infer.estimator import Estimator
 from ...infer.samplers import RandomSource
 from ..base.checkpoint import Checkpointer, RunFolder, write_json
-from ..base.loop import Clock, LoopState, TrainLoop
+from ..base.loop import Clock, LoopState, TrainLoop, check_run_options
 from .featurizer import AttributionFeaturizer, check_examples, example_seeds, fixed_k_estimator
 from .scores import attribution_scores
 
@@ -223,16 +223,9 @@ def attribute(
         _checks.instance(name, flag, bool, "True or False")
     seed = _checks.non_negative_int("seed", seed)
     damping = _checks.non_negative_float("damping", damping)
-    if checkpoint_every is not None:
-        _checks.positive_int("checkpoint_every", checkpoint_every)
-    if checkpoint_every_s is not None:
-        _checks.positive_float("checkpoint_every_s", checkpoint_every_s)
-    hooks = list(hooks)
-    for hook in hooks:
-        if not callable(hook):
-            raise ValueError(f"hooks must be callables hook(state, metrics), got {hook!r}")
-    if out_dir is None and (resume or overwrite):
-        raise ValueError("resume and overwrite need an out_dir (the run folder)")
+    hooks = check_run_options(
+        checkpoint_every, checkpoint_every_s, hooks, out_dir, resume=resume, overwrite=overwrite
+    )
     train_labels = check_examples(train_images, train_labels, ("train_images", "train_labels"))
     images, labels = train_images, train_labels
     if query_images is not None:

@@ -28,7 +28,7 @@ import torch
 
 from ... import _checks
 
-__all__ = ["Clock", "LoopState", "RunStopped", "StopSignals", "TrainLoop"]
+__all__ = ["Clock", "LoopState", "RunStopped", "StopSignals", "TrainLoop", "check_run_options"]
 
 
 class Clock:
@@ -337,3 +337,31 @@ def _postfix(entry: dict[str, Any]) -> dict[str, str]:
         if len(out) == 3:
             break
     return out
+
+
+def check_run_options(
+    checkpoint_every: int | None,
+    checkpoint_every_s: float | None,
+    hooks: Sequence[Callable] | Any,
+    out_dir: Any,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> list[Callable]:
+    """Check the options every resumable run takes; return the hooks as a list.
+
+    Raises:
+        ValueError: naming the first bad option (a non-positive cadence, a hook that is not
+            callable, ``resume``/``overwrite`` without a run folder).
+    """
+    if checkpoint_every is not None:
+        _checks.positive_int("checkpoint_every", checkpoint_every)
+    if checkpoint_every_s is not None:
+        _checks.positive_float("checkpoint_every_s", checkpoint_every_s)
+    hooks = list(hooks)
+    for hook in hooks:
+        if not callable(hook):
+            raise ValueError(f"hooks must be callables hook(state, metrics), got {hook!r}")
+    if out_dir is None and (resume or overwrite):
+        raise ValueError("resume and overwrite need an out_dir (the run folder)")
+    return hooks

@@ -24,7 +24,7 @@ from pyro.params.param_store import param_with_module_name
 from ... import _checks
 from ...infer.estimator import Estimator
 from ..base.checkpoint import RunFolder, write_json
-from ..base.loop import Clock, LoopState, TrainLoop
+from ..base.loop import Clock, LoopState, TrainLoop, check_run_options
 from .config import DistillationConfig
 from .distiller import Distiller, derived_seeds
 from .metrics import fid_digits
@@ -262,16 +262,9 @@ def train_distillation(
     _checks.choice("evaluate", evaluate, (True, False))
     _checks.choice("resume", resume, (True, False))
     _checks.choice("overwrite", overwrite, (True, False))
-    if checkpoint_every is not None:
-        _checks.positive_int("checkpoint_every", checkpoint_every)
-    if checkpoint_every_s is not None:
-        _checks.positive_float("checkpoint_every_s", checkpoint_every_s)
-    hooks = list(hooks)
-    for hook in hooks:
-        if not callable(hook):
-            raise ValueError(f"hooks must be callables hook(state, metrics), got {hook!r}")
-    if out_dir is None and (resume or overwrite):
-        raise ValueError("resume and overwrite need an out_dir (the run folder)")
+    hooks = check_run_options(
+        checkpoint_every, checkpoint_every_s, hooks, out_dir, resume=resume, overwrite=overwrite
+    )
 
     folder = None
     saved: dict[str, Any] | None = None
