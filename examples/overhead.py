@@ -7,11 +7,15 @@ embedded teacher's architecture, random weights). The two are timed interleaved 
 so that machine load hits both alike; the table reports medians.
 
     python examples/overhead.py --R 4 --K 8 --repeats 50
+    python examples/overhead.py --profile 200    # where a CARV step's time goes (cProfile)
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import time
 
@@ -47,6 +51,9 @@ def main() -> None:
     parser.add_argument("--K", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="also profile N CARV steps (cProfile)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     R, K = args.R, args.K
@@ -128,6 +135,40 @@ def main() -> None:
         f"overhead ratio CARV / hand = {med['carv'] / med['hand']:.3f}; "
         f"tracing + bookkeeping = {med['carv'] - med['hand']:.2f} ms per step"
     )
+    if args.profile:
+        profile(carv_step, args.profile)
+
+
+def _package(file: str) -> str:
+    for key in ("carv_pyro", "/pyro/", "torch/distributions", "diffusers", "torch"):
+        if key in file:
+            return key.strip("/")
+    return "built-in ops and other"
+
+
+def profile(step, n: int, top: int = 20) -> None:
+    """Print where ``n`` steps spend their own time: per package, then the library's and Pyro's
+    own frames (the fixed cost a hand-written loop does not pay), per step."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n):
+        step()
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    per_package: dict[str, float] = {}
+    frames = []
+    for (file, line, name), (_, calls, own, cum, _) in stats.stats.items():
+        package = _package(file)
+        per_package[package] = per_package.get(package, 0.0) + own
+        if package in ("carv_pyro", "pyro", "torch/distributions"):
+            where = file.split("site-packages/")[-1].split("src/")[-1]
+            frames.append((own, cum, calls, f"{where}:{line} {name}"))
+    print(f"\nprofile of {n} CARV steps (cProfile), own time per step by package:")
+    for package, own in sorted(per_package.items(), key=lambda kv: -kv[1]):
+        print(f"  {own / n * 1e3:8.3f} ms  {package}")
+    print("the library's and Pyro's own frames (own ms, cumulative ms, calls per step):")
+    for own, cum, calls, where in sorted(frames, reverse=True)[:top]:
+        print(f"  {own / n * 1e3:7.3f} {cum / n * 1e3:8.3f} {calls / n:6.1f}x  {where}")
 
 
 if __name__ == "__main__":
