@@ -241,6 +241,7 @@ def test_draws_sizer_sets_the_reserved_plate_only():
         (dict(backoff=0.5), "backoff"),
         (dict(every=10, max_every=5), "max_every"),
         (dict(history_size=0), "history_size"),
+        (dict(tolerance=1.0), "tolerance"),
         (dict(max_change=0.5), "max_change"),
         (dict(adapt="yes"), "adapt"),
     ],
@@ -484,3 +485,38 @@ def test_one_non_positive_v_between_gives_no_k_star():
     assert math.isnan(acc.k_star)
     acc.observe_measurement(1.0, 0.3)
     assert math.isfinite(acc.k_star) and acc.k_star < 100
+
+
+def test_k_holds_where_var_times_cost_is_flat():
+    """K* ~ sqrt(2) with equal costs: Var * cost at K = 1 and 2 tie, so noise in the measurements
+    must not flip K (each flip also resets the measuring cadence); tolerance=0 flips."""
+    flips = {}
+    for tol in (0.05, 0.0):
+        acc = Accountant(adapt=True, costs=(1.0, 1.0), min_measurements=1, tolerance=tol, window=1)
+        acc.k, acc.last_R, acc.last_K = 1, 4, 1
+        ks = []
+        for v_w in (2.1, 1.9, 2.1, 1.9, 2.1, 1.9):
+            acc.observe_measurement(v_w, 1.0)
+            ks.append(acc.k)
+        flips[tol] = sum(a != b for a, b in zip(ks, ks[1:]))
+    assert flips[0.05] == 0 and flips[0.0] >= 3
+
+
+def test_an_adapting_accountant_that_starts_at_k_one_measures_v_within():
+    """The auto preset starts at K = 1: its measuring steps must probe K = 2, or V_w is never
+    measured and K never adapts (it once stayed at K = 1, measuring every 10 steps for nothing)."""
+    objective = sds("sds")
+    model = make_model(objective, R=4, K=1, inner="draws")
+    est = carv.Estimator.preset("auto")
+    loss = est.loss()
+    loss.accountant.every = 2
+    loss.accountant._interval = 2.0
+    svi = SVI(model, est.guide(model, seed=seed(5)), pyro.optim.SGD({"lr": 0.0}), loss=loss)
+    sizes = []
+    for _ in range(12):
+        svi.step()
+        sizes.append(loss.last_records[0].n_inner)
+    acc = loss.accountant
+    assert 2 in sizes and sizes[0] == 1
+    assert math.isfinite(acc.components.v_within) and acc.k is not None
+    assert any("k_star" in h for h in acc.history)

@@ -539,6 +539,9 @@ class Accountant:
         max_every: the longest interval between measurements (default ``8 * every``).
         history_size: the most recent measurements kept in ``history`` (a long run's memory
             stays bounded).
+        tolerance: with ``adapt``, keep the current ``K`` unless another candidate's predicted
+            ``Var * cost`` is lower by more than this fraction (``0``: always move to the
+            minimum).
 
     Attributes:
         k: the inner size now in use (``None`` until adapted: the guide's or the model's).
@@ -566,6 +569,7 @@ class Accountant:
         backoff: float = 2.0,
         max_every: int | None = None,
         history_size: int = 1000,
+        tolerance: float = 0.05,
     ):
         if plate is not None:
             _checks.instance("plate", plate, str, "a plate name or None")
@@ -605,6 +609,9 @@ class Accountant:
         if max_every < every:
             raise ValueError(f"max_every must be >= every={every}, got {max_every!r}")
         _checks.positive_int("history_size", history_size, maximum=10**9)
+        tolerance = _checks.non_negative_float("tolerance", tolerance)
+        if tolerance >= 1.0:
+            raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
         self.plate = plate
         self.k_range = (lo, hi)
         self.every = every
@@ -616,6 +623,7 @@ class Accountant:
         self.max_change = max_change
         self.backoff = backoff
         self.max_every = max_every
+        self.tolerance = tolerance
         self.k: int | None = None
         self.step = 0
         self._measurements: deque[_Measurement] = deque(maxlen=window)
@@ -633,10 +641,12 @@ class Accountant:
     # -- the observer protocol ----------------------------------------------------------------
     def inner_size(self) -> int | None:
         """The reserved inner plate's size for this step (``None``: not adapted yet)."""
-        if self.k is None:
-            return None
         # V_w needs two inner draws: a measuring step at K = 1 probes with K = 2 (any K is
-        # unbiased), so that an accountant that chose K = 1 can still change its mind.
+        # unbiased), so that an accountant that chose K = 1, or an adapting one that starts
+        # there (the "auto" preset), can still measure V_w and change its mind.
+        if self.k is None:
+            starts_at_one = self.adapt and self.last_K == 1
+            return 2 if starts_at_one and self.wants_components() else None
         return max(self.k, 2) if self.wants_components() else self.k
 
     def wants_components(self) -> bool:
@@ -781,10 +791,16 @@ class Accountant:
         k_now = self.k if self.k is not None else (self.last_K or lo)
         low = max(lo, math.ceil(k_now / self.max_change))
         high = min(hi, max(low, math.floor(k_now * self.max_change)))
-        return min(
-            range(low, high + 1),
-            key=lambda k: (v_between + v_within / k) * self.cost_of(k),
-        )
+
+        def work(k: int) -> float:  # predicted Var(R, k) * cost(R, k), up to the factor R^-1
+            return (v_between + v_within / k) * self.cost_of(k)
+
+        best = min(range(low, high + 1), key=work)
+        # where Var * cost is flat in K, measurement noise would flip K back and forth (and
+        # every change brings the measuring cadence back to `every`): move only for a real gain
+        if low <= k_now <= high and work(best) > (1.0 - self.tolerance) * work(k_now):
+            return k_now
+        return best
 
     # -- reading ------------------------------------------------------------------------------
     @property
