@@ -520,3 +520,19 @@ def test_an_adapting_accountant_that_starts_at_k_one_measures_v_within():
     assert 2 in sizes and sizes[0] == 1
     assert math.isfinite(acc.components.v_within) and acc.k is not None
     assert any("k_star" in h for h in acc.history)
+
+
+def test_the_teachers_measured_cost_curve_lets_k_grow_where_the_teacher_batch_is_free():
+    """Plain steps only at K = 1, but the measuring steps' teacher call at K = 2 costs the same
+    (a launch-bound GPU): the predicted cost of K = 2 is that of K = 1, so K grows; with a
+    teacher whose cost doubles, the prediction doubles the teacher's part."""
+    for flat, want in ((True, 1.0), (False, 1.5)):
+        acc = Accountant(adapt=True, k_range=(1, 64))
+        record = _Record(4, 1)
+        for _ in range(3):
+            acc.observe(StepReport(record, 1.0, 0.5))  # plain steps at K = 1
+        record.n_inner = 2
+        q = torch.zeros(2, 2, 3, dtype=torch.float64)
+        acc.observe(StepReport(record, 3.0, 0.5 if flat else 1.0, q, ((2, 2), (1, 1))))
+        assert acc.teacher_costs.keys() == {1, 2} and acc.step_costs.keys() == {1}
+        assert acc.cost_of(2) == pytest.approx(want)

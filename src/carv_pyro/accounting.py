@@ -630,6 +630,7 @@ class Accountant:
         self._outer_times: deque[float] = deque(maxlen=window)
         self._inner_times: deque[float] = deque(maxlen=window)
         self._step_times: dict[int, deque[float]] = {}
+        self._teacher_times: dict[int, deque[float]] = {}
         self.components = VarianceComponents()
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
         self._interval = float(every)
@@ -709,6 +710,12 @@ class Accountant:
             self._inner_times.append(report.teacher_seconds / record.layout.n_draws)
         if not measured:
             self._step_times.setdefault(K, deque(maxlen=self.window)).append(report.step_seconds)
+        if report.teacher_seconds > 0:
+            # the teacher call costs the same on a measuring step (only the backward differs),
+            # and a measuring step at K = 1 runs K = 2: this is how the batch-dependent cost of
+            # the teacher is learned before any plain step has run at another K
+            times = self._teacher_times.setdefault(K, deque(maxlen=self.window))
+            times.append(report.teacher_seconds)
         if measured:
             v_within, v_between = anova_estimates(report.quadrants, report.quadrant_sizes)
             self.observe_measurement(v_within, v_between)
@@ -772,7 +779,8 @@ class Accountant:
 
     def cost_of(self, K: int) -> float:
         """The predicted seconds of a step at ``K``: from the declared costs if given, else
-        measured where run and a line fitted through the measurements elsewhere."""
+        measured where run, a line fitted through the measured step costs elsewhere, or, while
+        one plain size has run, that step's cost with the teacher's measured cost curve."""
         if self.costs is not None:
             c_outer, c_inner = self.costs
             return (self.last_R or 1) * (c_outer + K * c_inner)
@@ -782,6 +790,13 @@ class Accountant:
         if len(measured) >= 2:
             a, b = fit_cost_curve(measured)
             return a + b * K
+        teacher = self.teacher_costs
+        if measured and len(teacher) >= 2:
+            # one plain step size measured: its cost without the teacher, plus the teacher's
+            # measured cost curve (flat on a launch-bound GPU, where K is then nearly free)
+            a, b = fit_cost_curve(teacher)
+            k0, step = next(reversed(measured.items()))
+            return max(step - (a + b * k0), 0.0) + a + b * K
         c_outer, c_inner = self.cost_estimates()
         R = self.last_R or 1
         return R * (c_outer + K * c_inner)
@@ -807,6 +822,12 @@ class Accountant:
     def step_costs(self) -> dict[int, float]:
         """``{K: median seconds of a (non-measuring) step}`` at the sizes run so far."""
         return {k: statistics.median(v) for k, v in sorted(self._step_times.items()) if v}
+
+    @property
+    def teacher_costs(self) -> dict[int, float]:
+        """``{K: median seconds of the teacher call}`` at the sizes run so far (measuring steps
+        included)."""
+        return {k: statistics.median(v) for k, v in sorted(self._teacher_times.items()) if v}
 
     def cost_estimates(self) -> tuple[float, float]:
         """``(c_outer, c_inner)``: declared, or medians of the recent measured steps."""
