@@ -645,10 +645,8 @@ class Accountant:
         # V_w needs two inner draws: a measuring step at K = 1 probes with K = 2 (any K is
         # unbiased), so that an accountant that chose K = 1, or an adapting one that starts
         # there (the "auto" preset), can still measure V_w and change its mind.
-        if self.k is None:
-            starts_at_one = self.adapt and self.last_K == 1
-            return 2 if starts_at_one and self.wants_components() else None
-        return max(self.k, 2) if self.wants_components() else self.k
+        k = self.k if self.k is not None else (self.last_K if self.adapt else None)
+        return 2 if k == 1 and self.wants_components() else self.k
 
     def wants_components(self) -> bool:
         """Whether this step estimates the variance components."""
@@ -795,7 +793,7 @@ class Accountant:
             # one plain step size measured: its cost without the teacher, plus the teacher's
             # measured cost curve (flat on a launch-bound GPU, where K is then nearly free)
             a, b = fit_cost_curve(teacher)
-            k0, step = next(reversed(measured.items()))
+            ((k0, step),) = measured.items()
             return max(step - (a + b * k0), 0.0) + a + b * K
         c_outer, c_inner = self.cost_estimates()
         R = self.last_R or 1
