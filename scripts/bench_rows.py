@@ -43,10 +43,22 @@ def main() -> None:
     parser.add_argument("--reference", type=int, default=10, help="estimates in the reference")
     parser.add_argument("--methods", nargs="+", required=True, help="the rows' method names")
     parser.add_argument("--K", type=int, nargs="*", help="keep only rows at these K")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        help="distillation only: DMD steps before the checkpoint (default: 10 quick, 100 full)",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
+    kwargs = {}
+    if args.pretrain_steps is not None:
+        if args.pipeline != "distillation":
+            parser.error(f"--pretrain-steps applies to distillation, not {args.pipeline!r}")
+        kwargs["pretrain_steps"] = args.pretrain_steps
     t0 = time.perf_counter()
-    bench = PIPELINES[args.pipeline](quick=args.quick, seed=args.seed, device=args.device)
+    bench = PIPELINES[args.pipeline](
+        quick=args.quick, seed=args.seed, device=args.device, **kwargs
+    )
     every = bench.configs()
     keep = [c for c in every if c["method"] in args.methods and (not args.K or c["K"] in args.K)]
     unknown = set(args.methods) - {c["method"] for c in every}
@@ -74,6 +86,7 @@ def main() -> None:
         "repeats": args.repeats,
         "reference": args.reference,
         "seed": args.seed,
+        "pretrain_steps": getattr(bench, "pretrain_steps", None),
         "date": time.strftime("%Y-%m-%d"),
         "methods": args.methods,
         "rows": [asdict(r) for r in rows],
