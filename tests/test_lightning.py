@@ -14,6 +14,11 @@ gradient after it, and the accountant's pooled statistics. The checks:
   both ranks' measurements, and choose the same ``K``;
 - the metrics reach Lightning's logger.
 
+A run resumed from a Lightning checkpoint in a fresh ``Trainer`` ends with the field, bit for
+bit, of the uninterrupted run: in one process (with a learned proposal, global strata and an
+outer design, whose streams all come back), and under DDP (the checkpoint written at step 2 of
+the 2-process run, resumed for its last step).
+
 The example script runs with 2 processes too (``strategy="ddp"``, as a user runs it).
 """
 
@@ -29,13 +34,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 pl = pytest.importorskip("pytorch_lightning")
 
 from carv_pyro import Estimator  # noqa: E402
 from carv_pyro.infer.distributed import SharedStrataSource  # noqa: E402
 from carv_pyro.infer.samplers import RandomSource  # noqa: E402
-from carv_pyro.integrations.lightning import STREAMS, TextTo3DModule, derive_seed  # noqa: E402
+from carv_pyro.integrations.lightning import (  # noqa: E402
+    CHECKPOINT_KEY,
+    STREAMS,
+    TextTo3DModule,
+    derive_seed,
+)
 from carv_pyro.pipelines.text_to_3d import TextTo3DConfig  # noqa: E402
 
 from .seeds import seed  # noqa: E402
@@ -130,6 +141,24 @@ class Recorder(pl.Callback):
         )
 
 
+class FinalParams(pl.Callback):
+    """Saves every rank's field after the run into ``final{r}.pt``."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_train_end(self, trainer, module) -> None:
+        params = torch.cat([p.detach().reshape(-1).clone() for p in module.field.parameters()])
+        torch.save(params, self.out / f"final{trainer.global_rank}.pt")
+
+
+def checkpoint_at(out: Path, step: int) -> ModelCheckpoint:
+    """Lightning's checkpoint callback, writing the state after ``step`` into ``out``."""
+    return ModelCheckpoint(
+        dirpath=out, filename="step{step}", every_n_train_steps=step, save_top_k=-1
+    )
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lightning")
@@ -140,9 +169,9 @@ def ddp_run(tmp_path_factory):
         strategy="ddp_fork",
         max_epochs=1,
         logger=pl.loggers.CSVLogger(out, name="", version=""),
-        callbacks=[Recorder(out)],
+        # a checkpoint after step 2 (collective: every rank adds its own state) for the resume
+        callbacks=[Recorder(out), checkpoint_at(out / "checkpoints", 2)],
         log_every_n_steps=1,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -150,11 +179,11 @@ def ddp_run(tmp_path_factory):
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    return ranks, rows
+    return ranks, rows, out
 
 
 def test_the_ranks_draw_different_cameras_and_timesteps_from_one_seed(ddp_run):
-    ranks, _ = ddp_run
+    ranks, _, _ = ddp_run
     a, b = ranks
     config = tiny_config()
     for r, rank in enumerate(ranks):
@@ -170,7 +199,7 @@ def test_the_ranks_draw_different_cameras_and_timesteps_from_one_seed(ddp_run):
 
 
 def test_every_rank_steps_with_the_mean_of_the_ranks_gradients(ddp_run):
-    ranks, _ = ddp_run
+    ranks, _, _ = ddp_run
     for step in range(STEPS):
         own = [rank["steps"][step]["own_grad"] for rank in ranks]
         mean = torch.stack(own).mean(0)  # equal shards (2 views each): the plain mean
@@ -182,7 +211,7 @@ def test_every_rank_steps_with_the_mean_of_the_ranks_gradients(ddp_run):
 
 
 def test_the_ranks_strata_are_one_global_design(ddp_run):
-    ranks, _ = ddp_run
+    ranks, _, _ = ddp_run
     shared = RandomSource(seed=ranks[0]["seeds"]["strata"])
     for step in range(STEPS):
         parts = [rank["steps"][step]["u"].reshape(-1) for rank in ranks]
@@ -196,7 +225,7 @@ def test_the_ranks_strata_are_one_global_design(ddp_run):
 
 
 def test_the_accountant_pools_both_ranks(ddp_run):
-    ranks, _ = ddp_run
+    ranks, _, _ = ddp_run
     a, b = ranks
     assert a["components"] == b["components"]
     assert a["k_star"] == b["k_star"] and math.isfinite(a["k_star"])
@@ -206,7 +235,7 @@ def test_the_accountant_pools_both_ranks(ddp_run):
 
 
 def test_metrics_reach_the_logger(ddp_run):
-    _, rows = ddp_run
+    _, rows, _ = ddp_run
     logged = {k for row in rows for k, v in row.items() if v != ""}
     for key in (
         "train/loss",
@@ -222,6 +251,140 @@ def test_metrics_reach_the_logger(ddp_run):
         assert key in logged, f"{key} not logged: {sorted(logged)}"
     evaluated = [int(row["step"]) for row in rows if row.get("quality/iou")]
     assert evaluated == [2, 3]  # every eval_every steps and the last, each once
+
+
+def test_a_ddp_run_resumed_from_its_checkpoint_continues_exactly(ddp_run):
+    ranks, _, out = ddp_run
+    (path,) = (out / "checkpoints").glob("step*2*.ckpt")
+    saved = torch.load(path, weights_only=True)[CHECKPOINT_KEY]  # plain data: Lightning's load
+    assert saved["step"] == 2 and len(saved["ranks"]) == WORLD
+    resumed_out = out / "resumed"
+    resumed_out.mkdir()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp_fork",
+        max_epochs=1,
+        logger=False,
+        callbacks=[FinalParams(resumed_out)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TextTo3DModule(tiny_config(), measure_every=1), ckpt_path=path)
+    for r, rank in enumerate(ranks):
+        assert torch.equal(torch.load(resumed_out / f"final{r}.pt"), rank["steps"][-1]["params"])
+
+
+# -- resuming, in one process --------------------------------------------------------------------
+
+# every stream a step draws from: cameras, the guide's (t, eps), the global strata, the outer
+# design of the cameras; a proposal that learns in the param store; an accountant that adapts
+# (within k_range=(2, 2), so that what it decides does not hang on the times it measures)
+RESUMED = Estimator(
+    K=2,
+    proposal="adaptive",
+    stratify="global",
+    outer="stratified",
+    adapt=True,
+    k_range=(2, 2),
+    name="resumed",
+)
+
+
+def one_process(**kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def fields(module: TextTo3DModule) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.field.parameters()]
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A 4-step run checkpointed after step 2 (stopped there by ``max_steps``), and what its
+    loss held then."""
+    out = tmp_path_factory.mktemp("resume")
+    module = TextTo3DModule(tiny_config(estimator=RESUMED, steps=4), measure_every=1)
+    one_process(callbacks=[checkpoint_at(out, 2)], max_steps=2).fit(module)
+    (path,) = out.glob("step*2*.ckpt")
+    acc = module.loss.accountant
+    held = {
+        "history": list(acc.history),
+        "components": acc.components.state(),
+        "k": acc.k,
+        "store": {k: v.clone() for k, v in module._store["params"].items()},
+    }
+    return path, held
+
+
+def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(interrupted):
+    path, held = interrupted
+    whole = TextTo3DModule(tiny_config(estimator=RESUMED, steps=4), measure_every=1)
+    one_process(enable_checkpointing=False).fit(whole)
+    resumed = TextTo3DModule(tiny_config(estimator=RESUMED, steps=4), measure_every=1)
+    seen = {}
+
+    class AtResume(pl.Callback):  # after the module's on_train_start restored its state
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if not seen:
+                acc = module.loss.accountant
+                seen.update(batch=batch, history=list(acc.history), k=acc.k)
+                seen.update(
+                    components=acc.components.state(),
+                    store={k: v.clone() for k, v in module._store["params"].items()},
+                )
+
+    trainer = one_process(enable_checkpointing=False, callbacks=[AtResume()])
+    trainer.fit(resumed, ckpt_path=path)
+    assert trainer.global_step == 4 and seen["batch"] == 2  # the epoch went on from step 2
+    # the accountant and the learned proposal are the ones the interrupted run held
+    assert seen["history"] == held["history"] and seen["k"] == held["k"]
+    assert seen["components"] == held["components"]
+    learned = {k for k in held["store"] if k.startswith("carv.adaptive")}
+    assert learned and all(torch.equal(seen["store"][k], held["store"][k]) for k in learned)
+    assert resumed.seeds == whole.seeds  # the streams go on; none is derived afresh
+    assert all(torch.equal(a, b) for a, b in zip(fields(whole), fields(resumed)))
+    # the measured variance components of the resumed steps are the uninterrupted run's too
+    # (its costs are times, measured anew)
+    pick = ("step", "v_between", "v_within", "K")
+    assert [{k: h[k] for k in pick} for h in whole.loss.accountant.history] == [
+        {k: h[k] for k in pick} for h in resumed.loss.accountant.history
+    ]
+
+
+def test_a_checkpoint_that_cannot_continue_restores_the_field_with_a_warning(interrupted, tmp_path):
+    path, _ = interrupted
+    state = torch.load(path, weights_only=True)
+    reference = None
+    for name, change in (
+        ("no carv-pyro state", lambda s: s.pop(CHECKPOINT_KEY)),
+        ("from 2 processes", lambda s: s[CHECKPOINT_KEY]["ranks"].append(None)),
+    ):
+        edited = {**state, CHECKPOINT_KEY: dict(state[CHECKPOINT_KEY])}
+        edited[CHECKPOINT_KEY]["ranks"] = list(edited[CHECKPOINT_KEY]["ranks"])
+        change(edited)
+        file = tmp_path / "edited.ckpt"
+        torch.save(edited, file)
+        module = TextTo3DModule(tiny_config(estimator=RESUMED, steps=3), measure_every=1)
+        with pytest.warns(UserWarning, match="derived afresh from step 2"):
+            one_process(enable_checkpointing=False).fit(module, ckpt_path=file)
+        assert module.seeds["cameras"] == derive_seed(tiny_config().seed, "cameras", 0, 2)
+        assert len(module.loss.accountant.history) == 1  # started afresh: one step measured
+        reference = reference or fields(module)
+        assert all(torch.equal(a, b) for a, b in zip(reference, fields(module))), name
+    # and those fresh streams are not the ones the uninterrupted run goes on with
+    whole = TextTo3DModule(tiny_config(estimator=RESUMED, steps=3), measure_every=1)
+    one_process(enable_checkpointing=False).fit(whole)
+    assert not all(torch.equal(a, b) for a, b in zip(reference, fields(whole)))
 
 
 # -- the parts, in one process ------------------------------------------------------------------

@@ -38,6 +38,20 @@ is:
 - **The accountant pools the ranks.** A `DistributedAccountant` measures ``V_b``, ``V_w`` and
   costs from every rank's draws, so every rank predicts the same ``K*`` and the adapting
   estimator (``"auto"``) sets the same ``K`` everywhere.
+- **A resumed run continues exactly.** `on_save_checkpoint` adds to Lightning's checkpoint what
+  `dream`'s own checkpoint holds beside the field and Adam's state, for every rank (gathered
+  from all ranks: Lightning writes the file on rank 0 only): the camera generator's state, the
+  guide's random sources (its own draws, the shared strata, the outer design's stream), the
+  run's Pyro param store beyond the field (a learning proposal's statistics), the accountant
+  (its measurements, costs, cadence and ``K``) and the seeds. `on_load_checkpoint` gives each
+  rank its own part back when training starts, so ``trainer.fit(module, ckpt_path=...)`` in a
+  fresh `Trainer` ends with the field, bit for bit, of the uninterrupted run, for estimators
+  whose choices do not follow measured times (an adapting ``"auto"`` keeps its accountant's
+  statistics and ``K`` across the resume, but its later choices follow the times it measures,
+  as in `dream`). Everything is plain data (tensors, numbers, lists, dicts), so Lightning's
+  default ``weights_only`` load reads it. A checkpoint from another number of processes (or
+  one without this state) restores the field and Adam's state only: the streams are then
+  derived afresh from the step it resumes at, and the accountant starts afresh, with a warning.
 - **Metrics go through Lightning's logger** (``self.log``): ``train/loss`` (averaged over
   ranks), the term's diagnostics ``sds/ess``, ``sds/max_weight``, ``sds/value`` (averaged over
   ranks), ``sds/K``, the accountant's ``carv/k_star``, ``carv/v_between``, ``carv/v_within``,
@@ -51,12 +65,17 @@ PyTorch Lightning is an optional dependency: ``pip install "carv-pyro[lightning]
 
 from __future__ import annotations
 
+import collections
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+import torch.distributed as dist
+from pyro.params.param_store import param_with_module_name
+from torch.distributions import constraints
 
 try:
     import pytorch_lightning as pl
@@ -65,6 +84,7 @@ except ImportError as error:  # pragma: no cover - the extra is installed wherev
         "carv_pyro.integrations.lightning needs PyTorch Lightning: "
         'pip install "carv-pyro[lightning]" (or pip install "pytorch-lightning>=2.2")'
     ) from error
+from pytorch_lightning.utilities import rank_zero_warn
 
 from .. import _checks
 from ..infer.distributed import (
@@ -80,7 +100,7 @@ from ..pipelines.text_to_3d.model import make_model
 from ..pipelines.text_to_3d.quality import quality
 from ..pipelines.text_to_3d.scene import Scene, make_scene
 
-__all__ = ["STREAMS", "TextTo3DModule", "derive_seed"]
+__all__ = ["CHECKPOINT_KEY", "STREAMS", "TextTo3DModule", "derive_seed"]
 
 #: The random streams of a run: ``"cameras"`` and ``"draws"`` (the guide's noise and
 #: per-view strata) are per rank; ``"strata"`` (the global stratified design of the timesteps)
@@ -99,8 +119,8 @@ def derive_seed(seed: int, stream: str, rank: int | None = None, step: int = 0) 
         seed: the run's seed (``config.seed``).
         stream: one of `STREAMS`.
         rank: the rank, or ``None`` for a stream shared by all ranks.
-        step: the step the streams start at (a resumed run draws fresh streams, not the ones it
-            already drew).
+        step: the step the streams start at (a run resumed from a checkpoint without its
+            streams draws fresh ones, not the ones it already drew).
 
     Returns:
         a seed in ``[0, 2**63)``.
@@ -120,22 +140,113 @@ def derive_seed(seed: int, stream: str, rank: int | None = None, step: int = 0) 
     return int(state) >> 1
 
 
-class _Steps(IterableDataset):
+class _Steps:
     """``0, 1, ..., n - 1``: the batches of a job that draws its own data.
 
-    Iterable, so Lightning does not put a ``DistributedSampler`` on it: every rank gets every
-    step (what a step renders is drawn by the module); sized, so that
-    ``trainer.estimated_stepping_batches`` knows the last step.
+    A plain iterable, not a ``DataLoader``, so Lightning puts no ``DistributedSampler`` on it:
+    every rank gets every step (what a step renders is drawn by the module). Sized, so that
+    ``trainer.estimated_stepping_batches`` knows the last step, and stateful, so that a run
+    resumed in the middle of its epoch goes on from the step it was saved at. The state is the
+    module's step count when the checkpoint is written, not how many batches were taken out:
+    Lightning fetches one batch ahead.
+
+    Args:
+        n: the batches of an epoch.
+        done: the number of steps trained so far (read when a checkpoint is written).
     """
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, done: Callable[[], int]):
         self.n = n
+        self.done = done
+        self._start = 0
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
-        return iter(range(self.n))
+        start, self._start = self._start, 0  # the next epoch starts from its first step again
+        return iter(range(start, self.n))
+
+    def state_dict(self) -> dict[str, int]:
+        """The step the epoch has reached."""
+        return {"step": self.done() % self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Go on from the saved step."""
+        self._start = int(state["step"])
+
+
+# -- the module's checkpointed state, as plain data -----------------------------------------------
+
+#: The key of the module's state in a Lightning checkpoint, and the version of its layout.
+CHECKPOINT_KEY = "carv_pyro"
+_STATE_VERSION = 1
+#: Modules whose classes an accountant's state may hold (rebuilt attribute by attribute).
+_STATE_MODULES = ("carv_pyro.accounting", "carv_pyro.infer.distributed")
+#: Accountant attributes that belong to the process, not to the run (the process group).
+_PROCESS_ATTRIBUTES = ("group",)
+
+
+def _to_plain(value: Any) -> Any:
+    """``value`` as tensors, numbers, strings, lists and dicts (what Lightning's default
+    ``weights_only`` load accepts); objects of the accounting's classes by their attributes.
+
+    `dream` pickles its accountant; a Lightning checkpoint is read with ``weights_only=True``
+    (torch's default since 2.6), which refuses pickled objects and deques, hence this.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, (list, tuple)):
+        return {"__seq__": type(value).__name__, "items": [_to_plain(v) for v in value]}
+    if isinstance(value, collections.deque):
+        return {"__deque__": [_to_plain(v) for v in value], "maxlen": value.maxlen}
+    if isinstance(value, dict):
+        return {"__map__": [[_to_plain(k), _to_plain(v)] for k, v in value.items()]}
+    cls = type(value)
+    if cls.__module__ in _STATE_MODULES and hasattr(value, "__dict__"):
+        attrs = {k: v for k, v in vars(value).items() if k not in _PROCESS_ATTRIBUTES}
+        return {"__object__": f"{cls.__module__}:{cls.__qualname__}", "attrs": _to_plain(attrs)}
+    raise TypeError(
+        f"cannot checkpoint a {cls.__module__}.{cls.__qualname__} ({value!r:.60}) as plain data"
+    )
+
+
+def _from_plain(value: Any) -> Any:
+    """Inverse of `_to_plain`."""
+    if not isinstance(value, dict):
+        return value
+    if "__seq__" in value:
+        items = [_from_plain(v) for v in value["items"]]
+        return tuple(items) if value["__seq__"] == "tuple" else items
+    if "__deque__" in value:
+        return collections.deque((_from_plain(v) for v in value["__deque__"]), value["maxlen"])
+    if "__map__" in value:
+        return {_from_plain(k): _from_plain(v) for k, v in value["__map__"]}
+    if "__object__" in value:
+        module, _, name = value["__object__"].partition(":")
+        if module not in _STATE_MODULES:
+            raise ValueError(f"a checkpoint names the class {value['__object__']!r}: not loaded")
+        obj = object.__new__(getattr(importlib.import_module(module), name))
+        vars(obj).update(_from_plain(value["attrs"]))
+        return obj
+    raise ValueError(f"not a checkpointed value: {sorted(value)}")
+
+
+def _restore_attributes(target: Any, state: Any) -> None:
+    """Give ``target`` the attributes of the checkpointed object ``state`` (its process
+    attributes, such as the process group, stay ``target``'s)."""
+    saved = _from_plain(state)
+    if type(saved) is not type(target):
+        raise ValueError(
+            f"the checkpoint holds a {type(saved).__name__}, this run a {type(target).__name__}"
+        )
+    for key in _PROCESS_ATTRIBUTES:
+        if hasattr(target, key):
+            setattr(saved, key, getattr(target, key))
+    vars(target).clear()
+    vars(target).update(vars(saved))
 
 
 class TextTo3DModule(pl.LightningModule):
@@ -148,8 +259,10 @@ class TextTo3DModule(pl.LightningModule):
     ``max_epochs=1`` runs the configured steps (``max_steps`` may stop it earlier).
 
     The per-rank parts (the Pyro model, guide and loss) are built when training starts, once
-    the rank and device are known; a run resumed from a Lightning checkpoint gets the field and
-    Adam's state back and draws fresh random streams derived from the step it resumes at.
+    the rank and device are known. A run resumed from a Lightning checkpoint
+    (``trainer.fit(module, ckpt_path=...)``) gets back the field and Adam's state (Lightning's
+    part) and every rank's random streams, learned proposal and accountant (`on_save_checkpoint`
+    / `on_load_checkpoint`), and continues exactly as the uninterrupted run would.
 
     Args:
         config: the run's settings (`TextTo3DConfig`).
@@ -163,6 +276,8 @@ class TextTo3DModule(pl.LightningModule):
         objective: the SDS objective.
         pyro_model, guide, loss: the Pyro model, its `TimestepGuide` and the
             `DistributedCARVLoss` of this rank (``None`` until training starts).
+        camera_generator: the ``torch.Generator`` of this rank's cameras (``None`` until
+            training starts).
         seeds: this rank's seeds by stream (empty until training starts).
         last_quality: the latest evaluation (``{}`` until one ran; rank 0 only).
 
@@ -207,44 +322,51 @@ class TextTo3DModule(pl.LightningModule):
         self.pyro_model: Any = None
         self.guide: Any = None
         self.loss: DistributedCARVLoss | None = None
+        self.camera_generator: torch.Generator | None = None
         self.seeds: dict[str, int] = {}
+        self._resume: dict[str, Any] | None = None  # a checkpoint's state, until training starts
         self.last_quality: dict[str, float] = {}
         # the run's own Pyro param store: the model's pyro.module("field", ...) must find this
         # field, not one another run left in the global store
         self._store: dict[str, Any] = {"params": {}, "constraints": {}}
 
     # -- Lightning's hooks ---------------------------------------------------------------------
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> _Steps:
         """``config.steps`` placeholder batches (the step draws its own cameras)."""
-        return DataLoader(_Steps(self.config.steps), batch_size=None)
+        return _Steps(self.config.steps, lambda: int(self.trainer.global_step))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam on the field at ``config.lr`` (as `dream`)."""
         return torch.optim.Adam(self.field.parameters(), lr=self.config.lr)
 
     def on_train_start(self) -> None:
-        """Build this rank's model, guide and loss, and check that the ranks' seeds differ."""
+        """Build this rank's model, guide and loss, check that the ranks' seeds differ, and
+        give a resumed run its checkpointed state."""
         config, est = self.config, self.config.estimator
         rank, world = self.global_rank, self.trainer.world_size
         shard_range(config.R, rank, world)  # ValueError now if a rank would get no view
         step = int(self.trainer.global_step)
-        self.seeds = {
-            "cameras": derive_seed(config.seed, "cameras", rank, step),
-            "draws": derive_seed(config.seed, "draws", rank, step),
-            "strata": derive_seed(config.seed, "strata", None, step),
-            "outer": derive_seed(config.seed, "outer", None, step),
-        }
+        saved = self._resumable_state(world, step)
+        if saved is not None:
+            self.seeds = dict(saved["seeds"])
+        else:
+            self.seeds = {
+                "cameras": derive_seed(config.seed, "cameras", rank, step),
+                "draws": derive_seed(config.seed, "draws", rank, step),
+                "strata": derive_seed(config.seed, "strata", None, step),
+                "outer": derive_seed(config.seed, "outer", None, step),
+            }
         self._check_rank_seeds()
         self.scene.teacher.to(self.device)
         # cameras are drawn on the host from their own stream (as dream does)
-        cameras = torch.Generator().manual_seed(self.seeds["cameras"])
+        self.camera_generator = torch.Generator().manual_seed(self.seeds["cameras"])
         self.pyro_model = make_model(
             self.field,
             self.scene,
             self.objective,
             config.R,
             est.K or 1,
-            cameras,
+            self.camera_generator,
             azimuth_deg=config.azimuth_deg,
             elevation_deg=config.elevation_deg,
         )
@@ -258,6 +380,100 @@ class TextTo3DModule(pl.LightningModule):
             )
         self.loss = DistributedCARVLoss(est.loss(accountant=accountant), outer_plate="views")
         self.loss.step = step  # ranks resumed from different checkpoints are caught
+        if saved is not None:
+            self._restore(saved)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add every rank's random streams, learned proposal and accountant to the checkpoint.
+
+        Collective under DDP (Lightning calls this hook on every rank and writes the file on
+        rank 0): the ranks' states are gathered, in rank order. Before training has started
+        there is nothing of the run's own to add.
+        """
+        if self.loss is None:
+            return
+        own = _to_plain(self._rank_state())
+        world = self.trainer.world_size
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            ranks: list[Any] = [None] * world
+            dist.all_gather_object(ranks, own)
+        else:
+            ranks = [own]
+        checkpoint[CHECKPOINT_KEY] = {
+            "version": _STATE_VERSION,
+            "step": int(self.trainer.global_step),
+            "ranks": ranks,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the run's state from ``checkpoint`` until training starts (the per-rank parts
+        it goes into are built then)."""
+        self._resume = checkpoint.get(CHECKPOINT_KEY)
+
+    def _rank_state(self) -> dict[str, Any]:
+        """This rank's state beside the field and Adam's: what `dream`'s checkpoint holds."""
+        field_keys = {param_with_module_name("field", n) for n, _ in self.field.named_parameters()}
+        store = self._store
+        learned = {k: v for k, v in store["params"].items() if k not in field_keys}
+        for key in learned:
+            if store["constraints"].get(key, constraints.real) is not constraints.real:
+                raise TypeError(
+                    f"the run's param store holds a constrained entry {key!r} "
+                    f"({store['constraints'][key]}); only unconstrained ones are checkpointed"
+                )
+        return {
+            "seeds": dict(self.seeds),
+            "rng": {"cameras": self.camera_generator.get_state(), "guide": self.guide.get_state()},
+            # beyond the field (Lightning's part): a learning proposal's running statistics,
+            # unconstrained, each restored to the kind of device it was on
+            "param_store": {k: (v, v.device.type != "cpu") for k, v in learned.items()},
+            "accountant": self.loss.accountant,
+        }
+
+    def _resumable_state(self, world: int, step: int) -> dict[str, Any] | None:
+        """This rank's checkpointed state, or ``None`` (a fresh run, or a checkpoint whose
+        state cannot continue here: then with a warning)."""
+        resume, self._resume = self._resume, None
+        if resume is None:
+            if step > 0:
+                rank_zero_warn(
+                    f"the checkpoint (step {step}) holds no carv-pyro state: the field and "
+                    f"Adam's state are restored, the random streams are derived afresh from "
+                    f"step {step} and the accountant starts afresh"
+                )
+            return None
+        if resume.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"the checkpoint's carv-pyro state has version {resume.get('version')!r}; this "
+                f"version of TextTo3DModule reads version {_STATE_VERSION}"
+            )
+        ranks = resume["ranks"]
+        if len(ranks) != world:
+            rank_zero_warn(
+                f"the checkpoint was written by {len(ranks)} processes and resumes on {world}: "
+                f"the views shard differently, so the run cannot continue as it was; the "
+                f"field and Adam's state are restored, the random streams are derived afresh "
+                f"from step {step} and the accountant starts afresh"
+            )
+            return None
+        return _from_plain(ranks[self.global_rank])
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.camera_generator.set_state(saved["rng"]["cameras"])
+        self.guide.set_state(saved["rng"]["guide"])
+        for key, (value, on_device) in saved["param_store"].items():
+            self._store["params"][key] = value.to(self.device) if on_device else value
+            self._store["constraints"][key] = constraints.real
+        accountant = self.loss.accountant
+        if (saved["accountant"] is None) != (accountant is None):
+            raise ValueError(
+                "the checkpoint was written with measure_every="
+                + ("None" if saved["accountant"] is None else "an accountant")
+                + f" and resumes with measure_every={self.measure_every}"
+            )
+        if accountant is not None:
+            _restore_attributes(accountant, saved["accountant"])
 
     def _check_rank_seeds(self) -> None:
         """Every rank's own seeds must differ from every other rank's (collective)."""
