@@ -82,35 +82,64 @@ class DiscreteSchedule:
         """``T``, the number of discrete timesteps."""
         return self.alphas_cumprod.numel()
 
-    def _index(self, table: Tensor, t: Tensor | int, like: Tensor | None) -> Tensor:
+    def check_timesteps(self, t: Tensor | int) -> Tensor:
+        """``t`` as a long tensor, checked to hold integer timesteps in ``[0, T - 1]``.
+
+        On the CPU the range is read once (one ``aminmax``); on an accelerator a device-side
+        assert takes its place, so the check never waits for the device.
+
+        Raises:
+            TypeError: if ``t`` is not integer.
+            ValueError: if a CPU ``t`` leaves ``[0, T - 1]``.
+        """
         t = torch.as_tensor(t)
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
+        if not t.numel():
+            return t.long()
         if t.device.type == "cpu":
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+            low, high = (int(v) for v in torch.aminmax(t))
+            if low < 0 or high >= self.num_timesteps:
                 raise ValueError(
-                    f"t must lie in [0, {self.num_timesteps - 1}], got range "
-                    f"[{int(t.min())}, {int(t.max())}]"
+                    f"t must lie in [0, {self.num_timesteps - 1}], got range [{low}, {high}]"
                 )
-        elif t.numel():
+        else:
             # no host round trip on an accelerator: a device-side assert instead of ValueError
             torch._assert_async(
                 ((t >= 0) & (t < self.num_timesteps)).all(),
                 f"t must lie in [0, {self.num_timesteps - 1}]",
             )
-        out = self._table_on(table, t.device)[t.long()]
-        dtype = like.dtype if like is not None else torch.get_default_dtype()
-        return out.to(dtype)
+        return t.long()
 
-    def _table_on(self, table: Tensor, device: torch.device) -> Tensor:
-        """``table`` on ``device``, copied once per device (no host-to-device copy per call)."""
-        if table.device == device:
+    def lookup(self, name: str, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``alpha_t`` (``name="alpha"``) or ``sigma_t`` (``"sigma"``) for ``t`` already checked
+        by `check_timesteps`: one gather from a table kept per device and dtype.
+
+        Args:
+            name: ``"alpha"`` or ``"sigma"``.
+            t: long timesteps in ``[0, T - 1]`` (unchecked here: negative ones would wrap).
+            dtype: the result's dtype (default: torch's default dtype).
+        """
+        table = {"alpha": self._alpha, "sigma": self._sigma}[name]
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        return self._table_on(table, t.device, dtype)[t]
+
+    def _index(self, table: Tensor, t: Tensor | int, like: Tensor | None) -> Tensor:
+        t = self.check_timesteps(t)
+        dtype = like.dtype if like is not None else torch.get_default_dtype()
+        return self._table_on(table, t.device, dtype)[t]
+
+    def _table_on(self, table: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``table`` on ``device`` in ``dtype``, made once per device and dtype (no copy or cast
+        per call; casting the table then gathering equals gathering then casting)."""
+        if table.device == device and table.dtype == dtype:
             return table
         cache = self.__dict__.setdefault("_device_tables", {})
-        key = (id(table), device)
-        if key not in cache:
-            cache[key] = table.to(device)
-        return cache[key]
+        key = (id(table), device, dtype)
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = table.to(device=device, dtype=dtype)
+        return hit
 
     def alpha(self, t: Tensor | int, like: Tensor | None = None) -> Tensor:
         """``alpha_t = sqrt(alphas_cumprod[t])`` with the shape of ``t``.

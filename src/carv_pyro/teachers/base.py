@@ -326,10 +326,9 @@ class AbstractTeacher:
             )
         num_t = self.schedule.num_timesteps
         if n and t.device.type == "cpu":
-            if int(t.min()) < 0 or int(t.max()) >= num_t:
-                raise ValueError(
-                    f"t must lie in [0, {num_t - 1}], got range [{int(t.min())}, {int(t.max())}]"
-                )
+            low, high = (int(v) for v in torch.aminmax(t))  # one reduction, one read
+            if low < 0 or high >= num_t:
+                raise ValueError(f"t must lie in [0, {num_t - 1}], got range [{low}, {high}]")
         elif n:
             # no host round trip on an accelerator: a device-side assert instead of ValueError
             torch._assert_async(((t >= 0) & (t < num_t)).all(), f"t must lie in [0, {num_t - 1}]")

@@ -437,7 +437,7 @@ class DiffusersTeacher(AbstractTeacher):
         if self._cond_kind == "class_labels":
             if not _is_integer(cond):
                 raise TypeError(f"cond must hold integer class labels, got dtype {cond.dtype}")
-            lo, hi = int(cond.min()), int(cond.max())
+            lo, hi = (int(v) for v in torch.aminmax(cond))  # one reduction, not two
             if lo < 0 or hi >= self.num_class_embeds:
                 raise ValueError(
                     f"cond must hold class labels in [0, {self.num_class_embeds - 1}], got "
