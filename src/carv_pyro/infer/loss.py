@@ -221,6 +221,19 @@ def _reduce_to(
         ) from None
 
 
+def _weighted_sites(guide_trace) -> list[str]:
+    """The guide's sites that carry an importance weight: every sampled one except those whose
+    draw has exactly the prior's marginal."""
+    weighted = []
+    for name, gsite in guide_trace.nodes.items():
+        if gsite["type"] != "sample" or gsite["is_observed"] or site_is_subsample(gsite):
+            continue
+        if gsite["infer"].get(EXACT_KEY):
+            continue
+        weighted.append(name)
+    return weighted
+
+
 def log_weights(records: list[TermRecord], model_trace, guide_trace) -> dict[str, Tensor]:
     """``log p - log q`` of every proposed site, reduced to each term's draws.
 
@@ -236,13 +249,7 @@ def log_weights(records: list[TermRecord], model_trace, guide_trace) -> dict[str
         ValueError: if a proposed site's prior depends on parameters (its score-function term
             would be dropped), or a site's shape does not line up with a term's plates.
     """
-    weighted = []
-    for name, gsite in guide_trace.nodes.items():
-        if gsite["type"] != "sample" or gsite["is_observed"] or site_is_subsample(gsite):
-            continue
-        if gsite["infer"].get(EXACT_KEY):
-            continue
-        weighted.append(name)
+    weighted = _weighted_sites(guide_trace)
     out = {r.name: torch.zeros((), dtype=torch.float64, device=r.t.device) for r in records}
     if not weighted:
         return {r.name: w.expand(r.batch_shape) for r, w in zip(records, out.values())}
@@ -338,7 +345,9 @@ def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Par
     """
     records: list[TermRecord] = []
     term_sites = {}
-    loss = torch.zeros((), dtype=torch.float64)
+    # the loss is a Python zero until a term adds to it (one tensor op fewer per step); the
+    # surrogate starts as a float32 zero as it always has, which sets its dtype's floor
+    loss: Tensor | float = 0.0
     surrogate = torch.zeros(())
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
@@ -355,19 +364,30 @@ def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Par
             if mask is not None and mask is not True:
                 lp = torch.where(torch.as_tensor(mask, device=lp.device), lp, lp.new_zeros(()))
             term = -(lp * scale).sum()
-            loss = loss + term.detach().to(loss.dtype).cpu()
+            loss = loss + term.detach().to(torch.float64).cpu()
             surrogate = surrogate + term
         elif guide_trace.nodes.get(name, {}).get("infer", {}).get(EXACT_KEY):
             _check_prior_site(name, site)
 
-    particle = Particle(loss=loss, surrogate=surrogate, records=records)
-    all_log_w = log_weights(records, model_trace, guide_trace)
+    # Without a weighted site every weight is exactly one: skip forming and multiplying by them
+    # (multiplying by one is exact, so the estimate is bit for bit the same).
+    all_log_w = (
+        log_weights(records, model_trace, guide_trace) if _weighted_sites(guide_trace) else None
+    )
+    weights: dict[str, Tensor] = {}
+    per_draws: dict[str, Tensor] = {}
     for record in records:
         site = term_sites[record.name]
-        w = all_log_w[record.name].exp()
         scale = _user_scale(site)
         mask = site["mask"]
         bad = record.nonfinite
+        plain = all_log_w is None and mask is None and isinstance(scale, float) and scale == 1.0
+        if all_log_w is None:
+            w = torch.ones((), dtype=torch.float64, device=record.t.device).expand(
+                record.batch_shape
+            )
+        else:
+            w = all_log_w[record.name].exp()
         if mask is not None and mask is not True:
             mask = torch.as_tensor(mask, device=w.device).expand(record.batch_shape)
             w = torch.where(mask, w, w.new_zeros(()))
@@ -386,15 +406,24 @@ def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Par
                 )
         else:
             w = torch.where(record.nonfinite, w.new_zeros(()), w)
+            plain = False
         n = record.layout.n_draws
-        wt = (w * scale) if not isinstance(scale, Tensor) else w * scale.to(w)
-        per_draw = wt.to(record.surrogate.dtype) * record.surrogate
-        particle.per_draw[record.name] = per_draw
-        particle.weights[record.name] = w
-        particle.surrogate = particle.surrogate + per_draw.sum() / n
-        value = (wt.to(record.value.dtype) * record.value).sum() / n
-        particle.loss = particle.loss + value.detach().to(torch.float64).cpu()
-    return particle
+        if plain:  # w = 1, scale 1, no mask: w * s is s
+            per_draw = record.surrogate
+            value = record.value.sum() / n
+        else:
+            wt = (w * scale) if not isinstance(scale, Tensor) else w * scale.to(w)
+            per_draw = wt.to(record.surrogate.dtype) * record.surrogate
+            value = (wt.to(record.value.dtype) * record.value).sum() / n
+        per_draws[record.name] = per_draw
+        weights[record.name] = w
+        surrogate = surrogate + per_draw.sum() / n
+        loss = loss + value.detach().to(torch.float64).cpu()
+    if not isinstance(loss, Tensor):
+        loss = torch.zeros((), dtype=torch.float64)
+    return Particle(
+        loss=loss, surrogate=surrogate, records=records, weights=weights, per_draw=per_draws
+    )
 
 
 def _params_of(*traces) -> list[Tensor]:
