@@ -47,9 +47,8 @@ from .primitives import (
     LAYOUT_KEY,
     OBJECTIVE_KEY,
     ROLE_KEY,
-    DrawsSizer,
-    NonEmptyPlates,
     TermRecord,
+    _SizedNonEmptyPlates,
 )
 from .proposals import PROPOSALS, PriorProposal, build_proposal
 from .samplers import STRATIFY, AbstractNoiseSampler, RandomSource, noise_sampler
@@ -271,7 +270,7 @@ class TimestepGuide(GuideMessenger):
         size = inner_size if inner_size is not None else self.K
         self._upstream_trace = None
         if self.upstream is not None:
-            with DrawsSizer(size), NonEmptyPlates():
+            with _SizedNonEmptyPlates(size):
                 trace = poutine.trace(wrap(self.upstream)).get_trace(*args, **kwargs)
             self._upstream_trace = self._checked_upstream(trace)
         self.args_kwargs = args, kwargs
@@ -280,7 +279,7 @@ class TimestepGuide(GuideMessenger):
             self.outer.begin()
         try:
             fit = self.control_variates
-            with self, DrawsSizer(size), NonEmptyPlates():
+            with self, _SizedNonEmptyPlates(size):
                 with fit.applying() if fit is not None else contextlib.nullcontext():
                     wrap(model)(*args, **kwargs)
         finally:

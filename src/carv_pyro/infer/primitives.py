@@ -21,6 +21,7 @@ too (see [`carv_pyro.layout`][carv_pyro.layout] for how the inner plate is found
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 
 from .. import _checks
-from ..layout import DRAWS_KEY, TermLayout, flatten_draws, unflatten_draws
+from ..layout import DRAWS_KEY, TermLayout
 from ..objectives import TeacherObjective
 from ..timing import Stopwatch
 
@@ -107,6 +108,14 @@ class NonEmptyPlates(Messenger):
             f"term that is R >= 1 upstream samples in each outer plate and K >= 1 draws in the "
             f"inner one"
         )
+
+
+class _SizedNonEmptyPlates(DrawsSizer, NonEmptyPlates):
+    """`DrawsSizer` and `NonEmptyPlates` as one handler: what a guide runs the model under.
+
+    One handler on the stack instead of two: every message of a step passes each handler
+    twice (process and postprocess), and this pair does nothing for most of them.
+    """
 
 
 class DrawsPlate(pyro.plate):
@@ -268,28 +277,26 @@ def teacher_term(
         name, here["cond_indep_stack"], here["infer"].get(DRAWS_KEY), outer_shape
     )
     batch_shape = layout.batch_shape
-    cond_flat = _broadcast_cond(objective, cond, batch_shape, x.device)
+    cache = _term_cache(objective)
+    cond_flat = cache.cond(cond, batch_shape, x.device)
 
-    prior_probs = objective.prior.probs_on(x.device)
+    t_prior, eps_prior = cache.priors(batch_shape, x.dtype, x.device)
     t = pyro.sample(
         f"{name}.t",
-        # our own draws are valid by construction: skip torch's argument validation (hot path)
-        dist.Categorical(probs=prior_probs, validate_args=False),
+        t_prior,
         infer={ROLE_KEY: "timestep", OBJECTIVE_KEY: objective, LAYOUT_KEY: layout},
     )
     _check_site_value(f"{name}.t", t, layout, ())
     if t.dtype.is_floating_point or t.dtype == torch.bool:
         raise TypeError(f"site {name + '.t'!r} must hold integer timesteps, got dtype {t.dtype}")
-    zeros = torch.zeros(event_shape, dtype=x.dtype, device=x.device)
-    eps = pyro.sample(
-        f"{name}.eps",
-        dist.Normal(zeros, zeros.new_ones(()), validate_args=False).to_event(event_ndim),
-        infer={ROLE_KEY: "noise", LAYOUT_KEY: layout},
-    )
+    eps = pyro.sample(f"{name}.eps", eps_prior, infer={ROLE_KEY: "noise", LAYOUT_KEY: layout})
     _check_site_value(f"{name}.eps", eps, layout, event_shape)
 
-    x_flat, packed = flatten_draws(x.expand(batch_shape + event_shape), event_ndim)
-    eps_flat, _ = flatten_draws(eps.to(x.dtype), event_ndim)
+    # (*batch, *event) -> (N, *event): a plain reshape, the row order of every plate dim (what
+    # einops' pack gives, without its per-call pattern parsing)
+    flat_shape = (-1,) + event_shape
+    x_flat = x.expand(batch_shape + event_shape).reshape(flat_shape)
+    eps_flat = eps.to(x.dtype).reshape(flat_shape)
     watch = Stopwatch(x.device)
     out = objective.evaluate(x_flat, t.reshape(-1), eps_flat, cond_flat)
     watch.stop()
@@ -298,7 +305,7 @@ def teacher_term(
     surrogate = out.surrogate.reshape(batch_shape)
     residual = None
     if out.residual is not None:
-        residual = unflatten_draws(out.residual, packed, event_ndim)
+        residual = out.residual.reshape(batch_shape + event_shape)
     record = TermRecord(
         name=name,
         objective=objective,
@@ -320,6 +327,111 @@ def teacher_term(
         infer=site_infer,
     )
     return residual
+
+
+# -- per-objective work kept across steps --------------------------------------------------
+#
+# A training loop calls teacher_term with the same objective, shapes and conditioning every
+# step. What depends on those alone (the timestep and noise priors at the draws' batch shape,
+# the checked and broadcast conditioning) is built once and looked up after; every key holds
+# all it depends on, so a changed shape, dtype, device, prior, teacher or conditioning tensor
+# (in-place changes included: tensors carry a version counter) builds afresh. Caches hang off
+# the objective through a weak mapping: they die with it and never enter its pickle.
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: entries per cache before the oldest is dropped (a model has a few terms per objective)
+_CACHE_SIZE = 8
+
+
+class _TermCache:
+    """`teacher_term`'s per-shape work for one objective (see the comment above)."""
+
+    def __init__(self, objective: TeacherObjective):
+        self._objective = weakref.ref(objective)
+        self._priors: dict[tuple, tuple[Tensor, int, Any, Any]] = {}
+        self._conds: dict[tuple, tuple[Any, Any, int, Tensor, int]] = {}
+
+    def priors(self, batch_shape: torch.Size, dtype: torch.dtype, device: torch.device):
+        """``(t_prior, eps_prior)`` at ``batch_shape``: the objective's ``p(t)`` as a
+        ``Categorical`` and ``N(0, I)`` over the event, both unvalidated (ours by construction)."""
+        objective = self._objective()
+        # p(t) is the same when its table is the same tensor at the same version (Categorical
+        # normalizes a copy, so an in-place change would otherwise go unseen)
+        probs = objective.prior.probs_on(device)
+        event_shape = tuple(objective.event_shape)
+        key = (batch_shape, event_shape, dtype, device)
+        hit = self._priors.get(key)
+        if hit is not None and hit[0] is probs and hit[1] == probs._version:
+            return hit[2], hit[3]
+        t_prior = dist.Categorical(probs=probs, validate_args=False).expand(batch_shape)
+        zeros = torch.zeros(event_shape, dtype=dtype, device=device)
+        eps_prior = (
+            dist.Normal(zeros, zeros.new_ones(()), validate_args=False)
+            .to_event(len(event_shape))
+            .expand(batch_shape)
+        )
+        _put(self._priors, key, (probs, probs._version, t_prior, eps_prior))
+        return t_prior, eps_prior
+
+    def cond(self, cond: Any, batch_shape: torch.Size, device: torch.device) -> Tensor | None:
+        """`_broadcast_cond`'s result, cached for integer labels and for tensors that need no
+        gradient (a tensor entry holds it weakly, with its version: an in-place change or a
+        new tensor of the same id builds afresh)."""
+        objective = self._objective()
+        if cond is None:
+            return None
+        if isinstance(cond, Tensor):
+            if cond.requires_grad:  # a learned embedding: its graph is new every step
+                return _broadcast_cond(objective, cond, batch_shape, device)
+            key = ("tensor", id(cond), batch_shape, device)
+            ident: Any = weakref.ref(cond)
+            version = cond._version
+        elif type(cond) is int:  # not bool, not a numpy integer: those go the long way
+            key = ("int", cond, batch_shape, device)
+            ident, version = None, 0
+        else:
+            return _broadcast_cond(objective, cond, batch_shape, device)
+        teacher = objective.teacher
+        hit = self._conds.get(key)
+        if (
+            hit is not None
+            and hit[0] is teacher
+            and (ident is None or hit[1]() is cond)
+            and hit[2] == version
+            and hit[3]._version == hit[4]  # nobody wrote into the cached tensor
+        ):
+            return hit[3]
+        out = _broadcast_cond(objective, cond, batch_shape, device)
+        _put(self._conds, key, (teacher, ident, version, out, out._version))
+        return out
+
+
+def _put(cache: dict, key: tuple, value: tuple) -> None:
+    if key not in cache and len(cache) >= _CACHE_SIZE:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
+def _term_cache(objective: TeacherObjective) -> _TermCache:
+    cache = _CACHES.get(objective)
+    if cache is None:
+        cache = _CACHES[objective] = _TermCache(objective)
+    return cache
+
+
+def _broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """NumPy broadcasting of two shapes, ``None`` if they do not broadcast (in Python:
+    ``torch.broadcast_shapes`` costs tens of microseconds a call)."""
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + tuple(a)
+    b = (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x != y and x != 1 and y != 1:
+            return None
+        out.append(y if x == 1 else x)
+    return tuple(out)
 
 
 def _broadcast_cond(
@@ -365,15 +477,12 @@ def _broadcast_cond(
     c = c.to(device)
     ndim = len(cond_event)
     cond_batch = c.shape[: c.dim() - ndim]
-    try:
-        full = torch.broadcast_shapes(batch_shape, cond_batch)
-    except RuntimeError:
-        full = None
+    full = _broadcast_shape(tuple(batch_shape), tuple(cond_batch))
     item_shape = tuple(c.shape[c.dim() - ndim :])
     item_ok = len(item_shape) == ndim and all(
         e < 0 or s == e for s, e in zip(item_shape, cond_event)
     )
-    if full != batch_shape or not item_ok:
+    if full != tuple(batch_shape) or not item_ok:
         raise ValueError(
             f"cond of shape {tuple(c.shape)} does not broadcast to the draws' batch shape "
             f"{tuple(batch_shape)} with per-draw conditioning shape {tuple(cond_event)}"
