@@ -84,25 +84,31 @@ def expected(objective, prior: str) -> torch.Tensor:
     return sds_constant(objective) * (THETA0 + mean_xi(prior) * DIRECTION - MEAN)
 
 
-def _offsets(prior: str, n: int) -> list[tuple[float, float]]:
+def _offsets(prior: str, n: int, outer: str = "stratified") -> list[tuple[float, float]]:
     """``(midpoint, length)`` of the intervals of the offset on which the estimate is affine."""
-    if prior != "categorical":
-        return [(0.5, 1.0)]
-    # a draw in stratum s takes label j when (s + v) / n, or its mirror 1 - (s + v) / n,
-    # crosses cdf_j: breakpoints in v
     cdf = PROBS.cumsum(0)
     pts = {0.0, 1.0}
-    for s in range(n):
-        for c in cdf.tolist():
-            for v in (c * n - s, (1.0 - c) * n - s):
-                if 0.0 < v < 1.0:
+    if outer == "lattice":
+        # slot s sits at (s / n + v) mod 1: it wraps at v = 1 - s / n, and crosses cdf_j at
+        # v = cdf_j - s / n (mod 1)
+        for s in range(n):
+            pts.add(1.0 - s / n)
+            if prior == "categorical":
+                pts.update(((c - s / n) % 1.0 for c in cdf.tolist()))
+    elif prior == "categorical":
+        # a draw in stratum s takes label j when (s + v) / n, or its mirror 1 - (s + v) / n,
+        # crosses cdf_j: breakpoints in v
+        for s in range(n):
+            for c in cdf.tolist():
+                for v in (c * n - s, (1.0 - c) * n - s):
                     pts.add(v)
+    pts = {v for v in pts if 0.0 <= v <= 1.0}
     pts = sorted(pts)
     return [(0.5 * (a + b), b - a) for a, b in zip(pts[:-1], pts[1:]) if b - a > 1e-15]
 
 
 @pytest.mark.parametrize("prior", ["uniform", "categorical"])
-@pytest.mark.parametrize("outer", ["stratified", "antithetic"])
+@pytest.mark.parametrize("outer", ["stratified", "lattice", "antithetic"])
 @pytest.mark.parametrize("R,K", [(4, 1), (2, 3)])
 def test_outer_design_is_exactly_unbiased(prior, outer, R, K):
     objective = sds("sds")
@@ -120,7 +126,7 @@ def test_outer_design_is_exactly_unbiased(prior, outer, R, K):
     total = torch.zeros(2, dtype=torch.float64)
     for shift in range(n_strata):
         outer_source.shift = shift
-        for v, dv in _offsets(prior, n_strata):
+        for v, dv in _offsets(prior, n_strata, outer):
             outer_source.v = v
             for lo, hi in zip(t_pts[:-1], t_pts[1:]):
                 if hi - lo < 1e-15:
@@ -147,7 +153,7 @@ def test_quadrature_detects_a_biased_design():
     assert not torch.allclose(got, expected(objective, "uniform"), rtol=1e-2)
 
 
-@pytest.mark.parametrize("outer", ["stratified", "antithetic", "sobol"])
+@pytest.mark.parametrize("outer", ["stratified", "lattice", "antithetic", "sobol"])
 @pytest.mark.parametrize("prior", ["normal", "uniform"])
 def test_outer_design_unbiased_z_test(outer, prior):
     objective = sds("sds")
@@ -183,6 +189,40 @@ def test_outer_design_cuts_the_between_variance():
     assert iid == pytest.approx(c2 * 2.5**2 / 12 / 4, rel=0.5)
     assert iid / strat == pytest.approx(16.0, rel=0.5)
     assert anti < 1e-20  # a gradient linear in xi: each antithetic pair averages to E[xi]
+
+
+def test_lattice_cancels_the_harmonics_of_a_periodic_latent():
+    """A latent angle on the full circle whose gradient is a low harmonic (``cos`` and ``sin``
+    of 1, 2 and 3 times the angle): ``R = 4`` evenly spaced draws (the lattice) average every such
+    harmonic to exactly zero whatever the shift, where the Latin hypercube's jitter leaves a
+    share of each; the lattice's draws are each uniform on the circle."""
+    R = 4
+    harmonics = torch.arange(1, 4, dtype=torch.float64)
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", R, dim=-2):
+            angle = pyro.sample(
+                "angle", dist.Uniform(torch.tensor(-math.pi).double(), torch.tensor(math.pi))
+            )
+            phase = angle.unsqueeze(-1) * harmonics  # (R, 1, 3)
+            wave = torch.cat([torch.cos(phase), torch.sin(phase)], -1).sum(-1, keepdim=True)
+            x = theta + wave * DIRECTION  # (R, 1, D)
+            with carv.draws(1, "noise", dim=-1):
+                carv.teacher_term("sds", sds("sds", t_range=(0.5, 0.51)), x)
+
+    def spread(outer, n=200):
+        guide = carv.TimestepGuide(model, noise=ZeroNoise(), outer=outer, seed=seed(4))
+        grads = torch.stack([grad_of(carv.CARVLoss(), model, guide) for _ in range(n)])
+        return float(((grads - grads.mean(0)) ** 2).sum(1).mean()), guide
+
+    lattice, guide = spread("lattice")
+    strat, _ = spread("stratified")
+    assert lattice < 1e-12 * strat, (lattice, strat)  # zero up to rounding
+    # every draw of the lattice is uniform: its mean angle over many runs is the circle's centre
+    angles = torch.stack([guide.run(model)[0].nodes["angle"]["value"] for _ in range(400)])
+    z = angles.mean() / (angles.std() / math.sqrt(angles.numel()))
+    assert abs(float(z)) < Z
 
 
 def test_sharded_plate_takes_its_strata_of_one_global_design():
@@ -282,7 +322,7 @@ def test_odd_plate_under_antithetic_names_the_site():
 
 
 def test_outer_options_are_checked():
-    assert OUTER == (None, "stratified", "antithetic", "sobol")
+    assert OUTER == (None, "stratified", "lattice", "antithetic", "sobol")
     with pytest.raises(ValueError, match="outer must be one of"):
         carv.Estimator(K=2, outer="lhs")
     with pytest.raises(ValueError, match="outer must be one of"):

@@ -9,6 +9,11 @@ of independently:
 - ``"stratified"``: one draw per equal-probability stratum of every coordinate, the strata
   assigned by independent random permutations (a Latin hypercube over the plate: ``R`` cameras
   cover ``R`` azimuth strata and, independently permuted, ``R`` elevation strata);
+- ``"lattice"``: per coordinate, ``R`` draws exactly ``1 / R`` apart under one random shift (a
+  Cranley-Patterson rotation), the coordinates paired by random permutations. For a coordinate
+  the gradient is periodic and smooth in (a camera's azimuth over the full circle) it cancels
+  every harmonic below ``R`` exactly, which the hypercube's independent jitter does not; `auto`
+  uses it;
 - ``"antithetic"``: pairs ``(u, 1 - u)`` at neighbouring indices ``(2i, 2i + 1)``, the first of
   each pair drawn by a Latin hypercube over the ``R / 2`` pairs (for a Normal latent the pair is
   ``(z, 2 mu - z)``, for a Uniform one its mirror image). Needs an even plate;
@@ -54,6 +59,7 @@ __all__ = [
     "OUTER",
     "AbstractOuterDesign",
     "AntitheticDesign",
+    "LatticeDesign",
     "OuterDesigner",
     "SobolDesign",
     "StratifiedDesign",
@@ -62,7 +68,7 @@ __all__ = [
 ]
 
 #: The names ``Estimator(outer=...)`` and ``TimestepGuide(outer=...)`` take.
-OUTER = (None, "stratified", "antithetic", "sobol")
+OUTER = (None, "stratified", "lattice", "antithetic", "sobol")
 
 
 # -- the designs: base uniforms of one plate ------------------------------------------------
@@ -118,6 +124,26 @@ class StratifiedDesign(AbstractOuterDesign):
         return _latin_hypercube(n, len(columns), source)
 
 
+class LatticeDesign(AbstractOuterDesign):
+    """A randomly shifted lattice per coordinate: the ``n`` draws of a coordinate sit exactly
+    ``1 / n`` apart, one random shift for all of them (a Cranley-Patterson rotation), the
+    coordinates paired by independent random permutations.
+
+    Each single draw is uniform (the shift is), so the design is unbiased like the others. Against
+    the Latin hypercube it trades the independent jitter inside each stratum for one shared shift:
+    for a coordinate the integrand is periodic and smooth in, such as a camera's azimuth over the
+    full circle, the ``n`` evenly spaced draws cancel every harmonic of the integrand except the
+    multiples of ``n`` (the trapezoidal rule on a circle), where the hypercube's jitter leaves a
+    share of every harmonic.
+    """
+
+    def uniforms(self, n, columns, source, seed):
+        d = len(columns)
+        slots = torch.argsort(source.permutation_keys((d, n)), dim=-1).to(torch.float64)
+        u = (slots / n + source.uniform((d, 1))) % 1.0
+        return rearrange(u, "d n -> n d")
+
+
 class AntitheticDesign(AbstractOuterDesign):
     """Pairs ``(u, 1 - u)`` at indices ``(2i, 2i + 1)``; the pairs' first halves form a Latin
     hypercube over ``n / 2`` strata. Needs an even ``n``."""
@@ -164,7 +190,12 @@ class SobolDesign(AbstractOuterDesign):
         return engine.draw(n, dtype=torch.float64)[:, columns.start :]
 
 
-_DESIGNS = {"stratified": StratifiedDesign, "antithetic": AntitheticDesign, "sobol": SobolDesign}
+_DESIGNS = {
+    "stratified": StratifiedDesign,
+    "lattice": LatticeDesign,
+    "antithetic": AntitheticDesign,
+    "sobol": SobolDesign,
+}
 
 
 def outer_design(outer: str | AbstractOuterDesign | None) -> AbstractOuterDesign | None:
