@@ -94,7 +94,7 @@ def _offsets(prior: str, n: int, outer: str = "stratified") -> list[tuple[float,
         for s in range(n):
             pts.add(1.0 - s / n)
             if prior == "categorical":
-                pts.update(((c - s / n) % 1.0 for c in cdf.tolist()))
+                pts.update((c - s / n) % 1.0 for c in cdf.tolist())
     elif prior == "categorical":
         # a draw in stratum s takes label j when (s + v) / n, or its mirror 1 - (s + v) / n,
         # crosses cdf_j: breakpoints in v
