@@ -344,6 +344,9 @@ def test_race_writes_curves_target_and_ratios(tmp_path, monkeypatch):
         for run in entry["seeds"]:
             assert run["curve"][0][:2] == [0.0, 0] and all(len(row) == 4 for row in run["curve"])
             assert run["curve"][-1][0] >= 1.0  # the budget was spent
+            want_k = 1 if name == "baseline" else 8
+            assert run["K"]["first"] == run["K"]["last"] == want_k
+            assert run["K"]["steps_at"] == {str(want_k): run["steps"]} and run["steps"] > 0
         assert len(entry["time_to_target_s"]) == 2
         assert set(entry["ratio_to_baseline"]) == {"median", "ci95"}
     on_disk = json.loads((tmp_path / "race" / "race.json").read_text())

@@ -12,6 +12,7 @@ statistics and chosen ``K`` across a resume, but later choices follow the times 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from dataclasses import dataclass
@@ -294,6 +295,7 @@ def _summary(
     first, last = final.evals[0], final.evals[-1]
     metrics = ("iou", "iou_hard", "p", "accuracy")
     ks = [entry.get("K") for entry in final.log]
+    steps_at = collections.Counter(k for k in ks if k is not None)
     return {
         "prompt": config.prompt,
         "teacher": config.teacher,
@@ -305,7 +307,12 @@ def _summary(
         "sec_per_step": final.seconds / max(final.step, 1),
         "initial_quality": {k: first[k] for k in metrics if k in first},
         "final_quality": {k: last[k] for k in metrics if k in last},
-        "K": {"first": ks[0] if ks else None, "last": ks[-1] if ks else None},
+        "K": {
+            "first": ks[0] if ks else None,
+            "last": ks[-1] if ks else None,
+            # steps run at each K (a measuring step counts at the K it probes)
+            "steps_at": {str(k): n for k, n in sorted(steps_at.items())},
+        },
         "resumed_from": resumed_from,
         "history": final.evals,
         "files": files,

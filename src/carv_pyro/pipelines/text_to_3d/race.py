@@ -138,8 +138,9 @@ def race(
 
     Returns:
         The race's results (also written to ``race.json``): ``device``, ``target``
-        (``metric``, ``value``), and per estimator ``lr``, ``seeds`` (each ``seed`` and
-        ``curve`` rows ``[wall_s, step, iou, p]``), ``time_to_target_s`` per seed and
+        (``metric``, ``value``), and per estimator ``lr``, ``seeds`` (each ``seed``,
+        ``curve`` rows ``[wall_s, step, iou, p]``, ``steps`` run and ``K``: the first and last
+        inner size and the steps run at each), ``time_to_target_s`` per seed and
         ``ratio_to_baseline`` (``median``, ``ci95``).
 
     Raises:
@@ -223,7 +224,9 @@ def race(
                 scene=scene,
                 pictures=False,
             )
-        results["estimators"][name]["seeds"].append({"seed": s, "curve": _curve(summary)})
+        results["estimators"][name]["seeds"].append(
+            {"seed": s, "curve": _curve(summary), "steps": summary["steps"], "K": summary["K"]}
+        )
         _write(out / RACE_FILE, results)
     bar.close()
     _score(results, names[0], metric)
