@@ -18,9 +18,12 @@ from carv_pyro.bench import (
     BenchRow,
     _relative,
     components_from_rows,
+    cost_model_summary,
     cost_warnings,
+    format_table,
     k_star_note,
     main,
+    modelled_costs,
     variance_components,
 )
 
@@ -57,6 +60,41 @@ def test_components_solve_the_two_plain_rows_exactly():
     assert components_from_rows(flat)["ceiling"] == math.inf
 
 
+class FakeCostModel:
+    """An accountant's cost model with known numbers: ``cost_of(K) = 10 + 2 K`` ms at R = 2."""
+
+    last_R = 2
+    step_costs = {1: 0.012}
+    teacher_costs = {1: 0.003, 2: 0.005}
+
+    def cost_of(self, K: int) -> float:
+        return (10.0 + 2.0 * K) * 1e-3
+
+
+def test_the_table_sets_the_modelled_cost_beside_the_measured_one():
+    rows = [
+        BenchRow("baseline", 2, 1, var=4.0, cost_s=0.012),  # the model is right: ratio 1
+        BenchRow("reuse", 2, 16, var=1.0, cost_s=0.084),  # twice the modelled 42 ms
+        BenchRow("IS", 2, 16, var=1.0, cost_s=0.042, proposal="weighted"),
+        BenchRow("baseline", 4, 1, var=2.0, cost_s=0.020),  # another R: no prediction
+    ]
+    modelled_costs(rows, FakeCostModel())
+    assert [r.cost_model_s for r in rows] == pytest.approx([0.012, 0.042, 0.042, None])
+    table = format_table(rows).splitlines()
+    assert "model (ms)" in table[0] and "cost/model" in table[0]
+    assert table[2].split()[4:7] == ["12", "12", "1.00"]  # cost, modelled (ms), their ratio
+    assert table[3].split()[4:7] == ["84", "42", "2.00"]
+    assert table[5].split()[4:7] == ["20", "-", "-"]
+    assert "model" in LEGEND and "cost/model" in LEGEND
+    summary = cost_model_summary(rows, FakeCostModel(), steps=6)
+    assert summary["R"] == 2 and summary["steps"] == 6
+    assert summary["teacher_costs"] == FakeCostModel.teacher_costs
+    # the plain rows at the model's R only (the IS row is not plain)
+    assert summary["ratio_min"] == pytest.approx(1.0) and summary["ratio_max"] == pytest.approx(2)
+    assert summary["worst"]["K"] == 16 and summary["worst"]["ratio"] == pytest.approx(2.0)
+    assert "furthest at K = 16 (84 ms measured, 42 ms modelled)" in summary["text"]
+
+
 def test_text_to_3d_bench_writes_every_configuration(tmp_path, capsys):
     args = SimpleNamespace(
         pipeline="text-to-3d",
@@ -89,6 +127,12 @@ def test_text_to_3d_bench_writes_every_configuration(tmp_path, capsys):
     for r in result["rows"]:
         for key in ("var", "cost_s", "re", "ecm"):
             assert r[key] is not None and math.isfinite(r[key]) and r[key] > 0, (r, key)
+    # beside every row's measured cost, the learned cost model's (all rows are at the bench's R)
+    model = result["cost_model"]
+    assert model["R"] == result["rows"][0]["R"] and model["steps"] == 4
+    assert set(model["teacher_costs"]) == {"1", "2"}  # K = 1 steps and their K = 2 probes
+    for r in result["rows"]:
+        assert math.isfinite(r["cost_model_s"]) and r["cost_model_s"] > 0, r
     assert "accounting" in result and math.isfinite(result["accounting"]["c_outer"])
     # one set of variance components, the accountant's, and the same numbers everywhere
     c = result["components"]
@@ -102,10 +146,11 @@ def test_text_to_3d_bench_writes_every_configuration(tmp_path, capsys):
     assert isinstance(result["warnings"], list)
     assert (tmp_path / "b.png").stat().st_size > 1000
     out = capsys.readouterr().out
-    for key in ("RE", "ECM", "ECM pred"):
-        assert f"\n  {key:<9} " in out, key  # the legend, under the table
+    for key in ("RE", "ECM", "ECM pred", "model", "cost/model"):
+        assert f"\n  {key:<10} " in out, key  # the legend, under the table
     assert out.count("V_b = ") == 1 and out.count("V_w = ") == 1  # printed once
     assert "this bench's variance components (measure()" in out
+    assert "cost model (the adapting accountant's cost_of(K)" in out
     assert "K* = " in out and "best K = " in out
 
 

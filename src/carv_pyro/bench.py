@@ -10,11 +10,19 @@ The paper's protocol, for one pipeline at a fixed checkpoint ``theta``:
    ``ECM = Var_base cost_base / (Var_method cost_method)`` against the baseline
    (uniform ``t``, ``K = 1``, same ``R``);
 4. next to the measured ECM, the accountant's prediction from ``V_b``, ``V_w`` and costs
-   measured at the same checkpoint ([`carv_pyro.measure.measure`][carv_pyro.measure.measure]).
+   measured at the same checkpoint ([`carv_pyro.measure.measure`][carv_pyro.measure.measure]);
+5. next to every row's measured cost, the cost predicted by the cost model the adapting
+   accountant learns online ([`Accountant.cost_of`][carv_pyro.accounting.Accountant.cost_of],
+   what ``"auto"`` chooses ``K`` by), learned at the checkpoint as ``"auto"`` starts: plain
+   reuse at ``K = 1`` whose measuring steps probe ``K = 2`` (`cost_model_summary`). The table's
+   ``model`` column and ``cost/model`` ratio show where that model is right (near 1) and where
+   it is wrong: at the ``K`` it extrapolates to from the teacher's two timed sizes, and on rows
+   whose options (IS, stratification, QMC, designs, control variates) cost what a model that
+   knows only ``K`` does not see.
 
 A pipeline plugs in with a small adapter: ``configs()``, ``estimate(config) -> (P,)`` gradient,
 ``reference(n) -> (P,)``, ``extras() -> dict`` (end-to-end comparisons) and, optionally,
-``accounting(R) -> AccountingReport``.
+``accounting(R) -> AccountingReport`` and ``learn_cost_model(R, steps) -> Accountant``.
 
 What the printed report and the JSON add for a reader: a legend of the columns (`LEGEND`), ONE
 set of variance components with its source (`variance_components`), a line on how Cochran's
@@ -45,10 +53,12 @@ __all__ = [
     "PIPELINES",
     "BenchPipeline",
     "BenchRow",
+    "cost_model_summary",
     "cost_warnings",
     "design_splits",
     "k_star_note",
     "main",
+    "modelled_costs",
     "run_protocol",
     "variance_components",
 ]
@@ -58,6 +68,16 @@ LEGEND: dict[str, str] = {
     "Var": "E||g - g_ref||^2 over the repeats: the estimator's variance (trace of its "
     "covariance) against a high-sample reference gradient at the same fixed checkpoint",
     "cost": "median wall-clock seconds per estimate, timed round-robin across the rows",
+    "model": "the seconds per estimate that the adapting accountant's learned cost model "
+    "(Accountant.cost_of(K), what 'auto' chooses K by) predicts for the row: learned in its own "
+    "phase before the rows, from plain reuse at K = 1 whose measuring steps probe K = 2 (as "
+    "'auto' starts), it is the K = 1 step's cost without the teacher plus the teacher's cost "
+    "line through the sizes it timed; it knows K only, so rows with other options get the "
+    "plain step's prediction; '-' at another R or without the model",
+    "cost/model": "measured over modelled cost: near 1 where the model is right, above 1 where "
+    "it under-predicts (e.g. a teacher whose cost grows faster than the line through K = 1, 2, "
+    "or what IS, stratification or a design add), below 1 where it over-predicts (a batched "
+    "teacher cheaper per draw at large K than the line)",
     "RE": "relative efficiency, Var(plain reuse at the same R, K) / Var(row): above 1 the "
     "row's IS, stratification or QMC lowers the variance at equal draws",
     "ECM": "effective compute multiplier, (Var x cost) of the baseline (uniform t, K = 1, "
@@ -96,6 +116,8 @@ class BenchRow:
         noise: the guide's noise sampler.
         outer: the guide's outer-plate design of the upstream latents (``None``: i.i.d.).
         cv: the control variates fitted and applied (``None``: none), e.g. ``"eps"``.
+        cost_model_s: seconds per estimate predicted by the accountant's learned cost model
+            (`modelled_costs`; ``None`` where it makes no prediction for the row).
     """
 
     method: str
@@ -113,6 +135,7 @@ class BenchRow:
     noise: str = "iid"
     outer: str | None = None
     cv: str | None = None
+    cost_model_s: float | None = None
 
 
 class BenchPipeline(Protocol):
@@ -315,15 +338,102 @@ def design_splits(rows: list[BenchRow]) -> list[DesignSplit]:
 
 def format_table(rows: list[BenchRow]) -> str:
     """A readable table of the rows."""
-    head = f"{'method':<22}{'R':>3}{'K':>4}{'Var':>12}{'cost (ms)':>11}{'RE':>7}{'ECM':>7}{'ECM pred':>9}"
+    head = (
+        f"{'method':<22}{'R':>3}{'K':>4}{'Var':>12}{'cost (ms)':>11}{'model (ms)':>11}"
+        f"{'cost/model':>11}{'RE':>7}{'ECM':>7}{'ECM pred':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         pred = f"{r.ecm_predicted:.2f}" if r.ecm_predicted is not None else "-"
+        model, ratio = "-", "-"
+        if r.cost_model_s is not None and math.isfinite(r.cost_model_s):
+            model = f"{r.cost_model_s * 1e3:.3g}"
+            if r.cost_model_s > 0:
+                ratio = f"{r.cost_s / r.cost_model_s:.2f}"
         lines.append(
-            f"{r.method:<22}{r.R:>3}{r.K:>4}{r.var:>12.4g}{r.cost_s * 1e3:>11.3g}"
-            f"{r.re:>7.2f}{r.ecm:>7.2f}{pred:>9}"
+            f"{r.method:<22}{r.R:>3}{r.K:>4}{r.var:>12.4g}{r.cost_s * 1e3:>11.3g}{model:>11}"
+            f"{ratio:>11}{r.re:>7.2f}{r.ecm:>7.2f}{pred:>9}"
         )
     return "\n".join(lines)
+
+
+# -- measured against modelled cost -----------------------------------------------------------
+
+
+class CostModel(Protocol):
+    """What `modelled_costs` reads of an accountant (an
+    [`Accountant`][carv_pyro.accounting.Accountant] that has observed steps)."""
+
+    last_R: int | None
+
+    def cost_of(self, K: int) -> float: ...
+
+
+def modelled_costs(rows: list[BenchRow], model: CostModel) -> None:
+    """Fill every row's ``cost_model_s`` with ``model.cost_of(row.K)``, at the ``R`` the model
+    learned at (``None`` at another ``R``: its step costs are costs of that ``R``)."""
+    for r in rows:
+        r.cost_model_s = float(model.cost_of(r.K)) if r.R == model.last_R else None
+
+
+def cost_model_summary(rows: list[BenchRow], model: Any, steps: int) -> dict[str, Any]:
+    """What the learned cost model knew, and how far it was from the measured costs.
+
+    Args:
+        rows: the rows, with ``cost_model_s`` filled (`modelled_costs`).
+        model: the accountant that learned the model (its ``last_R``, ``step_costs`` and
+            ``teacher_costs`` are read).
+        steps: steps it learned from.
+
+    Returns:
+        ``{"R", "steps", "step_costs", "teacher_costs", "ratio_min", "ratio_max", "worst",
+        "text"}``: ``*_costs`` the accountant's ``{K: median seconds}`` (of a plain step; of
+        the teacher call), ``ratio_*`` the range of measured / modelled cost over the plain
+        rows, ``worst`` the plain row furthest from its prediction on a log scale (``None``
+        without plain rows with a prediction).
+    """
+    step_costs, teacher_costs = dict(model.step_costs), dict(model.teacher_costs)
+
+    def ms(costs: dict[int, float]) -> str:
+        return ", ".join(f"K = {k}: {v * 1e3:.3g} ms" for k, v in sorted(costs.items())) or "none"
+
+    plain = [
+        r
+        for r in rows
+        if _is_plain(asdict(r)) and r.cost_model_s is not None and r.cost_model_s > 0
+    ]
+    ratios = {id(r): r.cost_s / r.cost_model_s for r in plain}
+    text = (
+        f"cost model (the adapting accountant's cost_of(K), learned in {steps} steps of plain "
+        f"reuse at R = {model.last_R}, K = 1, measuring steps probing K = 2): step "
+        f"{ms(step_costs)}; teacher call {ms(teacher_costs)}"
+    )
+    worst = None
+    if plain:
+        w = max(plain, key=lambda r: abs(math.log(ratios[id(r)])))
+        worst = {
+            "method": w.method,
+            "K": w.K,
+            "cost_s": w.cost_s,
+            "cost_model_s": w.cost_model_s,
+            "ratio": ratios[id(w)],
+        }
+        lo, hi = min(ratios.values()), max(ratios.values())
+        text += (
+            f"; on the plain rows measured / modelled cost runs from {lo:.2f} to {hi:.2f}, "
+            f"furthest at K = {w.K} ({w.cost_s * 1e3:.3g} ms measured, "
+            f"{w.cost_model_s * 1e3:.3g} ms modelled)"
+        )
+    return {
+        "R": model.last_R,
+        "steps": steps,
+        "step_costs": step_costs,
+        "teacher_costs": teacher_costs,
+        "ratio_min": min(ratios.values()) if plain else None,
+        "ratio_max": max(ratios.values()) if plain else None,
+        "worst": worst,
+        "text": text,
+    }
 
 
 # -- reading aids: one set of components, K* against the best K, cost warnings ---------------
@@ -600,7 +710,7 @@ def format_report(result: dict[str, Any], report: AccountingReport | None = None
     rows = [BenchRow(**r) for r in result["rows"]]
     lines = [format_table(rows), "", "legend:"]
     for key, text in result["legend"].items():
-        lines += prose(text, first=f"  {key:<9} ", rest=" " * 12)
+        lines += prose(text, first=f"  {key:<10} ", rest=" " * 13)
     if report is not None:
         lines += [
             "",
@@ -619,6 +729,10 @@ def format_report(result: dict[str, Any], report: AccountingReport | None = None
             f"{said} this bench's variance components ({c['how']}); no inner-plate estimator "
             f"can cut Var(R, 1) by more than (V_b + V_w) / V_b, {c['ceiling']:.3g}x"
         )
+    cost_model = result.get("cost_model")
+    if cost_model is not None:
+        lines.append("")
+        lines += prose(cost_model["text"])
     designs = result.get("designs") or []
     if designs:
         lines += ["", "outer designs and control variates (plain and design rows solved alike):"]
@@ -718,11 +832,13 @@ def main(args: Any) -> int:
     ``repeats`` (``None``: 20 quick, 100 full); optional ``pretrain_steps`` (distillation's
     checkpoint), ``smoke`` and ``quiet``.
 
-    Prints the rows, the `LEGEND`, the accountant's table where the pipeline has one, the
-    variance components (`variance_components`), the ``K*`` note (`k_star_note`) and the
-    cost warnings (`cost_warnings`). The JSON (``--json``) holds the same: ``rows``,
-    ``legend``, ``components`` (with its ``source``), ``warnings``, ``timing_rounds``,
-    ``accounting`` (with ``k_star_note``) and ``extras``.
+    Prints the rows (each with its measured cost and the learned cost model's prediction), the
+    `LEGEND`, the accountant's table where the pipeline has one, the variance components
+    (`variance_components`), what the cost model learned and how far it was
+    (`cost_model_summary`), the ``K*`` note (`k_star_note`) and the cost warnings
+    (`cost_warnings`). The JSON (``--json``) holds the same: ``rows`` (``cost_model_s``
+    beside ``cost_s``), ``legend``, ``components`` (with its ``source``), ``cost_model``,
+    ``warnings``, ``timing_rounds``, ``accounting`` (with ``k_star_note``) and ``extras``.
 
     Returns:
         ``0``.
@@ -762,7 +878,13 @@ def main(args: Any) -> int:
                 return report.ecm(int(config["K"]))
             return None
 
+    cost_model, cost_model_steps = None, 4 if smoke else 2 * _timing_rounds(repeats)
+    if hasattr(bench, "learn_cost_model"):
+        cost_model = bench.learn_cost_model(bench.R, cost_model_steps)
+
     rows, _ = run_protocol(bench, repeats, n_reference, progress=progress, predicted=predicted)
+    if cost_model is not None:
+        modelled_costs(rows, cost_model)
     bench.rows = rows
     extras = bench.extras()
     result = {
@@ -778,6 +900,11 @@ def main(args: Any) -> int:
         "rows": [asdict(r) for r in rows],
         "components": variance_components(rows, report),
         "designs": _designs_json(rows, report),
+        "cost_model": (
+            cost_model_summary(rows, cost_model, cost_model_steps)
+            if cost_model is not None
+            else None
+        ),
         "warnings": cost_warnings(
             rows,
             report.teacher_seconds if report is not None else None,

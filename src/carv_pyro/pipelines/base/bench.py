@@ -5,8 +5,10 @@ value ``theta`` (see [`carv_pyro.bench`][carv_pyro.bench]). `FixedCheckpointBenc
 every adapter shares: a private Pyro param store, one cached ``(model, guide, loss)`` per
 configuration (built from an [`Estimator`][carv_pyro.Estimator]), gradients through
 [`carv_pyro.measure.gradient_estimate`][carv_pyro.measure.gradient_estimate], the reference, and
-a check that the checkpoint never moved. A subclass implements `FixedCheckpointBench.params`,
-`FixedCheckpointBench.model_for` and `FixedCheckpointBench.configs`.
+a check that the checkpoint never moved, and the accountant's learned cost model at the
+checkpoint (`FixedCheckpointBench.learn_cost_model`). A subclass implements
+`FixedCheckpointBench.params`, `FixedCheckpointBench.model_for` and
+`FixedCheckpointBench.configs`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from ...accounting import Accountant
 from ...infer.estimator import Estimator
 from ...infer.loss import CARVLoss
 from ...measure import gradient_estimate
@@ -118,6 +121,49 @@ class FixedCheckpointBench:
         """The mean of ``n`` estimates of `reference_config`."""
         config = dict(self.reference_config(), method="reference")
         return torch.stack([self.estimate(config) for _ in range(n)]).mean(0)
+
+    def learn_cost_model(self, R: int, steps: int, every: int = 2, warmup: int = 2) -> Accountant:
+        """An accountant that has learned the cost of this pipeline's steps as ``"auto"`` does
+        when it starts: plain reuse at ``K = 1``, every ``every``-th step a measuring step that
+        probes ``K = 2``.
+
+        Its [`cost_of(K)`][carv_pyro.accounting.Accountant.cost_of] is then the model the
+        adapting estimator chooses ``K`` by: the measured step cost at ``K = 1`` without the
+        teacher, plus the teacher's cost line through the sizes it timed (``K = 1`` and the
+        probes' ``K = 2``). The steps run at the checkpoint and leave it unchanged (gradients
+        are read and put back); their draws come from their own seeds, so the rows' draws are
+        the same with or without this.
+
+        Args:
+            R: upstream samples per step.
+            steps: steps to run (about half are plain, half measuring).
+            every: the measuring cadence.
+            warmup: untimed steps first (the first calls allocate and cache; a training run's
+                accountant sees them too, but its window forgets them).
+
+        Returns:
+            The `Accountant`, with ``step_costs``, ``teacher_costs`` and ``cost_of`` learned.
+        """
+        config = dict(method="cost model", R=R, K=1)
+        model, args, kwargs = self.model_for(config, self.seed + 50)
+        guide = config_estimator(config).guide(model, seed=self.seed + 51)
+        # k_range=(1, 1): an adapting accountant (so measuring steps probe K = 2) that stays at
+        # K = 1, as auto does until its measurements say otherwise; backoff=1: a fixed cadence
+        accountant = Accountant(
+            every=every,
+            adapt=True,
+            k_range=(1, 1),
+            min_measurements=1,
+            backoff=1.0,
+            window=max(steps, 2),
+        )
+        loss = CARVLoss(accountant=accountant)
+        with self.scope():
+            for _ in range(warmup):
+                gradient_estimate(CARVLoss(), model, guide, *args, params=self.params(), **kwargs)
+            for _ in range(steps):
+                gradient_estimate(loss, model, guide, *args, params=self.params(), **kwargs)
+        return accountant
 
     def checkpoint_unchanged(self) -> bool:
         """Whether the checkpoint is exactly as it was at the first estimate."""
