@@ -8,6 +8,7 @@ so that machine load hits both alike; the table reports medians.
 
     python examples/overhead.py --R 4 --K 8 --repeats 50
     python examples/overhead.py --profile 200    # where a CARV step's time goes (cProfile)
+    python examples/overhead.py --stub-teacher --repeats 300   # the fixed cost alone
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ def build_teacher(seed: int = 0) -> DiffusersTeacher:
     return DiffusersTeacher(unet, DDPMScheduler(num_train_timesteps=1000))
 
 
+class FreeUNet(torch.nn.Module):
+    """A teacher network that costs nothing (``eps_hat = x_t / 2``): with it, both loops time
+    only their own work, so the fixed cost is measured without the UNet's run-to-run noise
+    (``--stub-teacher``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # one frozen parameter: the teacher reads the network's device and dtype from it
+        self.anchor = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, x, t, class_labels=None, return_dict=True):
+        out = x * 0.5
+        return (out,) if not return_dict else argparse.Namespace(sample=out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--R", type=int, default=4)
@@ -54,12 +70,19 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="also profile N CARV steps (cProfile)"
     )
+    parser.add_argument(
+        "--stub-teacher",
+        action="store_true",
+        help="a free teacher network in both loops: the fixed cost alone, without UNet noise",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     R, K = args.R, args.K
 
     teacher = build_teacher()
     n_params = sum(p.numel() for p in teacher.unet.parameters())
+    if args.stub_teacher:
+        teacher.unet = FreeUNet()
     objective = carv.SDS(teacher, weighting="sds")
     label = torch.tensor(3)
     g = torch.Generator().manual_seed(1)
@@ -124,7 +147,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(
-        f"teacher: UNet2DModel, {n_params / 1e3:.0f}k parameters, 1x16x16; R={R}, K={K}; "
+        f"teacher: {'a free stub (--stub-teacher)' if args.stub_teacher else 'UNet2DModel'}, "
+        f"{n_params / 1e3:.0f}k parameters, 1x16x16; R={R}, K={K}; "
         f"torch threads={args.threads}; {args.repeats} interleaved repeats (medians)"
     )
     print(f"{'':<24}{'ms/step':>10}")
@@ -135,6 +159,11 @@ def main() -> None:
         f"overhead ratio CARV / hand = {med['carv'] / med['hand']:.3f}; "
         f"tracing + bookkeeping = {med['carv'] - med['hand']:.2f} ms per step"
     )
+    # the same fixed cost from the paired repeats (each CARV step against the hand step run
+    # right after it): load that drifts over the run cancels within a pair
+    diffs = sorted((c - h) * 1e3 for c, h in zip(times["carv"], times["hand"]))
+    q1, q2, q3 = statistics.quantiles(diffs, n=4)
+    print(f"paired CARV - hand: median {q2:.2f} ms, quartiles [{q1:.2f}, {q3:.2f}] ms")
     if args.profile:
         profile(carv_step, args.profile)
 
