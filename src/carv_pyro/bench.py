@@ -73,7 +73,8 @@ LEGEND: dict[str, str] = {
     "phase before the rows, from plain reuse at K = 1 whose measuring steps probe K = 2 (as "
     "'auto' starts), it is the K = 1 step's cost without the teacher plus the teacher's cost "
     "line through the sizes it timed; it knows K only, so rows with other options get the "
-    "plain step's prediction; '-' at another R or without the model",
+    "plain step's prediction; '-' at another R, or where the estimates are no CARVLoss steps "
+    "(attribution's per-example features)",
     "cost/model": "measured over modelled cost: near 1 where the model is right, above 1 where "
     "it under-predicts (e.g. a teacher whose cost grows faster than the line through K = 1, 2, "
     "or what IS, stratification or a design add), below 1 where it over-predicts (a batched "
@@ -879,7 +880,7 @@ def main(args: Any) -> int:
             return None
 
     cost_model, cost_model_steps = None, 4 if smoke else 2 * _timing_rounds(repeats)
-    if hasattr(bench, "learn_cost_model"):
+    if getattr(bench, "has_cost_model", False):
         cost_model = bench.learn_cost_model(bench.R, cost_model_steps)
 
     rows, _ = run_protocol(bench, repeats, n_reference, progress=progress, predicted=predicted)

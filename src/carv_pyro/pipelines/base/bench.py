@@ -122,6 +122,13 @@ class FixedCheckpointBench:
         config = dict(self.reference_config(), method="reference")
         return torch.stack([self.estimate(config) for _ in range(n)]).mean(0)
 
+    @property
+    def has_cost_model(self) -> bool:
+        """Whether `learn_cost_model` applies: the estimates are `CARVLoss` steps of
+        `model_for` (an adapter that estimates otherwise, as attribution's per-example features
+        do, has no step for the accountant to time)."""
+        return type(self).model_for is not FixedCheckpointBench.model_for
+
     def learn_cost_model(self, R: int, steps: int, every: int = 2, warmup: int = 2) -> Accountant:
         """An accountant that has learned the cost of this pipeline's steps as ``"auto"`` does
         when it starts: plain reuse at ``K = 1``, every ``every``-th step a measuring step that
