@@ -162,15 +162,15 @@ def test_priors_cache_sees_in_place_changes_of_the_prior():
 
 def test_caches_die_with_their_objective():
     import gc
-
-    from carv_pyro.infer import primitives
+    import weakref
 
     objective = carv.SDS(_gaussian())
-    _term_cache(objective).priors(torch.Size([2]), torch.float32, torch.device("cpu"))
-    n = len(primitives._CACHES)
-    del objective
+    cache = _term_cache(objective)
+    cache.priors(torch.Size([2]), torch.float32, torch.device("cpu"))
+    ref = weakref.ref(cache)
+    del objective, cache
     gc.collect()
-    assert len(primitives._CACHES) == n - 1
+    assert ref() is None  # the weak map dropped its entry with the objective
 
 
 # -- schedule and weighting tables -----------------------------------------------------------
