@@ -29,14 +29,17 @@ BENCH_ROWS: tuple[tuple[str, int, str, str | None, str], ...] = (
 )
 
 #: Rows beyond the inner plate: ``(method, K, proposal, stratify, noise, outer, cv)``. The
-#: outer designs draw the latents ``z`` and labels jointly (`carv_pyro.infer.outer`); the plain
-#: ``outer strat`` pair at ``K = 1`` and ``K = DEFAULT_K`` splits ``V_b`` (what the design
-#: removes, what is left); ``cv="eps"`` fits a coefficient per timestep on the noise ``eps``,
-#: zero-mean given the sample (declared on the DMD objective by the bench).
+#: outer designs draw the latents ``z`` and labels jointly (`carv_pyro.infer.outer`); each plain
+#: pair (``outer strat``, ``outer lattice``) at ``K = 1`` and ``K = DEFAULT_K`` splits ``V_b``
+#: (what the design removes, what is left); ``cv="eps"`` fits a coefficient per timestep on the
+#: noise ``eps``, zero-mean given the sample (declared on the DMD objective by the bench).
 DESIGN_ROWS: tuple[tuple[str, int, str, str | None, str, str | None, str | None], ...] = (
     ("outer strat", 1, "prior", None, "iid", "stratified", None),
     ("outer strat", DEFAULT_K, "prior", None, "iid", "stratified", None),
+    ("outer lattice", 1, "prior", None, "iid", "lattice", None),
+    ("outer lattice", DEFAULT_K, "prior", None, "iid", "lattice", None),
     ("reuse+strat+outer strat", DEFAULT_K, "prior", "per_outer", "iid", "stratified", None),
+    ("reuse+strat+outer lattice", DEFAULT_K, "prior", "per_outer", "iid", "lattice", None),
     ("reuse+strat+outer anti", DEFAULT_K, "prior", "per_outer", "iid", "antithetic", None),
     ("reuse+strat+outer sobol", DEFAULT_K, "prior", "per_outer", "iid", "sobol", None),
     ("reuse+strat+CV(eps)", DEFAULT_K, "prior", "per_outer", "iid", None, "eps"),

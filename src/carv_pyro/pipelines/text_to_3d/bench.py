@@ -166,6 +166,8 @@ class TextTo3DBench(FixedCheckpointBench):
             # the outer designs: plain inner rows at K = 1 and 16 split V_b (design_splits)
             dict(method="outer strat", R=R, K=1, outer="stratified"),
             dict(method="outer strat", R=R, K=16, outer="stratified"),
+            dict(method="outer lattice", R=R, K=1, outer="lattice"),
+            dict(method="outer lattice", R=R, K=16, outer="lattice"),
             # a Latin hypercube over (camera, t) at K = 1
             dict(
                 method="IS+strat global+outer",
@@ -176,6 +178,7 @@ class TextTo3DBench(FixedCheckpointBench):
                 outer="stratified",
             ),
             dict(method="IS+strat+outer strat", R=R, K=8, outer="stratified", **carv),
+            dict(method="IS+strat+outer lattice", R=R, K=8, outer="lattice", **carv),
             dict(method="IS+strat+outer anti", R=R, K=8, outer="antithetic", **carv),
             dict(method="IS+strat+outer sobol", R=R, K=8, outer="sobol", **carv),
             # control variates on the residual, at equal K
