@@ -18,7 +18,8 @@ measured cost of a step at every ``K`` it has run and picks ``K`` from the measu
 **How the components are estimated.** One step's draws are split into quadrants: two halves of
 the upstream samples times two interleaved halves of the inner draws. Four vector-Jacobian
 products (instead of one; [`carv_pyro.CARVLoss`][carv_pyro.CARVLoss] runs them when its observer
-asks) give the quadrants' gradient sums ``Q_ab``, whose sum is the usual gradient. Within an
+asks, as one batched backward pass where every op on the path has a batching rule, else one
+pass each) give the quadrants' gradient sums ``Q_ab``, whose sum is the usual gradient. Within an
 upstream half, the difference of the two inner halves' means has expected squared norm
 ``V_w (1/|b_1| + 1/|b_2|) / |a|``; the difference of the two upstream halves' means has
 ``(V_b + V_w / K)(1/|a_1| + 1/|a_2|)``. Both give unbiased per-step estimates that
