@@ -651,6 +651,10 @@ class Accountant:
 
     def wants_components(self) -> bool:
         """Whether this step estimates the variance components."""
+        if self.adapt and self.k is None and self.last_K is None:
+            # the very first step of an adapting accountant: the plate's size is not known yet,
+            # so it could not probe K = 2 and would measure V_b alone; measure on the next step
+            return False
         return self.step >= self._next_measure
 
     def select(self, records: list) -> Any:
@@ -778,24 +782,27 @@ class Accountant:
 
     def cost_of(self, K: int) -> float:
         """The predicted seconds of a step at ``K``: from the declared costs if given, else
-        measured where run, a line fitted through the measured step costs elsewhere, or, while
-        one plain size has run, that step's cost with the teacher's measured cost curve."""
+        measured where run; elsewhere the nearest measured step's cost with the teacher's
+        measured cost curve in place of its teacher call (or, without a teacher curve, a line
+        fitted through the measured step costs)."""
         if self.costs is not None:
             c_outer, c_inner = self.costs
             return (self.last_R or 1) * (c_outer + K * c_inner)
         measured = self.step_costs
         if K in measured:
             return measured[K]
+        teacher = self.teacher_costs
+        if measured and len(teacher) >= 2:
+            # only the teacher's share of a step depends on K: the nearest measured step without
+            # its teacher call, plus the teacher's cost curve at K (flat on a launch-bound GPU,
+            # where K is then nearly free). A line through whole steps would read the noise of
+            # a few step timings (a host hiccup, an evaluation) as a slope in K.
+            a, b = fit_cost_curve(teacher)
+            k0 = min(measured, key=lambda k: (abs(k - K), k))
+            return max(measured[k0] - (a + b * k0), 0.0) + a + b * K
         if len(measured) >= 2:
             a, b = fit_cost_curve(measured)
             return a + b * K
-        teacher = self.teacher_costs
-        if measured and len(teacher) >= 2:
-            # one plain step size measured: its cost without the teacher, plus the teacher's
-            # measured cost curve (flat on a launch-bound GPU, where K is then nearly free)
-            a, b = fit_cost_curve(teacher)
-            ((k0, step),) = measured.items()
-            return max(step - (a + b * k0), 0.0) + a + b * K
         c_outer, c_inner = self.cost_estimates()
         R = self.last_R or 1
         return R * (c_outer + K * c_inner)
