@@ -302,6 +302,20 @@ def test_a_signal_mid_run_checkpoints_and_resume_is_bit_identical(tmp_path, sig)
 
 
 @pytest.mark.skipif(not HAVE_SHAPES, reason="the shapes teacher is not built")
+def test_dream_summary_says_what_auto_measured_and_chose(tmp_path):
+    summary = dream(
+        tiny_config(estimator="auto"), tmp_path / "auto", progress=False, scene=tiny_scene()
+    )
+    acc = summary["accounting"]
+    # the first step runs plain (the plate's size is not known before it), the second measures,
+    # probing K = 2 so that V_w is measured too
+    first = acc["measurements"][0]
+    assert first["step"] == 1 and math.isfinite(first["v_within"]), first
+    assert {"v_between", "v_within", "c_outer", "c_inner", "K"} <= set(first)
+    assert set(acc["teacher_costs_s"]) == {"1", "2"} and "1" in acc["step_costs_s"]
+    assert summary["K"]["first"] == 1 and summary["K"]["steps_at"]["2"] >= 1
+
+
 def test_dream_carves_a_shape_that_beats_its_start_with_the_shapes_teacher(tmp_path):
     config = TextTo3DConfig(prompt="cube", steps=40, eval_every=20, estimator="carv", seed=seed(0))
     summary = dream(config, tmp_path / "cube", progress=False)
@@ -347,6 +361,7 @@ def test_race_writes_curves_target_and_ratios(tmp_path, monkeypatch):
             want_k = 1 if name == "baseline" else 8
             assert run["K"]["first"] == run["K"]["last"] == want_k
             assert run["K"]["steps_at"] == {str(want_k): run["steps"]} and run["steps"] > 0
+            assert run["accounting"] is None  # neither preset adapts: no accountant
         assert len(entry["time_to_target_s"]) == 2
         assert set(entry["ratio_to_baseline"]) == {"median", "ci95"}
     on_disk = json.loads((tmp_path / "race" / "race.json").read_text())

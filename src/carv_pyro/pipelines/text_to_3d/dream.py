@@ -283,14 +283,18 @@ def dream(
                 out / "curves.png",
                 f"{config.prompt!r} ({name}, R={config.R}, teacher {config.teacher})",
             )
-        summary = _summary(config, final, resumed_from, files)
+        summary = _summary(config, final, resumed_from, files, run.loss.accountant)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     folder.mark("finished")
     return summary
 
 
 def _summary(
-    config: TextTo3DConfig, final: LoopState, resumed_from: int | None, files: dict[str, str]
+    config: TextTo3DConfig,
+    final: LoopState,
+    resumed_from: int | None,
+    files: dict[str, str],
+    accountant: Any = None,
 ) -> dict[str, Any]:
     first, last = final.evals[0], final.evals[-1]
     metrics = ("iou", "iou_hard", "p", "accuracy")
@@ -314,6 +318,17 @@ def _summary(
             "steps_at": {str(k): n for k, n in sorted(steps_at.items())},
         },
         "resumed_from": resumed_from,
+        "accounting": None if accountant is None else _accounting(accountant),
         "history": final.evals,
         "files": files,
+    }
+
+
+def _accounting(accountant: Any, last: int = 20) -> dict[str, Any]:
+    """What the accountant measured and decided (its last ``last`` measurements, and the step
+    and teacher costs it has timed per K), for reading why ``auto`` chose its K."""
+    return {
+        "measurements": list(accountant.history)[-last:],
+        "step_costs_s": {str(k): v for k, v in accountant.step_costs.items()},
+        "teacher_costs_s": {str(k): v for k, v in accountant.teacher_costs.items()},
     }

@@ -225,7 +225,13 @@ def race(
                 pictures=False,
             )
         results["estimators"][name]["seeds"].append(
-            {"seed": s, "curve": _curve(summary), "steps": summary["steps"], "K": summary["K"]}
+            {
+                "seed": s,
+                "curve": _curve(summary),
+                "steps": summary["steps"],
+                "K": summary["K"],
+                "accounting": summary.get("accounting"),
+            }
         )
         _write(out / RACE_FILE, results)
     bar.close()
