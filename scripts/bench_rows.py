@@ -56,9 +56,7 @@ def main() -> None:
             parser.error(f"--pretrain-steps applies to distillation, not {args.pipeline!r}")
         kwargs["pretrain_steps"] = args.pretrain_steps
     t0 = time.perf_counter()
-    bench = PIPELINES[args.pipeline](
-        quick=args.quick, seed=args.seed, device=args.device, **kwargs
-    )
+    bench = PIPELINES[args.pipeline](quick=args.quick, seed=args.seed, device=args.device, **kwargs)
     every = bench.configs()
     keep = [c for c in every if c["method"] in args.methods and (not args.K or c["K"] in args.K)]
     unknown = set(args.methods) - {c["method"] for c in every}

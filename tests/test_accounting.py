@@ -176,6 +176,7 @@ def test_online_accountant_adapts_k_to_its_pooled_estimates_under_declared_costs
     k_prev = ks[-2]
     lo = max(1, math.ceil(k_prev / acc.max_change))
     hi = min(32, math.floor(k_prev * acc.max_change))
+
     def work(k):
         return (v_b_used + vc.v_within / k) * (c_outer + k)
 
