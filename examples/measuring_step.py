@@ -39,6 +39,7 @@ def time_steps(device: str, K: int, repeats: int, warmup: int = 3) -> dict[str, 
     estimator = carv.Estimator(K=K, proposal="weighted", stratify="per_outer", outer="lattice")
     guide = estimator.guide(model, seed=0)
     batched = loss_module._batched_piece_grads
+    default_devices = loss_module.BATCHED_BACKWARD_DEVICES
     losses = {
         "plain": carv.CARVLoss(accountant=Accountant(every=10**9)),
         "measuring, batched": carv.CARVLoss(accountant=Accountant(every=1)),
@@ -55,6 +56,8 @@ def time_steps(device: str, K: int, repeats: int, warmup: int = 3) -> dict[str, 
             for name, loss in losses.items():  # interleaved: machine load hits all alike
                 looped = name == "measuring, looped"
                 loss_module._batched_piece_grads = (lambda *a: None) if looped else batched
+                # time the batched pass on every device, whatever the library's default there
+                loss_module.BATCHED_BACKWARD_DEVICES = frozenset({torch.device(device).type})
                 for p in field.parameters():
                     p.grad = None
                 sync()
@@ -65,6 +68,7 @@ def time_steps(device: str, K: int, repeats: int, warmup: int = 3) -> dict[str, 
                     times[name].append(1000 * (time.perf_counter() - start))
     finally:
         loss_module._batched_piece_grads = batched
+        loss_module.BATCHED_BACKWARD_DEVICES = default_devices
     return times
 
 

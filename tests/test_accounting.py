@@ -235,6 +235,8 @@ def test_batched_quadrant_backward_equals_one_backward_per_quadrant(monkeypatch,
     without a batching rule falls back to the loop."""
     from carv_pyro.infer import loss as loss_module
 
+    # the batched pass is used on GPUs only (it is slower on a CPU): test it here all the same
+    monkeypatch.setattr(loss_module, "BATCHED_BACKWARD_DEVICES", frozenset({"cpu", "cuda"}))
     objective = sds("sds")
     xi = torch.linspace(-0.5, 1.0, R, dtype=torch.float64)
     model = make_model(objective, R=R, K=K, xi=xi)
