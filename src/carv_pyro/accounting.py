@@ -13,7 +13,8 @@ and the effective compute multiplier of ``K`` against ``K = 1`` is
 
 On a GPU the teacher's cost per draw falls with the batch, so the `Accountant` also keeps the
 measured cost of a step at every ``K`` it has run and picks ``K`` from the measured
-``Var(R, K) * cost(R, K)`` (a linear fit of the measured costs where it has not run).
+``Var(R, K) * cost(R, K)`` (where it has not run: the nearest measured step, with the
+teacher's measured cost curve in place of its teacher call).
 
 **How the components are estimated.** One step's draws are split into quadrants: two halves of
 the upstream samples times two interleaved halves of the inner draws. Four vector-Jacobian
@@ -519,7 +520,9 @@ class Accountant:
     With ``adapt=True`` it sets the size of the term's reserved inner plate
     ([`carv_pyro.draws`][carv_pyro.draws]) after each measurement to the ``K`` that minimises
     the predicted ``Var(R, K) * cost(R, K)``, where ``cost`` is the measured cost of a step at the
-    sizes it has run (a line fitted through them elsewhere). The update is robust: the components
+    sizes it has run (elsewhere `cost_of`'s prediction from the teacher's cost curve). The
+    first measurement of an adapting accountant is on its second step (the first tells it the
+    plate's size, so that a measuring step at K = 1 can probe K = 2). The update is robust: the components
     are pooled over the last ``window`` measurements, a ``V_b`` estimate at or below zero counts
     as one standard error (a small measurement, not zero), and ``K`` changes by at most a factor
     ``max_change`` per update.
