@@ -235,13 +235,21 @@ def _weighted_sites(guide_trace) -> list[str]:
     return weighted
 
 
-def log_weights(records: list[TermRecord], model_trace, guide_trace) -> dict[str, Tensor]:
+def log_weights(
+    records: list[TermRecord], model_trace, guide_trace, weighted: list[str] | None = None
+) -> dict[str, Tensor]:
     """``log p - log q`` of every proposed site, reduced to each term's draws.
 
     Every guide site enters (auxiliary sites included) except those whose draw has exactly the
     prior's marginal (teacher designs under the prior, prior-drawn latents). A site's log-density
     is kept per index along the plates that enclose the term and along which the weight
     factorizes, and summed over every other dim (the joint weight): unbiased in every case.
+
+    Args:
+        records: the particle's term records.
+        model_trace: the model's trace.
+        guide_trace: the guide's trace.
+        weighted: the guide's weighted sites, if the caller has found them already.
 
     Returns:
         ``{term: batch_shape float64 log-weights}``.
@@ -250,7 +258,8 @@ def log_weights(records: list[TermRecord], model_trace, guide_trace) -> dict[str
         ValueError: if a proposed site's prior depends on parameters (its score-function term
             would be dropped), or a site's shape does not line up with a term's plates.
     """
-    weighted = _weighted_sites(guide_trace)
+    if weighted is None:
+        weighted = _weighted_sites(guide_trace)
     out = {r.name: torch.zeros((), dtype=torch.float64, device=r.t.device) for r in records}
     if not weighted:
         return {r.name: w.expand(r.batch_shape) for r, w in zip(records, out.values())}
@@ -372,9 +381,8 @@ def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Par
 
     # Without a weighted site every weight is exactly one: skip forming and multiplying by them
     # (multiplying by one is exact, so the estimate is bit for bit the same).
-    all_log_w = (
-        log_weights(records, model_trace, guide_trace) if _weighted_sites(guide_trace) else None
-    )
+    weighted = _weighted_sites(guide_trace)
+    all_log_w = log_weights(records, model_trace, guide_trace, weighted) if weighted else None
     weights: dict[str, Tensor] = {}
     per_draws: dict[str, Tensor] = {}
     for record in records:
