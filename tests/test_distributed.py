@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 
 import pyro
 import pytest
@@ -153,6 +154,49 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     launch(_worker, WORLD, str(out), backend="gloo", start_method=START)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _adapting_worker(rank: int, world: int, out_dir: str) -> None:
+    """Ranks that timed their steps differently must still choose the same ``K``."""
+    torch.set_num_threads(1)
+    acc = DistributedAccountant(
+        adapt=True, every=1, window=50, min_measurements=1, k_range=(1, 16), tolerance=0.0
+    )
+    acc.last_R, acc.last_K, acc.k = 4, 4, 4
+    # rank 0's teacher is launch-bound (flat in K: it would double K), rank 1's grows with K
+    slope = 0.0 if rank == 0 else 0.1
+    acc._step_times = {4: deque([0.2 + 4 * slope])}
+    acc._teacher_times = {2: deque([0.05 + 2 * slope]), 4: deque([0.05 + 4 * slope])}
+    acc._outer_times.append(0.04)
+    acc._inner_times.append(0.001 + slope)
+    local = Accountant(adapt=True, every=1, window=50, min_measurements=1, k_range=(1, 16))
+    local.last_R, local.last_K, local.k, local.tolerance = 4, 4, 4, 0.0
+    local._step_times, local._teacher_times = dict(acc._step_times), dict(acc._teacher_times)
+    local._outer_times.append(0.04)
+    local._inner_times.append(0.001 + slope)
+    local.observe_measurement(v_within=1.0, v_between=0.1)
+    acc.observe_measurement(v_within=1.0, v_between=0.1)
+    torch.save(
+        {
+            "k": acc.k,
+            "local_k": local.k,
+            "step_costs": acc.step_costs,
+            "teacher_costs": acc.teacher_costs,
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
+
+
+def test_ranks_with_different_cost_curves_choose_the_same_k(tmp_path):
+    launch(_adapting_worker, WORLD, str(tmp_path), backend="gloo", start_method=START)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    # alone, rank 0 would double K (its teacher is free) and rank 1 would keep it
+    assert [r["local_k"] for r in res] == [8, 4]
+    # pooled, both decide on the slowest rank's curve: a synchronous step waits for it
+    assert [r["k"] for r in res] == [4, 4]
+    for r in res:
+        assert r["step_costs"] == pytest.approx({4: 0.6})
+        assert r["teacher_costs"] == pytest.approx({2: 0.25, 4: 0.45})
 
 
 # -- faults ------------------------------------------------------------------------------------

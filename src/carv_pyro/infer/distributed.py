@@ -33,7 +33,8 @@ single-process design; its other draws (noise) come from the rank's own seed.
 **Accounting.** `DistributedAccountant` is an [`Accountant`][carv_pyro.accounting.Accountant]
 whose measurements are gathered from all ranks (every rank pools every rank's per-step
 estimates of ``V_w`` and ``V_b``, as one accountant would that saw all the streams) and whose
-costs are averaged over ranks, so every rank computes the same ``K*`` and sets the same ``K``.
+costs are gathered too (``c_outer`` and ``c_inner`` averaged over ranks, the cost of a step at
+each ``K`` the slowest rank's), so every rank computes the same ``K*`` and sets the same ``K``.
 `merge_components` merges any [`VarianceComponents`][carv_pyro.accounting.VarianceComponents] across
 ranks (all-gather of [`state`][carv_pyro.accounting.VarianceComponents.state], then
 [`merge`][carv_pyro.accounting.VarianceComponents.merge]).
@@ -604,10 +605,14 @@ class SharedStrataSource(RandomSource):
 class DistributedAccountant(Accountant):
     """An [`Accountant`][carv_pyro.accounting.Accountant] that pools every rank's measurements.
 
-    On a measuring step each rank contributes its per-step estimates of ``V_w`` and ``V_b`` and
-    its cost medians; an all-gather gives every rank all of them, in rank order. The window then
-    holds ``window * world_size`` measurements (``window`` steps of every rank), the costs are
-    the averages over ranks, and ``K*`` (and the adapted ``K``) is the same on every rank.
+    On a measuring step each rank contributes its per-step estimates of ``V_w`` and ``V_b``, its
+    cost medians and its measured cost curves (the median step and teacher seconds at each
+    ``K`` it has run); an all-gather gives every rank all of them, in rank order. The window then
+    holds ``window * world_size`` measurements (``window`` steps of every rank), ``c_outer`` and
+    ``c_inner`` are the averages over ranks, and the cost of a step at each ``K`` is the
+    slowest rank's (a synchronous step waits for it). Every rank then decides from the same
+    numbers, so ``K*`` and the adapted ``K`` are the same on every rank (with rank-local cost
+    curves, ranks that timed differently could choose different sizes).
 
     Takes [`Accountant`][carv_pyro.accounting.Accountant]'s arguments, plus ``group``.
     """
@@ -616,47 +621,43 @@ class DistributedAccountant(Accountant):
         super().__init__(*args, **kwargs)
         self.group = group
         self._merged_costs: tuple[float, float] | None = None
+        self._merged_curves: tuple[dict[int, float], dict[int, float]] | None = None
 
     def observe_measurement(self, v_within: float | None, v_between: float | None) -> None:
-        """Gather every rank's estimates (collective), then pool them as one accountant."""
+        """Gather every rank's estimates and costs (collective), then pool them as one
+        accountant."""
         _, world = rank_and_world(self.group)
         if world == 1:
             super().observe_measurement(v_within, v_between)
             return
         if self._measurements.maxlen != self.window * world:
             self._measurements = deque(self._measurements, maxlen=self.window * world)
-        c_outer, c_inner = self._local_costs()
-        nan = math.nan
-        local = torch.tensor(
-            [
-                nan if v_within is None else v_within,
-                nan if v_between is None else v_between,
-                c_outer,
-                c_inner,
-            ],
-            dtype=torch.float64,
-            device=_comm_device(self.group),
-        )
-        gathered = [torch.empty_like(local) for _ in range(world)]
+        local = {
+            "v_within": v_within,
+            "v_between": v_between,
+            "costs": self._local_costs(),
+            "step_costs": super().step_costs,
+            "teacher_costs": super().teacher_costs,
+        }
+        gathered: list[Any] = [None] * world
         _collective(
             "the accountant's all-gather",
-            lambda: dist.all_gather(gathered, local, group=self.group),
+            lambda: dist.all_gather_object(gathered, local, group=self.group),
             self.group,
         )
-        rows = [g.tolist() for g in gathered]
-        costs = [(r[2], r[3]) for r in rows if math.isfinite(r[2]) and math.isfinite(r[3])]
+        costs = [r["costs"] for r in gathered if all(math.isfinite(c) for c in r["costs"])]
         if costs:
             self._merged_costs = (
                 sum(c[0] for c in costs) / len(costs),
                 sum(c[1] for c in costs) / len(costs),
             )
-
-        def opt(v: float) -> float | None:
-            return None if math.isnan(v) else v
-
-        for r in rows[:-1]:
-            self._measurements.append(_Measurement(self.step, opt(r[0]), opt(r[1])))
-        super().observe_measurement(opt(rows[-1][0]), opt(rows[-1][1]))
+        self._merged_curves = (
+            _slowest(r["step_costs"] for r in gathered),
+            _slowest(r["teacher_costs"] for r in gathered),
+        )
+        for r in gathered[:-1]:
+            self._measurements.append(_Measurement(self.step, r["v_within"], r["v_between"]))
+        super().observe_measurement(gathered[-1]["v_within"], gathered[-1]["v_between"])
 
     def _local_costs(self) -> tuple[float, float]:
         return super().cost_estimates()
@@ -666,6 +667,27 @@ class DistributedAccountant(Accountant):
         if self.costs is None and self._merged_costs is not None:
             return self._merged_costs
         return super().cost_estimates()
+
+    @property
+    def step_costs(self) -> dict[int, float]:
+        """``{K: seconds of a step}``: the slowest rank's median at each ``K``, as gathered at
+        the last measurement (this rank's own before the first)."""
+        return dict(self._merged_curves[0]) if self._merged_curves else super().step_costs
+
+    @property
+    def teacher_costs(self) -> dict[int, float]:
+        """``{K: seconds of the teacher call}``: the slowest rank's median at each ``K``, as
+        gathered at the last measurement (this rank's own before the first)."""
+        return dict(self._merged_curves[1]) if self._merged_curves else super().teacher_costs
+
+
+def _slowest(curves: Iterable[dict[int, float]]) -> dict[int, float]:
+    """``{K: the largest seconds any rank measured at K}`` over the ranks' cost curves."""
+    out: dict[int, float] = {}
+    for curve in curves:
+        for k, seconds in curve.items():
+            out[k] = max(out.get(k, seconds), seconds)
+    return dict(sorted(out.items()))
 
 
 # -- the loss ----------------------------------------------------------------------------------
