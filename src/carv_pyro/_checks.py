@@ -7,13 +7,17 @@ A boolean is never accepted as a number (``True`` is an ``int`` to Python, not t
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 __all__ = [
     "choice",
+    "device_checks",
     "finite_float",
+    "host_checks",
     "in_range",
     "instance",
     "non_negative_float",
@@ -133,3 +137,36 @@ def seed_value(name: str, value: Any) -> int | None:
     if not _is_int(value) or not 0 <= value < 2**63:
         raise ValueError(f"{name} must be None or an integer in [0, 2**63), got {value!r}")
     return int(value)
+
+
+# -- checks that read a value back from the device ------------------------------------------
+#
+# A check such as "are the class labels in range" or "is any teacher output NaN" reads a value
+# back to the host; on a GPU that read waits for all queued work (a host synchronisation).
+# Such checks run on the host when `host_checks(device)` says so: by default for CPU tensors
+# only (where reading is free), everywhere inside ``device_checks(True)`` (CARVLoss(checks=True)
+# enters it around a step), nowhere inside ``device_checks(False)``. Where a host check is off,
+# a device-side assert or a deferred read takes its place where one exists.
+
+_HOST_CHECKS: ContextVar[bool | None] = ContextVar("carv_pyro_host_checks", default=None)
+
+
+def host_checks(device: Any) -> bool:
+    """Whether checks that read values of a tensor on ``device`` back to the host run now."""
+    flag = _HOST_CHECKS.get()
+    if flag is None:
+        return getattr(device, "type", device) == "cpu"
+    return flag
+
+
+@contextlib.contextmanager
+def device_checks(enabled: bool | None) -> Iterator[None]:
+    """Within the block, host checks run everywhere (``True``), nowhere (``False``), or for CPU
+    tensors only (``None``, the default)."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"checks must be True, False or None, got {enabled!r:.80}")
+    token = _HOST_CHECKS.set(enabled)
+    try:
+        yield
+    finally:
+        _HOST_CHECKS.reset(token)

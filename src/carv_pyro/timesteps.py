@@ -110,7 +110,7 @@ class AbstractTimestepDistribution:
             Long tensor of timesteps with the shape of ``u``.
         """
         u = torch.as_tensor(u).to(torch.float64)
-        cdf = self._tables()[2].to(u.device)
+        cdf = self._table_on(2, u.device)  # copied once per device, not every call
         # A float32 uniform can round up to exactly 1.0: keep u in [0, 1) so the result stays on
         # the support (the CDF is pinned to 1 from the last positive mass on).
         u = u.clamp(0.0, 1.0 - 2.0**-53).contiguous()

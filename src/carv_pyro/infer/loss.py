@@ -11,6 +11,7 @@ and which backward to run, and tells it what the step measured (`StepReport`).
 
 from __future__ import annotations
 
+import numbers
 import warnings
 import weakref
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from .primitives import ROLE_KEY, TERM_KEY, TermRecord
 __all__ = [
     "NONFINITE",
     "CARVLoss",
+    "DeviceLoss",
     "LossObserver",
     "NonFiniteTeacherError",
     "Particle",
@@ -146,6 +148,14 @@ class Particle:
     records: list[TermRecord] = field(default_factory=list)
     weights: dict[str, Tensor] = field(default_factory=dict)
     per_draw: dict[str, Tensor] = field(default_factory=dict)
+    deferred_nonfinite: dict[str, tuple[Tensor, int]] = field(default_factory=dict)
+
+
+def _host_value(value: Tensor) -> Tensor:
+    """A detached float64 value, on the host where host checks run, else left on its device
+    (reading it back would synchronise: `DeviceLoss` reads it when it is used)."""
+    value = value.detach().to(torch.float64)
+    return value.cpu() if _checks.host_checks(value.device) else value
 
 
 def _plate_names(frames) -> set[tuple[str, int | None]]:
@@ -374,7 +384,7 @@ def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Par
             if mask is not None and mask is not True:
                 lp = torch.where(torch.as_tensor(mask, device=lp.device), lp, lp.new_zeros(()))
             term = -(lp * scale).sum()
-            loss = loss + term.detach().to(torch.float64).cpu()
+            loss = loss + _host_value(term)
             surrogate = surrogate + term
         elif guide_trace.nodes.get(name, {}).get("infer", {}).get(EXACT_KEY):
             _check_prior_site(name, site)
@@ -385,6 +395,7 @@ def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Par
     all_log_w = log_weights(records, model_trace, guide_trace, weighted) if weighted else None
     weights: dict[str, Tensor] = {}
     per_draws: dict[str, Tensor] = {}
+    deferred: dict[str, tuple[Tensor, int]] = {}
     for record in records:
         site = term_sites[record.name]
         scale = _user_scale(site)
@@ -404,7 +415,10 @@ def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Par
         elif mask is False:
             w = torch.zeros_like(w)
             bad = torch.zeros_like(bad)
-        if nonfinite == "raise":
+        if nonfinite == "raise" and not _checks.host_checks(bad.device):
+            # no host read inside the step: CARVLoss reads the count when the device is done
+            deferred[record.name] = (bad.sum(), bad.numel())
+        elif nonfinite == "raise":
             if bad.any():
                 bad_t = record.t[bad]
                 raise NonFiniteTeacherError(
@@ -427,11 +441,16 @@ def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Par
         per_draws[record.name] = per_draw
         weights[record.name] = w
         surrogate = surrogate + per_draw.sum() / n
-        loss = loss + value.detach().to(torch.float64).cpu()
+        loss = loss + _host_value(value)
     if not isinstance(loss, Tensor):
         loss = torch.zeros((), dtype=torch.float64)
     return Particle(
-        loss=loss, surrogate=surrogate, records=records, weights=weights, per_draw=per_draws
+        loss=loss,
+        surrogate=surrogate,
+        records=records,
+        weights=weights,
+        per_draw=per_draws,
+        deferred_nonfinite=deferred,
     )
 
 
@@ -629,6 +648,14 @@ class CARVLoss(ELBO):
             [`Accountant`][carv_pyro.accounting.Accountant] (measures variance components and
             costs; may resize the reserved inner plate).
         max_plate_nesting: as in Pyro's ELBOs (guessed when vectorizing particles).
+        checks: the checks that read a value back from the device (class labels in range,
+            timesteps in range, ``nonfinite="raise"``'s NaN test). ``None`` (default): on the
+            host for CPU tensors; on a GPU none inside a step, so that a step never waits for
+            the device: ranges become device-side asserts, and ``nonfinite="raise"`` raises at
+            a later step, once the device has finished the step that produced the NaN (that
+            step's gradient was then applied). ``True``: every check on the host, everywhere
+            (the CPU's errors, before any gradient exists; each costs a host synchronisation
+            on a GPU). ``False``: no host checks on the CPU either.
 
     Attributes:
         last_records: the [`TermRecord`][carv_pyro.infer.primitives.TermRecord] objects of the
@@ -637,8 +664,12 @@ class CARVLoss(ELBO):
             particle (e.g. to record the draws of a step).
 
     Note:
-        Checking teacher outputs for NaN reads one boolean back from the device per term and
-        step; reading the loss value reads one number.
+        Host synchronisations. With ``checks=True`` checking teacher outputs for NaN reads one
+        boolean back from the device per term and step, and the loss value is read in the
+        step. Otherwise, on a GPU, `loss_and_grads` (and ``SVI.step``) returns a `DeviceLoss`:
+        a number whose value stays on the device until it is used (``float(loss)``,
+        printing, arithmetic), so a loop that does not look at every step's loss never waits.
+        An accountant reads its stopwatches' CUDA events in the step it observes.
     """
 
     def __init__(
@@ -649,8 +680,11 @@ class CARVLoss(ELBO):
         nonfinite: str = "raise",
         accountant: LossObserver | None = None,
         max_plate_nesting: float = float("inf"),
+        checks: bool | None = None,
     ):
         _checks.positive_int("num_particles", num_particles)
+        if checks is not None and not isinstance(checks, bool):
+            raise ValueError(f"checks must be True, False or None, got {checks!r:.80}")
         _checks.instance("vectorize_particles", vectorize_particles, bool, "True or False")
         _checks.choice("nonfinite", nonfinite, NONFINITE)
         if accountant is not None and not isinstance(accountant, LossObserver):
@@ -664,6 +698,8 @@ class CARVLoss(ELBO):
             vectorize_particles=vectorize_particles,
         )
         self.nonfinite = nonfinite
+        self.checks = checks
+        self._pending_nonfinite: list[tuple[str, int, Tensor, torch.cuda.Event | None]] = []
         self.accountant = accountant
         self.last_records: list[TermRecord] = []
         self.hooks: list = []
@@ -711,6 +747,46 @@ class CARVLoss(ELBO):
 
     # -- the estimator ---------------------------------------------------------------------
     def _run(self, model, guide, args, kwargs, backward: bool):
+        with _checks.device_checks(self.checks):
+            self._raise_pending_nonfinite()
+            loss, surrogate = self._run_checked(model, guide, args, kwargs, backward)
+        return loss, surrogate
+
+    def _defer_nonfinite(self, particle: Particle) -> None:
+        """Queue each term's NaN count for a read once the device is done (no sync now)."""
+        for name, (count, numel) in particle.deferred_nonfinite.items():
+            event = None
+            if count.device.type == "cuda":
+                host = torch.empty((), dtype=count.dtype, pin_memory=True)
+                host.copy_(count, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                count = host
+            self._pending_nonfinite.append((name, numel, count, event))
+        if len(self._pending_nonfinite) > 64:  # the device is far behind: wait for the oldest
+            event = self._pending_nonfinite[0][3]
+            if event is not None:
+                event.synchronize()
+
+    def _raise_pending_nonfinite(self) -> None:
+        """Raise for an earlier step's NaN draws whose count the device has delivered."""
+        pending, self._pending_nonfinite = self._pending_nonfinite, []
+        for i, (name, numel, count, event) in enumerate(pending):
+            if event is not None and not event.query():
+                self._pending_nonfinite.append(pending[i])
+                continue
+            n_bad = int(count)
+            if n_bad:
+                self._pending_nonfinite = []
+                raise NonFiniteTeacherError(
+                    f"teacher term {name!r} produced NaN/Inf at {n_bad} of {numel} draws in an "
+                    f"earlier step (found without a host synchronisation, after that step's "
+                    f"gradient was applied); check the teacher's weights and the upstream x fed "
+                    f"to it, pass CARVLoss(checks=True) to stop before any gradient exists, or "
+                    f"CARVLoss(nonfinite='zero') to drop such draws"
+                )
+
+    def _run_checked(self, model, guide, args, kwargs, backward: bool):
         loss = 0.0
         surrogate = 0.0
         acc = self.accountant
@@ -724,6 +800,8 @@ class CARVLoss(ELBO):
             except StopIteration:
                 break
             particle = particle_estimate(model_trace, guide_trace, self.nonfinite)
+            if particle.deferred_nonfinite:
+                self._defer_nonfinite(particle)
             if not particle.records and isinstance(guide, TimestepGuide):
                 raise ValueError(
                     "the guide is a TimestepGuide but the model has no teacher_term it could "
@@ -755,7 +833,8 @@ class CARVLoss(ELBO):
                     part.backward()
             elif not backward:
                 surrogate = surrogate + part
-            loss = loss + float(particle.loss) / n_particles
+            on_host = particle.loss.device.type == "cpu"
+            loss = loss + (float(particle.loss) if on_host else particle.loss) / n_particles
             if record is not None:
                 on_device = record.t.device.type == "cuda"
                 elapsed = (watch if on_device else host).stop().seconds()
@@ -812,7 +891,7 @@ class CARVLoss(ELBO):
         """
         with torch.no_grad():
             loss, _ = self._run(model, guide, args, kwargs, backward=False)
-        return loss
+        return DeviceLoss(loss) if isinstance(loss, Tensor) else loss
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """Estimate the loss and accumulate the CARV gradient estimate into ``.grad``.
@@ -821,14 +900,78 @@ class CARVLoss(ELBO):
             float: the loss estimate.
         """
         loss, _ = self._run(model, guide, args, kwargs, backward=True)
-        return loss
+        return DeviceLoss(loss) if isinstance(loss, Tensor) else loss
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         """``loss + (surrogate - surrogate.detach())``: the value is the loss, the gradient CARV's."""
         loss, surrogate = self._run(model, guide, args, kwargs, backward=False)
         if not isinstance(surrogate, Tensor):
             surrogate = torch.zeros(())
+        if isinstance(loss, Tensor):  # left on the device: keep the surrogate's dtype
+            loss = loss.to(surrogate.dtype)
         return loss + (surrogate - surrogate.detach())
+
+
+class DeviceLoss(numbers.Real):
+    """A loss value left on its device: read back (one host synchronisation) when first used.
+
+    `CARVLoss` returns one on a GPU unless ``checks=True``, so that ``SVI.step`` (whose value
+    Pyro passes through as a number) does not wait for the device. It behaves as the ``float``
+    it holds: ``float(loss)``, formatting, comparisons and arithmetic read it (once). JSON and
+    other serialisers want a real ``float``: write ``float(loss)``.
+
+    Attributes:
+        tensor: the 0-d float64 value on its device, until it has been read.
+    """
+
+    __slots__ = ("_value", "tensor")
+
+    def __init__(self, tensor: Tensor):
+        self.tensor: Tensor | None = tensor.detach()
+        self._value: float | None = None
+
+    def __float__(self) -> float:
+        if self._value is None:
+            self._value = float(self.tensor)
+            self.tensor = None
+        return self._value
+
+    def __repr__(self) -> str:
+        return repr(float(self))
+
+    def __format__(self, spec: str) -> str:
+        return format(float(self), spec)
+
+    def __hash__(self) -> int:
+        return hash(float(self))
+
+    def __bool__(self) -> bool:
+        return bool(float(self))
+
+    def __round__(self, ndigits: int | None = None):
+        return round(float(self), ndigits)
+
+
+def _delegate(name: str):
+    def method(self, *args):
+        args = tuple(float(a) if isinstance(a, DeviceLoss) else a for a in args)
+        return getattr(float(self), name)(*args)
+
+    method.__name__ = name
+    return method
+
+
+for _name in (
+    "__abs__ __add__ __ceil__ __eq__ __floor__ __floordiv__ __le__ __lt__ __ge__ __gt__ __mod__ "
+    "__mul__ __neg__ __pos__ __pow__ __radd__ __rfloordiv__ __rmod__ __rmul__ __rpow__ "
+    "__rtruediv__ __truediv__ __trunc__ __sub__ __rsub__ __divmod__ __rdivmod__ __int__ "
+    "__ne__ __complex__"
+).split():
+    if _name == "__complex__":
+        DeviceLoss.__complex__ = lambda self: complex(float(self))  # type: ignore[method-assign]
+    else:
+        setattr(DeviceLoss, _name, _delegate(_name))
+DeviceLoss.__abstractmethods__ = frozenset()
 
 
 def _default_device() -> torch.device:

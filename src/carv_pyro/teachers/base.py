@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..layout import to_device
 from ..schedules import DiscreteSchedule
 
 __all__ = ["AbstractTeacher"]
@@ -352,7 +353,7 @@ class AbstractTeacher:
                 f"{_format_shape(expected, batch=None)} for all rows) for this teacher, got "
                 f"{shape}"
             )
-        return cond.to(device)
+        return to_device(cond, device)  # a host tensor (null_cond's labels) without a sync
 
     @staticmethod
     def _validate_guidance(guidance_scale: Any, cond: Tensor | None) -> float:

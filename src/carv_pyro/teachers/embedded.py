@@ -68,7 +68,10 @@ _SCRIPT = "scripts/train_default_teacher.py"
 
 
 def load_default(
-    *, dtype: torch.dtype | None = None, max_batch: int | None = None
+    *,
+    dtype: torch.dtype | None = None,
+    max_batch: int | None = None,
+    compile: bool | dict[str, Any] = False,
 ) -> DiffusersTeacher:
     """Load the embedded default teacher (offline, frozen).
 
@@ -76,6 +79,8 @@ def load_default(
         dtype: compute dtype (``None``: the input's dtype); see
             [`DiffusersTeacher`][carv_pyro.teachers.DiffusersTeacher].
         max_batch: evaluate at most this many rows per network call (``None``: one call).
+        compile: compile the UNet's forward with `torch.compile`: ``True`` or a dict of its
+            keyword arguments (see [`DiffusersTeacher`][carv_pyro.teachers.DiffusersTeacher]).
 
     Returns:
         A [`DiffusersTeacher`][carv_pyro.teachers.DiffusersTeacher] with ``event_shape == (1, 16, 16)``,
@@ -94,7 +99,11 @@ def load_default(
         )
     verify_default_weights()
     return DiffusersTeacher.from_pretrained(
-        DEFAULT_TEACHER_DIR, dtype=dtype, max_batch=max_batch, null_class=NULL_CLASS
+        DEFAULT_TEACHER_DIR,
+        dtype=dtype,
+        max_batch=max_batch,
+        null_class=NULL_CLASS,
+        compile=compile,
     )
 
 

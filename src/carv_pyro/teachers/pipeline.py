@@ -86,6 +86,7 @@ class PipelineTeacher(DiffusersTeacher):
             conditioning, as in ``StableDiffusionPipeline.encode_prompt`` without ``clip_skip``.
         dtype: the UNet's compute dtype (see `DiffusersTeacher`).
         max_batch: evaluate at most this many UNet rows per call.
+        compile: compile the UNet's forward (see `DiffusersTeacher`).
         guidance_prompt: the prompt whose embedding is the unconditional branch of guidance.
         pipeline: the pipeline the components came from (kept for `save_pretrained`).
 
@@ -104,6 +105,7 @@ class PipelineTeacher(DiffusersTeacher):
         dtype: torch.dtype | None = None,
         max_batch: int | None = None,
         guidance_prompt: str = "",
+        compile: bool | dict[str, Any] = False,
         pipeline: Any = None,
     ):
         if not isinstance(guidance_prompt, str):
@@ -122,6 +124,7 @@ class PipelineTeacher(DiffusersTeacher):
             dtype=dtype,
             max_batch=max_batch,
             null_encoder_hidden_states=null,
+            compile=compile,
         )
         config = vae.config
         self.scaling_factor = float(getattr(config, "scaling_factor", 1.0) or 1.0)
@@ -137,6 +140,7 @@ class PipelineTeacher(DiffusersTeacher):
         dtype: torch.dtype | None = None,
         max_batch: int | None = None,
         guidance_prompt: str = "",
+        compile: bool | dict[str, Any] = False,
     ) -> PipelineTeacher:
         """The teacher of a loaded pipeline (see `teacher_from_pipeline`)."""
         missing = [name for name in PIPELINE_COMPONENTS if getattr(pipe, name, None) is None]
@@ -155,6 +159,7 @@ class PipelineTeacher(DiffusersTeacher):
             max_batch=max_batch,
             guidance_prompt=guidance_prompt,
             pipeline=pipe,
+            compile=compile,
         )
 
     @classmethod
@@ -166,7 +171,7 @@ class PipelineTeacher(DiffusersTeacher):
 
         Args:
             path: the folder, as written by a pipeline's ``save_pretrained``.
-            **kwargs: ``dtype``, ``max_batch``, ``guidance_prompt``.
+            **kwargs: ``dtype``, ``max_batch``, ``guidance_prompt``, ``compile``.
 
         Raises:
             FileNotFoundError: if ``path`` holds no ``model_index.json``.
@@ -354,6 +359,7 @@ def teacher_from_pipeline(
     dtype: torch.dtype | None = None,
     max_batch: int | None = None,
     guidance_prompt: str = "",
+    compile: bool | dict[str, Any] = False,
 ) -> PipelineTeacher:
     """A latent-space teacher from a Stable-Diffusion-like diffusers pipeline.
 
@@ -364,6 +370,8 @@ def teacher_from_pipeline(
         dtype: the UNet's compute dtype (e.g. ``torch.bfloat16`` on a GPU).
         max_batch: evaluate at most this many UNet rows per call (guidance doubles the rows).
         guidance_prompt: the prompt of the unconditional branch of guidance (default ``""``).
+        compile: compile the UNet's forward with `torch.compile` (``True`` or a dict of its
+            keyword arguments; see `DiffusersTeacher`).
 
     Returns:
         a `PipelineTeacher` whose ``event_shape`` is the latent shape ``(C, h, w)`` and
@@ -373,5 +381,5 @@ def teacher_from_pipeline(
         TypeError: if the pipeline lacks one of the components.
     """
     return PipelineTeacher.from_pipeline(
-        pipe, dtype=dtype, max_batch=max_batch, guidance_prompt=guidance_prompt
+        pipe, dtype=dtype, max_batch=max_batch, guidance_prompt=guidance_prompt, compile=compile
     )

@@ -246,7 +246,7 @@ class ShapesTeacher(DiffusersTeacher):
         class_names: the classes in label order (``D = len(class_names) + 5``).
         settings: the folder's ``shapes_teacher.json`` (render settings, camera ranges), or
             ``None``.
-        **kwargs: `DiffusersTeacher` options (``dtype``, ``max_batch``).
+        **kwargs: `DiffusersTeacher` options (``dtype``, ``max_batch``, ``compile``).
 
     Attributes:
         class_names: the classes in label order.
@@ -369,7 +369,11 @@ class ShapesTeacher(DiffusersTeacher):
 
 
 def load_shapes(
-    *, dtype: torch.dtype | None = None, max_batch: int | None = None, verify: bool = True
+    *,
+    dtype: torch.dtype | None = None,
+    max_batch: int | None = None,
+    verify: bool = True,
+    compile: bool | dict[str, Any] = False,
 ) -> ShapesTeacher:
     """Load the embedded shapes teacher (offline, frozen).
 
@@ -377,6 +381,8 @@ def load_shapes(
         dtype: compute dtype (``None``: the input's dtype).
         max_batch: evaluate at most this many rows per network call (``None``: one call).
         verify: check every file against ``manifest.json`` first (cached per process).
+        compile: compile the UNet's forward with `torch.compile`: ``True`` or a dict of its
+            keyword arguments (see `DiffusersTeacher`).
 
     Returns:
         A `ShapesTeacher` with ``event_shape == (1, 32, 32)`` and ``cond_event_shape == (D,)``.
@@ -400,4 +406,5 @@ def load_shapes(
         settings=settings,
         dtype=dtype,
         max_batch=max_batch,
+        compile=compile,
     )
