@@ -15,7 +15,9 @@ does). One run reports:
 (d) peak GPU memory against ``K`` (and with chunking, ``max_batch``);
 (e) the teacher's time per draw against its FLOP floor (FLOPs counted with
     ``torch.utils.flop_counter``; the floor at the bf16 matmul rate measured in the same run),
-    with channels_last, the attention kernel and ``torch.compile`` on and off.
+    with channels_last, the attention kernel and ``torch.compile`` on and off, and the library's
+    own option (``DiffusersTeacher(..., compile={"mode": m})``) inside CARV's teacher
+    evaluation for each mode in ``--compile-modes``.
 
 Writes ``<out>/gpu_<card>.md`` and ``.json`` (``cpu_quick`` on a CPU) with card, date and command.
 
@@ -262,11 +264,17 @@ class Bench:
         pyro.module("field", self.field)
         zero = torch.zeros((), device=self.device)
         g = self.camera_generator
+        # validate_args=False: the bounds are ours; with Pyro's validation on (its default),
+        # checking them would read back from the GPU at every step (the library's own sites
+        # never validate)
+        lo, hi = math.radians(-10.0), math.radians(30.0)
         with pyro.plate("views", R, dim=-2):
-            az = pyro.sample("azimuth", SeededUniform(zero - math.pi, zero + math.pi, g))
+            az = pyro.sample(
+                "azimuth",
+                SeededUniform(zero - math.pi, zero + math.pi, g, validate_args=False),
+            )
             el = pyro.sample(
-                "elevation",
-                SeededUniform(zero + math.radians(-10.0), zero + math.radians(30.0), g),
+                "elevation", SeededUniform(zero + lo, zero + hi, g, validate_args=False)
             )
             latents = self.upstream(self.field, az, el)  # (R, 1, 4, h, w)
             with carv.draws(K, dim=-1):  # the reserved inner plate
@@ -470,8 +478,53 @@ def section_options(b: Bench, res: dict) -> None:
             log(f"(e) torch.compile failed: {e!r}"[:300])
         finally:
             b.unet._compiled_call_impl = None  # back to eager for the other sections
+        fmt = "channels_last" if best_cl else "NCHW"
+        for mode in b.args.compile_modes:
+            _library_compile_row(b, res, rows, mode, n_big, fmt)
     _memory_format(b.unet, False)
     res["options"] = rows
+
+
+def _library_compile_row(b: Bench, res: dict, rows: list, mode: str, n: int, fmt: str) -> None:
+    """One row of (e): the teacher built with the library's ``compile=`` option, timed inside
+    CARV's teacher evaluation (noising, guidance rows fused into one call, weights)."""
+    option = True if mode == "default" else {"mode": mode}
+    teacher = carv.teachers.DiffusersTeacher(
+        b.unet,
+        b.scheduler,
+        dtype=b.dtype,
+        null_encoder_hidden_states=b.teacher.null_encoder_hidden_states,
+        compile=option,
+    )
+    objective = carv.SDS(teacher, guidance_scale=b.args.guidance_scale)
+    carv_in = b.carv_inputs(n)
+    name = f"library compile={option!r}, SDPA, {fmt}"
+    try:
+        t0 = time.perf_counter()
+        objective.evaluate(*carv_in)
+        sync(b.device)
+        seconds = time.perf_counter() - t0
+        res.setdefault("library_compile_seconds", {})[mode] = seconds
+        log(f"(e) library compile mode {mode}: compiled in {seconds:.0f} s")
+        sec = time_fn(lambda: objective.evaluate(*carv_in), b.device, b.args.reps)
+    except Exception as e:  # a mode may fail on a machine (e.g. no Triton)
+        rows.append({"option": name, "error": repr(e)[:300]})
+        log(f"(e) {name} failed: {e!r}"[:300])
+        return
+    finally:
+        torch._dynamo.reset()  # each mode compiles afresh; none leaks into later sections
+    ms = sec / n * 1e3
+    floor = res.get("floor", {}).get("floor_ms_per_draw", math.nan)
+    rows.append(
+        {
+            "option": name,
+            "draws": n,
+            "path": "CARV teacher",
+            "ms_per_draw": ms,
+            "floor_fraction": floor / ms,
+        }
+    )
+    log(f"(e) {name} @ {n} draws (CARV teacher): {ms:.3f} ms/draw, {floor / ms:.1%} of floor")
 
 
 def _sync_locations(fn) -> list[tuple[str, int]]:
@@ -545,6 +598,8 @@ def section_overhead(b: Bench, res: dict) -> None:
     if b.device.type == "cuda":
         out["host_syncs_carv"] = _sync_locations(step)
         out["host_syncs_hand"] = _sync_locations(hand)
+        # the library reads nothing back inside a step (CARVLoss(checks=None), the default):
+        # expect 0 here (tests/test_gpu.py checks it under sync debug mode "error")
         log(f"(b) host syncs in one CARV step: {sum(c for _, c in out['host_syncs_carv'])}")
     res["overhead"] = out
 
@@ -817,6 +872,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="measure torch.compile in (e) (default: on CUDA only; slow to compile on a CPU)",
+    )
+    p.add_argument(
+        "--compile-modes",
+        type=lambda v: [m for m in v.split(",") if m],
+        default=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
+        help="modes of the library's compile= option timed in (e), comma-separated; 'default' "
+        "is compile=True (each compiles the UNet afresh: about a minute for SD-2.1 on a GPU, "
+        "several for max-autotune-no-cudagraphs)",
     )
     args = p.parse_args(argv)
     quick = args.quick

@@ -5,7 +5,10 @@ call. Each test states the guarantee it checks:
 
 - a seeded CARV step repeats bit for bit on the GPU (deterministic kernels on), and a CPU
   generator given for a CUDA run is used correctly (draws made on the CPU and moved);
-- NaN teacher outputs are refused before any gradient exists;
+- NaN teacher outputs are refused before any gradient exists with ``checks=True``, and at a later
+  step without host checks (the default on a GPU);
+- a warm CARV step never synchronises the host with the GPU (the embedded teacher, guidance on,
+  Pyro's validation on or off), and does with ``checks=True``;
 - bad inputs give the same clear errors as on the CPU;
 - the estimator is unbiased on the device, by exact quadrature over the timestep uniforms, with a
   float32 teacher and with a bf16 one (the weights and reductions stay in float32/float64);
@@ -16,6 +19,7 @@ call. Each test states the guarantee it checks:
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -114,9 +118,75 @@ def test_nan_teacher_output_is_refused_on_cuda():
     objective = _cuda_sds()
     model = _cuda_model(objective, xi=torch.tensor([0.0, float("nan"), 0.0], dtype=torch.float64))
     pyro.param("theta", THETA0.clone().to(CUDA))
-    with pytest.raises(carv.NonFiniteTeacherError, match="'sds'"):
-        carv.CARVLoss().loss_and_grads(model, carv.TimestepGuide())
+    # with host checks (one read in the step): before any gradient exists
+    with pytest.raises(carv.NonFiniteTeacherError, match="'sds'.*timesteps"):
+        carv.CARVLoss(checks=True).loss_and_grads(model, carv.TimestepGuide())
     assert pyro.param("theta").unconstrained().grad is None
+    # without (the default on a GPU): no read in the step; refused at a later one
+    loss, guide = carv.CARVLoss(), carv.TimestepGuide()
+    loss.loss_and_grads(model, guide)
+    torch.cuda.synchronize()
+    with pytest.raises(carv.NonFiniteTeacherError, match="'sds'.*earlier step"):
+        loss.loss_and_grads(model, guide)
+
+
+def _embedded_svi(R=2, K=4, preset="carv", checks=None, compile=False):
+    """Warm SVI steps of SDS with the embedded digits teacher (guidance on) on CUDA."""
+    import pyro
+    from pyro.infer import SVI
+
+    from carv_pyro.teachers.embedded import load_default
+
+    objective = carv.SDS(load_default(compile=compile).to(CUDA), guidance_scale=2.0)
+
+    def model():
+        x = pyro.param("x", torch.zeros(R, 1, 1, 16, 16, device=CUDA))
+        with pyro.plate("views", R, dim=-2), carv.draws(K, dim=-1):
+            carv.teacher_term("sds", objective, x, cond=3)
+
+    pyro.clear_param_store()
+    estimator = carv.Estimator.preset(preset, K=K)
+    svi = SVI(
+        model,
+        estimator.guide(model, seed=3),
+        pyro.optim.Adam({"lr": 1e-2}),
+        loss=estimator.loss(checks=checks),
+    )
+    for _ in range(3):  # warm: caches filled, tables on the device
+        svi.step()
+    torch.cuda.synchronize()
+    return svi
+
+
+@pytest.mark.parametrize("preset", ["reuse", "carv", "stratified"])
+@pytest.mark.parametrize("validation", [True, False])
+def test_warm_carv_step_never_synchronises_on_cuda(preset, validation):
+    """No host synchronisation in a warm step (the default checks), Pyro validation on or off."""
+    import pyro
+
+    from carv_pyro.infer.loss import DeviceLoss
+
+    with pyro.validation_enabled(validation):
+        svi = _embedded_svi(preset=preset)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            values = [svi.step() for _ in range(2)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(isinstance(v, DeviceLoss) for v in values)
+    assert all(math.isfinite(v) for v in values)  # read here, outside the steps
+
+
+def test_carv_step_with_checks_synchronises_on_cuda():
+    """``checks=True`` reads on the host in the step, as asked (and returns a float)."""
+    svi = _embedded_svi(checks=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            svi.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert isinstance(svi.step(), float)
 
 
 def test_bad_inputs_give_the_cpu_errors_on_cuda():
@@ -224,3 +294,28 @@ def test_race_quick_on_cuda(tmp_path):
     argv = ["race", "torus", "--quick", "--device", "cuda", "--estimators", "baseline,auto"]
     assert cli.main([*argv, "--out", str(tmp_path / "r"), "--json", str(js), "--quiet"]) == 0
     assert js.stat().st_size > 0
+
+
+@pytest.mark.parametrize("mode", ["max-autotune-no-cudagraphs", "reduce-overhead"])
+def test_compiled_teacher_step_matches_eager_without_syncs_on_cuda(mode):
+    """The library's compile= (inductor; CUDA graphs with reduce-overhead) inside warm CARV
+    steps: no host synchronisation, and the step's gradient is eager's to float32 rounding."""
+    import pyro
+
+    grads = []
+    for option in (False, {"mode": mode}):
+        svi = _embedded_svi(preset="reuse", compile=option)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            svi.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        x = pyro.param("x").unconstrained()
+        with torch.no_grad():
+            x.zero_()  # the same point for both (Adam's steps amplify rounding)
+        pyro.set_rng_seed(0)
+        svi.guide.set_state({"source": {}})
+        x.grad = None
+        svi.loss_and_grads(svi.model, svi.guide)
+        grads.append(pyro.param("x").unconstrained().grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
