@@ -478,9 +478,9 @@ def section_options(b: Bench, res: dict) -> None:
             log(f"(e) torch.compile failed: {e!r}"[:300])
         finally:
             b.unet._compiled_call_impl = None  # back to eager for the other sections
-        fmt = "channels_last" if best_cl else "NCHW"
-        for mode in b.args.compile_modes:
-            _library_compile_row(b, res, rows, mode, n_big, fmt)
+    fmt = "channels_last" if best_cl else "NCHW"
+    for mode in b.args.compile_modes if b.device.type == "cuda" or b.args.compile else ():
+        _library_compile_row(b, res, rows, mode, n_big, fmt)
     _memory_format(b.unet, False)
     res["options"] = rows
 
