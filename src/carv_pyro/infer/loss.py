@@ -653,7 +653,8 @@ class CARVLoss(ELBO):
             host for CPU tensors; on a GPU none inside a step, so that a step never waits for
             the device: ranges become device-side asserts, and ``nonfinite="raise"`` raises at
             a later step, once the device has finished the step that produced the NaN (that
-            step's gradient was then applied). ``True``: every check on the host, everywhere
+            step's gradient was then applied, the NaN draws' residuals zeroed, so the
+            parameters stay finite). ``True``: every check on the host, everywhere
             (the CPU's errors, before any gradient exists; each costs a host synchronisation
             on a GPU). ``False``: no host checks on the CPU either.
 
@@ -781,7 +782,7 @@ class CARVLoss(ELBO):
                 raise NonFiniteTeacherError(
                     f"teacher term {name!r} produced NaN/Inf at {n_bad} of {numel} draws in an "
                     f"earlier step (found without a host synchronisation, after that step's "
-                    f"gradient was applied); check the teacher's weights and the upstream x fed "
+                    f"gradient was applied with those draws' residuals zeroed); check the teacher's weights and the upstream x fed "
                     f"to it, pass CARVLoss(checks=True) to stop before any gradient exists, or "
                     f"CARVLoss(nonfinite='zero') to drop such draws"
                 )
