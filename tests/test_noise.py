@@ -52,9 +52,10 @@ def random_words(d: int, s: int) -> torch.Tensor:
 
 
 def test_words_are_floor_of_the_base_uniforms_on_the_2_53_grid():
-    """``u = k 2^-53`` (CPU) and ``(k + 1/2) 2^-53`` (CUDA's grid) both give the word
-    ``k >> 23``: each word has exactly ``2^23`` of the ``2^53`` grid points, so it is exactly
-    uniform on ``[0, 2^30)``; ``u = 1`` (CUDA's (0, 1]) wraps to 0."""
+    """``u = k 2^-53`` (torch's CPU doubles) and ``(k + 1/2) 2^-53`` (curand's, before rounding)
+    both give the word ``k >> 23``: each word has exactly ``2^23`` of the ``2^53`` grid points, so
+    it is exactly uniform on ``[0, 2^30)``; ``u = 1`` (curand's rounding can reach it) wraps to
+    0."""
 
     class Fixed(RandomSource):
         def uniform(self, shape, device="cpu"):

@@ -369,8 +369,10 @@ class SobolNoise(AbstractNoiseSampler):
             )
             self._warned = True
         device = _canonical(device)
-        # floor(2^30 u) of a uniform on the grid k 2^-53 (CPU) or (k + 1/2) 2^-53 (curand's
-        # doubles) is k >> 23, exactly uniform on [0, 2^30); the remainder wraps a u = 1 to 0
+        # floor(2^30 u) of a uniform on the grid k 2^-53 (torch's CPU doubles) is k >> 23,
+        # exactly uniform on [0, 2^30). curand's doubles, (k + 1/2) 2^-53 rounded to the float
+        # grid (u = 1 possible: the remainder wraps it to 0), move 2^-53 of probability between
+        # words: uniform up to the float grid.
         base = source.uniform((d, _SOBOL_BITS + 1), device).to(device)
         words = torch.floor(base * 2.0**_SOBOL_BITS).to(torch.int64) % (1 << _SOBOL_BITS)
         x = scrambled_sobol_ints(n_outer * n_inner, _sobol_directions(d, device), words)
