@@ -232,9 +232,12 @@ def test_dream_writes_pictures_summary_and_refuses_to_overwrite(tmp_path):
         dream(tiny_config(steps=4, lr=0.5), out, progress=False, scene=tiny_scene(), resume=True)
 
 
-@pytest.mark.parametrize("estimator", ["carv", "baseline"])
+@pytest.mark.parametrize("estimator", ["carv", "baseline", "carv+cv"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, estimator):
-    est = carv.Estimator.preset(estimator, **({} if estimator == "baseline" else {"K": 4}))
+    if estimator == "carv+cv":  # the fit of SDS's eps control variate is resumed too
+        est = carv.Estimator.preset("carv", K=4).replace(control_variates=True)
+    else:
+        est = carv.Estimator.preset(estimator, **({} if estimator == "baseline" else {"K": 4}))
     whole = dream(
         tiny_config(estimator=est, steps=6), tmp_path / "a", progress=False, scene=tiny_scene()
     )

@@ -271,6 +271,36 @@ class ControlVariateFit:
                 setattr(sums, name, self.decay * old + getattr(pend, name).to(old.device))
         self._pending = weakref.WeakKeyDictionary()
 
+    def state_of(self, objective: TeacherObjective) -> dict[str, Tensor] | None:
+        """The committed running sums of ``objective``'s fit, as CPU tensors (``None`` before
+        any committed draw): what `restore` takes back, e.g. in a checkpoint."""
+        sums = self._sums.get(objective)
+        if sums is None:
+            return None
+        return {name: getattr(sums, name).detach().cpu().clone() for name in ("G", "v", "n")}
+
+    def restore(self, objective: TeacherObjective, state: dict[str, Tensor] | None) -> None:
+        """Continue ``objective``'s fit from `state_of`'s result (``None``: start afresh).
+
+        Raises:
+            ValueError: if the state's bins or control variates do not match this fit and
+                ``objective``.
+        """
+        if state is None:
+            self._sums.pop(objective, None)
+            return
+        m = len(objective.control_variates)
+        want = {"G": (self.n_bins, m, m), "v": (self.n_bins, m), "n": (self.n_bins,)}
+        got = {k: tuple(state[k].shape) for k in want if k in state}
+        if got != want:
+            raise ValueError(
+                f"the saved control-variate fit has shapes {got}; this fit ({self.n_bins} bins) "
+                f"and the objective ({m} control variates) need {want}"
+            )
+        self._sums[objective] = _Sums(
+            *(state[k].to(torch.float64).clone() for k in ("G", "v", "n"))
+        )
+
     def _bin_index(self, objective: TeacherObjective, device) -> Tensor:
         hit = self._bins.get(objective)
         if hit is None or hit.device != torch.device(device):

@@ -226,6 +226,8 @@ class TimestepGuide(GuideMessenger):
         self.control_variates = control_variates
         self.learning = True
         self._proposals: dict[str, tuple[weakref.ref, AbstractTimestepDistribution]] = {}
+        #: control-variate fits of a restored state, by term, until the term is met
+        self._restored_fits: dict[str, dict | None] = {}
         self._upstream_trace = None
         self._msg = None
         self._size: int | None = None
@@ -390,6 +392,8 @@ class TimestepGuide(GuideMessenger):
             return hit[1]
         q = build_proposal(self.proposal, objective, term)
         self._proposals[term] = (weakref.ref(objective), q)
+        if self.control_variates is not None and term in self._restored_fits:
+            self.control_variates.restore(objective, self._restored_fits.pop(term))
         return q
 
     def update(self, records: list[TermRecord]) -> None:
@@ -417,17 +421,28 @@ class TimestepGuide(GuideMessenger):
 
     # -- state -----------------------------------------------------------------------------
     def get_state(self) -> dict:
-        """The guide's random state (for exact resume); adaptive state is in the param store."""
-        state = {"source": self.source.get_state()}
+        """The guide's state for exact resume: its random streams and, with control variates,
+        each term's fit (by term name); a learning proposal's state is in the param store."""
+        state: dict = {"source": self.source.get_state()}
         if self.outer is not None and self.outer.source is not self.source:
             state["outer_source"] = self.outer.source.get_state()
+        if self.control_variates is not None:
+            fits = dict(self._restored_fits)  # restored but not yet met again
+            for term, (ref, _) in self._proposals.items():
+                objective = ref()
+                if objective is not None:
+                    fits[term] = self.control_variates.state_of(objective)
+            state["control_variates"] = fits
         return state
 
     def set_state(self, state: dict) -> None:
-        """Restore `get_state`'s result."""
+        """Restore `get_state`'s result (a term's control-variate fit is handed to its
+        objective when the guide next meets the term)."""
         self.source.set_state(state["source"])
         if "outer_source" in state and self.outer is not None:
             self.outer.source.set_state(state["outer_source"])
+        self._restored_fits = dict(state.get("control_variates") or {})
+        self._proposals = {}  # meet every term afresh, so that its fit is restored
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
