@@ -9,6 +9,8 @@ of their own standard errors (about 20 such comparisons in the file: a Bonferron
 from __future__ import annotations
 
 import math
+import pickle
+import threading
 
 import pyro
 import pytest
@@ -29,6 +31,7 @@ from carv_pyro.infer.loss import StepReport
 from carv_pyro.infer.primitives import DrawsSizer
 from carv_pyro.measure import measure
 from carv_pyro.proposals import WeightedProposal
+from carv_pyro.timing import Stopwatch
 
 from .analytic import (
     THETA0,
@@ -616,3 +619,152 @@ def test_the_teachers_measured_cost_curve_lets_k_grow_where_the_teacher_batch_is
         acc.observe(StepReport(record, 3.0, 0.5 if flat else 1.0, q, ((2, 2), (1, 1))))
         assert acc.teacher_costs.keys() == {1, 2} and acc.step_costs.keys() == {1}
         assert acc.cost_of(2) == pytest.approx(want)
+
+
+# -- lazy timings: a step never waits for the device to read its stopwatches -----------------
+
+
+class _DeviceWatch(Stopwatch):
+    """A stopped CUDA stopwatch, simulated: `ready` (``Event.query``) is False until the test
+    says the device has passed it; `seconds` counts its reads (each one a synchronisation on a
+    GPU when not ready)."""
+
+    def __init__(self, seconds: float):
+        self.cuda = True
+        self._seconds = seconds
+        self.done = False
+        self.reads = 0
+        self.early_reads = 0  # reads while not ready: where a GPU would have waited
+        self._lock = threading.Lock()  # like a CUDA event: not picklable
+
+    def ready(self) -> bool:
+        return self.done
+
+    def seconds(self) -> float:
+        self.reads += 1
+        self.early_reads += not self.done
+        return self._seconds
+
+
+def _drive(acc: Accountant, steps: int, lazy: bool, behind: int = 2, seed_: int = 0):
+    """Run ``steps`` steps of the observer protocol with timings that depend on ``K``; with
+    ``lazy`` the timings are `_DeviceWatch` objects that become ready ``behind`` steps later.
+    Returns the ``K`` of every step and the watches."""
+    g = torch.Generator().manual_seed(seed_)
+    ks, watches = [], []
+    for step in range(steps):
+        K = acc.inner_size() or 1
+        measured = acc.wants_components()
+        record = _Record(4, K)
+        step_s, teacher_s = 0.02 + 0.01 * K + 1e-3 * (step % 3), 0.005 + 0.004 * K
+        if lazy:
+            for w in watches[: max(len(watches) - 2 * behind, 0)]:
+                w.done = True
+            sw, tw = _DeviceWatch(step_s), _DeviceWatch(teacher_s)
+            watches += [sw, tw]
+            times = (sw, tw)
+        else:
+            times = (step_s, teacher_s)
+        q = sizes = None
+        if measured:
+            # per-draw gradients with V_w / V_b ~ 16: quadrant sums of K / 2 draws each
+            half = K // 2
+            xi = torch.randn(2, 1, 3, generator=g, dtype=torch.float64) * 0.25
+            q = half * xi + math.sqrt(half) * torch.randn(2, 2, 3, generator=g, dtype=torch.float64)
+            q = q * 2  # two upstream samples a half
+            sizes = ((2, 2), (half, K - half))
+        before = [w.early_reads for w in watches]
+        acc.observe(StepReport(record, *times, q, sizes))
+        if lazy and not measured:  # a plain step reads nothing that is not ready
+            assert [w.early_reads for w in watches] == before + [0] * (len(watches) - len(before))
+        acc.end_step()
+        ks.append(K)
+    return ks, watches
+
+
+def _decisions(acc: Accountant) -> tuple:
+    return (acc.k, list(acc.history), acc.step_costs, acc.teacher_costs, acc.cost_estimates())
+
+
+@pytest.mark.parametrize("behind", [0, 2, 50])
+def test_lazy_timings_give_the_eager_decisions_without_reading_early(behind):
+    """Timings the device has not finished are kept, not read, on plain steps; a measuring step
+    reads them (it synchronises anyway), so ``K``, the history and the costs are the eager ones."""
+    kwargs = dict(adapt=True, every=2, k_range=(1, 32), min_measurements=1)
+    eager, lazy = Accountant(**kwargs), Accountant(**kwargs)
+    ks_eager, _ = _drive(eager, 60, lazy=False)
+    ks_lazy, watches = _drive(lazy, 60, lazy=True, behind=behind)
+    assert ks_lazy == ks_eager and len(set(ks_eager)) > 1  # K did move
+    assert _decisions(lazy) == _decisions(eager)
+    assert all(w.reads == 1 for w in watches)  # each read once
+
+
+def test_lazy_timings_are_read_only_when_the_numbers_are_needed():
+    acc = Accountant(every=1000)  # measures at step 0, then not for a long time
+    _drive(acc, 1, lazy=False)
+    watches = []
+    record = _Record(4, 2)
+    for _ in range(5):
+        sw, tw = _DeviceWatch(0.1), _DeviceWatch(0.04)
+        watches += [sw, tw]
+        acc.observe(StepReport(record, sw, tw))
+        acc.end_step()
+    summary = acc.summary()  # for logging: never waits
+    assert all(w.reads == 0 for w in watches) and len(acc._pending) == 5
+    assert math.isfinite(summary["c_outer"])  # the measuring step's own costs
+    assert acc.step_costs == {2: pytest.approx(0.1)}  # what a decision reads: waits for all
+    assert all(w.reads == 1 for w in watches) and not acc._pending
+    assert acc.cost_of(2) == pytest.approx(0.1)
+
+
+def test_the_pending_timings_are_bounded():
+    """A device far behind: past `_MAX_PENDING` timings the oldest is read (waited for)."""
+    from carv_pyro.accounting import _MAX_PENDING
+
+    acc = Accountant(every=1000)
+    _drive(acc, 1, lazy=False)
+    watches = []
+    for _ in range(3 * _MAX_PENDING):
+        sw, tw = _DeviceWatch(0.1), _DeviceWatch(0.04)
+        watches += [sw, tw]
+        acc.observe(StepReport(_Record(4, 2), sw, tw))
+        acc.end_step()
+        assert len(acc._pending) <= _MAX_PENDING
+    assert all(w.reads == 1 for w in watches[: 2 * 2 * _MAX_PENDING])
+    assert all(w.reads == 0 for w in watches[2 * 2 * _MAX_PENDING :])
+
+
+def test_an_accountant_with_pending_timings_pickles_with_them_read():
+    """Pickling (dream's checkpoint) and Lightning's plain-data state read the pending timings
+    first: the copy holds no device events and equals the eager accountant."""
+    kwargs = dict(adapt=True, every=2, k_range=(1, 32), min_measurements=1)
+    eager, lazy = Accountant(**kwargs), Accountant(**kwargs)
+    _drive(eager, 23, lazy=False)
+    _drive(lazy, 23, lazy=True, behind=50)
+    assert lazy._pending  # plain steps since the last measurement, not ready
+    copy = pickle.loads(pickle.dumps(lazy))
+    assert not lazy._pending and not copy._pending
+    assert _decisions(copy) == _decisions(eager) == _decisions(lazy)
+    # the resumed copy goes on exactly as the original does
+    ks_a, _ = _drive(lazy, 15, lazy=False)
+    ks_b, _ = _drive(copy, 15, lazy=False)
+    assert ks_a == ks_b and _decisions(lazy) == _decisions(copy)
+
+
+def test_lightning_plain_state_reads_pending_timings():
+    pytest.importorskip("pytorch_lightning")
+    from carv_pyro.integrations.lightning import _from_plain, _to_plain
+
+    kwargs = dict(adapt=True, every=2, k_range=(1, 32), min_measurements=1)
+    eager, lazy = Accountant(**kwargs), Accountant(**kwargs)
+    _drive(eager, 23, lazy=False)
+    _drive(lazy, 23, lazy=True, behind=50)
+    restored = _from_plain(_to_plain(lazy))
+    assert _decisions(restored) == _decisions(eager)
+
+
+def test_an_accountant_restored_from_an_older_state_has_no_pending_timings():
+    acc = Accountant(every=1000)
+    del acc.__dict__["_pending"]  # a checkpoint written before timings were lazy
+    _drive(acc, 3, lazy=False)
+    assert acc.step_costs

@@ -504,6 +504,31 @@ class _Measurement:
     v_between: float | None
 
 
+#: The most timings an accountant keeps pending before it waits for the oldest.
+_MAX_PENDING = 32
+
+
+@dataclass
+class _Timing:
+    """One particle's timings, kept until its stopwatches can be read without waiting."""
+
+    R: int
+    K: int
+    n_draws: int
+    measured: bool
+    step: Any  # a stopped Stopwatch, or seconds
+    teacher: Any  # a stopped Stopwatch, seconds, or None (no teacher time)
+
+    def ready(self) -> bool:
+        return all(not hasattr(w, "ready") or w.ready() for w in (self.step, self.teacher))
+
+    def seconds(self) -> tuple[float, float]:
+        def read(w: Any) -> float:
+            return 0.0 if w is None else float(w.seconds() if hasattr(w, "seconds") else w)
+
+        return read(self.step), read(self.teacher)
+
+
 class Accountant:
     """Running variance components and costs during SVI; optionally sets ``K`` online.
 
@@ -642,6 +667,7 @@ class Accountant:
         self.last_R: int | None = None
         self.last_K: int | None = None
         self._checked = False
+        self._pending: deque[_Timing] = deque()
 
     # -- the observer protocol ----------------------------------------------------------------
     def inner_size(self) -> int | None:
@@ -701,30 +727,71 @@ class Accountant:
         self._checked = True
 
     def observe(self, report) -> None:
-        """Record one particle's `StepReport`: its costs, and its components if measured."""
+        """Record one particle's `StepReport`: its costs, and its components if measured.
+
+        The step's timings are kept pending while the device has not finished the step (CUDA
+        events, see [`Stopwatch.ready`][carv_pyro.timing.Stopwatch.ready]): a later step folds
+        them in once they are ready, without waiting; anything that needs the numbers (a
+        measuring step, `cost_of`, `cost_estimates`, `step_costs`, `teacher_costs`, `report`,
+        pickling) reads them all first, in order, so every decision is the one made had they
+        been read at once. CPU stopwatches are always ready: folded in here.
+        """
         record = report.record
         if not self._checked:
             self._check_layout(record)
         R, K = record.n_outer, record.n_inner
         self.last_R, self.last_K = R, K
         measured = report.quadrants is not None
+        pending = self._timings()
+        pending.append(
+            _Timing(R, K, record.layout.n_draws, measured, report.step_time, report.teacher_time)
+        )
+        if measured:
+            # a measuring step reads its quadrant statistics (a synchronisation) anyway
+            self._resolve_timings(force=True)
+            v_within, v_between = anova_estimates(report.quadrants, report.quadrant_sizes)
+            self.observe_measurement(v_within, v_between)
+        else:
+            self._resolve_timings(force=False)
+
+    def _timings(self) -> deque[_Timing]:
+        """The pending timings (an accountant restored from an older state has none)."""
+        pending = self.__dict__.get("_pending")
+        if pending is None:
+            pending = self._pending = deque()
+        return pending
+
+    def _resolve_timings(self, force: bool = True) -> None:
+        """Fold pending timings into the cost statistics, oldest first: all of them with
+        ``force`` (waits for the device), else those ready now (and, past `_MAX_PENDING`, the
+        oldest, so that the queue stays bounded when the device is far behind)."""
+        pending = self._timings()
+        while pending and (force or len(pending) > _MAX_PENDING or pending[0].ready()):
+            self._fold_timing(pending.popleft())
+
+    def _fold_timing(self, timing: _Timing) -> None:
+        step_seconds, teacher_seconds = timing.seconds()
+        K = timing.K
         # a measuring step runs four backward passes: its time is not what a step costs, so it
         # is kept only while no other timing is known
-        if not measured or not self._outer_times:
-            rest = max(report.step_seconds - report.teacher_seconds, 0.0)
-            self._outer_times.append(rest / R)
-            self._inner_times.append(report.teacher_seconds / record.layout.n_draws)
-        if not measured:
-            self._step_times.setdefault(K, deque(maxlen=self.window)).append(report.step_seconds)
-        if report.teacher_seconds > 0:
+        if not timing.measured or not self._outer_times:
+            rest = max(step_seconds - teacher_seconds, 0.0)
+            self._outer_times.append(rest / timing.R)
+            self._inner_times.append(teacher_seconds / timing.n_draws)
+        if not timing.measured:
+            self._step_times.setdefault(K, deque(maxlen=self.window)).append(step_seconds)
+        if teacher_seconds > 0:
             # the teacher call costs the same on a measuring step (only the backward differs),
             # and a measuring step at K = 1 runs K = 2: this is how the batch-dependent cost of
             # the teacher is learned before any plain step has run at another K
             times = self._teacher_times.setdefault(K, deque(maxlen=self.window))
-            times.append(report.teacher_seconds)
-        if measured:
-            v_within, v_between = anova_estimates(report.quadrants, report.quadrant_sizes)
-            self.observe_measurement(v_within, v_between)
+            times.append(teacher_seconds)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state to pickle, with every pending timing read first (nothing of the device
+        in it, and a resumed run starts from the numbers the running one goes on with)."""
+        self._resolve_timings(force=True)
+        return dict(self.__dict__)
 
     def end_step(self) -> None:
         """Count a step (called by the loss after each step with a backward)."""
@@ -791,6 +858,7 @@ class Accountant:
         if self.costs is not None:
             c_outer, c_inner = self.costs
             return (self.last_R or 1) * (c_outer + K * c_inner)
+        self._resolve_timings()
         measured = self.step_costs
         if K in measured:
             return measured[K]
@@ -830,16 +898,25 @@ class Accountant:
     @property
     def step_costs(self) -> dict[int, float]:
         """``{K: median seconds of a (non-measuring) step}`` at the sizes run so far."""
+        self._resolve_timings()
         return {k: statistics.median(v) for k, v in sorted(self._step_times.items()) if v}
 
     @property
     def teacher_costs(self) -> dict[int, float]:
         """``{K: median seconds of the teacher call}`` at the sizes run so far (measuring steps
         included)."""
+        self._resolve_timings()
         return {k: statistics.median(v) for k, v in sorted(self._teacher_times.items()) if v}
 
     def cost_estimates(self) -> tuple[float, float]:
         """``(c_outer, c_inner)``: declared, or medians of the recent measured steps."""
+        if self.costs is not None:
+            return self.costs
+        self._resolve_timings()
+        return self._cost_medians()
+
+    def _cost_medians(self) -> tuple[float, float]:
+        """`cost_estimates` from the timings folded in so far (no wait for the device)."""
         if self.costs is not None:
             return self.costs
         if not self._outer_times:
@@ -858,8 +935,12 @@ class Accountant:
 
     def summary(self) -> dict[str, float]:
         """A flat, loggable dict: ``K``, ``k_star``, ``ecm_predicted``, ``v_between``,
-        ``v_within``, ``c_outer``, ``c_inner``."""
-        c_outer, c_inner = self.cost_estimates()
+        ``v_within``, ``c_outer``, ``c_inner``.
+
+        For logging every step: it never waits for the device, so on a GPU its costs are
+        those of the steps the device has finished (`cost_estimates` waits for all)."""
+        self._resolve_timings(force=False)
+        c_outer, c_inner = self._cost_medians()
         k = self.k if self.k is not None else self.last_K
         return {
             "K": float(k) if k is not None else math.nan,

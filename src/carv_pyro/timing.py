@@ -2,7 +2,8 @@
 
 A CUDA stopwatch records events on the current stream and reads them only when
 `Stopwatch.seconds` is called, so timing a step adds no host synchronisation until the
-accountant reads its costs.
+accountant reads its costs; `Stopwatch.ready` says, without waiting, whether that read would
+wait for the device (an accountant reads only ready stopwatches, unless it needs the numbers).
 """
 
 from __future__ import annotations
@@ -50,8 +51,15 @@ class Stopwatch:
             self._t1 = time.perf_counter()
         return self
 
+    def ready(self) -> bool:
+        """Whether `seconds` can answer without waiting for the device (``Event.query``, no
+        synchronisation). A CPU stopwatch is ready once stopped."""
+        if self.cuda:
+            return self._end.query()
+        return self._t1 is not None
+
     def seconds(self) -> float:
-        """Elapsed seconds (synchronises on the end event for CUDA)."""
+        """Elapsed seconds (synchronises on the end event for CUDA unless `ready`)."""
         if self.cuda:
             self._end.synchronize()
             return self._start.elapsed_time(self._end) / 1e3

@@ -59,20 +59,49 @@ class NonFiniteTeacherError(FloatingPointError):
 class StepReport:
     """What one particle of a step measured, for the observer.
 
+    The timings are stopped [`Stopwatch`][carv_pyro.timing.Stopwatch] objects (or plain
+    seconds): on a GPU reading them waits for the device to finish the step, so an observer
+    that must not synchronise keeps them and reads them once `ready` (as the
+    [`Accountant`][carv_pyro.accounting.Accountant] does).
+
     Attributes:
         record: the observed term's record.
-        step_seconds: the whole particle (forward, weights and backward).
-        teacher_seconds: the teacher call inside it.
+        step_time: the whole particle (forward, weights and backward): a stopped stopwatch or
+            seconds.
+        teacher_time: the teacher call inside it: a stopped stopwatch, seconds, or ``None``
+            (not timed: zero seconds).
         quadrants: ``(2, 2, P)`` float64 sums of per-draw gradients over (upstream half) x
             (inner half), or ``None`` when the step ran the plain backward.
         quadrant_sizes: ``((|a_1|, |a_2|), (|b_1|, |b_2|))`` for ``quadrants``.
     """
 
     record: TermRecord
-    step_seconds: float
-    teacher_seconds: float
+    step_time: Stopwatch | float
+    teacher_time: Stopwatch | float | None
     quadrants: Tensor | None = None
     quadrant_sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
+
+    @staticmethod
+    def _read(time: Stopwatch | float | None) -> float:
+        if time is None:
+            return 0.0
+        return time.seconds() if isinstance(time, Stopwatch) else float(time)
+
+    @property
+    def step_seconds(self) -> float:
+        """Seconds of the whole particle (on a GPU: waits for the device unless `ready`)."""
+        return self._read(self.step_time)
+
+    @property
+    def teacher_seconds(self) -> float:
+        """Seconds of the teacher call (on a GPU: waits for the device unless `ready`)."""
+        return self._read(self.teacher_time)
+
+    def ready(self) -> bool:
+        """Whether the timings can be read without waiting for the device."""
+        return all(
+            not isinstance(t, Stopwatch) or t.ready() for t in (self.step_time, self.teacher_time)
+        )
 
 
 @runtime_checkable
@@ -670,7 +699,9 @@ class CARVLoss(ELBO):
         step. Otherwise, on a GPU, `loss_and_grads` (and ``SVI.step``) returns a `DeviceLoss`:
         a number whose value stays on the device until it is used (``float(loss)``,
         printing, arithmetic), so a loop that does not look at every step's loss never waits.
-        An accountant reads its stopwatches' CUDA events in the step it observes.
+        An accountant keeps its stopwatches' CUDA events and reads them at a later step, once
+        the device has passed them (``Event.query``, no wait); it waits only on a measuring
+        step (which reads the variance estimates anyway) or when asked for its costs.
     """
 
     def __init__(
@@ -837,14 +868,13 @@ class CARVLoss(ELBO):
             on_host = particle.loss.device.type == "cpu"
             loss = loss + (float(particle.loss) if on_host else particle.loss) / n_particles
             if record is not None:
+                # stopped, not read: reading a CUDA stopwatch waits for the device
                 on_device = record.t.device.type == "cuda"
-                elapsed = (watch if on_device else host).stop().seconds()
-                teacher = record.teacher_time.seconds() if record.teacher_time else 0.0
                 acc.observe(
                     StepReport(
                         record=record,
-                        step_seconds=elapsed,
-                        teacher_seconds=teacher,
+                        step_time=(watch if on_device else host).stop(),
+                        teacher_time=record.teacher_time,
                         quadrants=None if report_q is None else report_q[0],
                         quadrant_sizes=None if report_q is None else report_q[1],
                     )

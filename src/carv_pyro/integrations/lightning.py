@@ -206,7 +206,11 @@ def _to_plain(value: Any) -> Any:
         return {"__map__": [[_to_plain(k), _to_plain(v)] for k, v in value.items()]}
     cls = type(value)
     if cls.__module__ in _STATE_MODULES and hasattr(value, "__dict__"):
-        attrs = {k: v for k, v in vars(value).items() if k not in _PROCESS_ATTRIBUTES}
+        # what the object pickles (an accountant reads its pending CUDA timings first)
+        getstate = getattr(value, "__getstate__", None)
+        state = getstate() if getstate is not None else None
+        state = state if isinstance(state, dict) else vars(value)
+        attrs = {k: v for k, v in state.items() if k not in _PROCESS_ATTRIBUTES}
         return {"__object__": f"{cls.__module__}:{cls.__qualname__}", "attrs": _to_plain(attrs)}
     raise TypeError(
         f"cannot checkpoint a {cls.__module__}.{cls.__qualname__} ({value!r:.60}) as plain data"
