@@ -768,3 +768,18 @@ def test_an_accountant_restored_from_an_older_state_has_no_pending_timings():
     del acc.__dict__["_pending"]  # a checkpoint written before timings were lazy
     _drive(acc, 3, lazy=False)
     assert acc.step_costs
+
+
+def test_adaptive_proposal_rebuilds_its_tables_only_after_an_update():
+    """``probs`` is the same tensor while the statistics are unchanged, so the inverse-CDF
+    table is not rebuilt at every call (on a GPU every rebuild is device work)."""
+    pyro.clear_param_store()
+    model = make_model(sds(), R=2, K=4)
+    guide = carv.TimestepGuide(model, proposal="adaptive", seed=seed(4))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=carv.CARVLoss())
+    svi.step()
+    q = guide._proposals["sds"][1]
+    first = q.probs()
+    assert q.probs() is first and q._tables()[0] is first
+    svi.step()
+    assert q.probs() is not first and not torch.equal(q.probs(), first)

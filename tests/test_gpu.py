@@ -8,7 +8,9 @@ call. Each test states the guarantee it checks:
 - NaN teacher outputs are refused before any gradient exists with ``checks=True``, and at a later
   step without host checks (the default on a GPU);
 - a warm CARV step never synchronises the host with the GPU (the embedded teacher, guidance on,
-  Pyro's validation on or off), and does with ``checks=True``;
+  Pyro's validation on or off), and does with ``checks=True``; nor does a warm step of the
+  adapting ``auto`` preset between measurements (lazy CUDA timings) or of the ``adaptive``
+  proposal (statistics on the device);
 - bad inputs give the same clear errors as on the CPU;
 - the estimator is unbiased on the device, by exact quadrature over the timestep uniforms, with a
   float32 teacher and with a bf16 one (the weights and reductions stay in float32/float64);
@@ -319,3 +321,78 @@ def test_compiled_teacher_step_matches_eager_without_syncs_on_cuda(mode):
         svi.loss_and_grads(svi.model, svi.guide)
         grads.append(pyro.param("x").unconstrained().grad.clone())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["auto", "adaptive"])
+def test_warm_auto_and_adaptive_steps_never_synchronise_on_cuda(preset, monkeypatch):
+    """A warm step of the adapting ``auto`` preset between two measurements (its accountant
+    keeps the step's CUDA timings pending and reads them once the device has passed them) and a
+    warm step of the ``adaptive`` proposal (its statistics and tables stay on the device) do not
+    synchronise; nor does any CUDA event wait in them."""
+    from carv_pyro.infer.loss import DeviceLoss
+
+    svi = _embedded_svi(preset=preset)
+    acc = svi.loss.accountant
+    if preset == "auto":
+        assert acc is not None and acc.history  # it has measured (at its second step)
+    waited = []
+
+    def no_wait(event):  # sync_debug_mode does not see cudaEventSynchronize
+        waited.append(event)
+        raise AssertionError("a CUDA event was waited for inside a step")
+
+    values = []
+    for _ in range(4):
+        if acc is not None and acc.wants_components():
+            svi.step()  # a measuring step reads the variance estimates: it may wait
+            continue
+        monkeypatch.setattr(torch.cuda.Event, "synchronize", no_wait)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            values.append(svi.step())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            monkeypatch.undo()
+    assert len(values) >= 2 and not waited
+    assert all(isinstance(v, DeviceLoss) and math.isfinite(v) for v in values)
+    if preset == "auto":
+        torch.cuda.synchronize()
+        assert acc.step_costs  # the pending timings are read when asked for
+        assert not acc._pending
+
+
+def test_adaptive_proposal_on_cuda_matches_the_cpu():
+    """The ``adaptive`` proposal's statistics live on the draws' device and its ``q`` is built
+    there without host reads: the same statistics and ``q`` as on the CPU, to float64 rounding
+    (the mean that unseen bins borrow is summed in another order)."""
+    import pyro
+
+    from carv_pyro.infer.proposals import AdaptiveProposal, _moment_mixture
+
+    objective = _cuda_sds()
+    pyro.clear_param_store()
+    cpu, gpu = AdaptiveProposal(objective, name="cpu"), AdaptiveProposal(objective, name="gpu")
+    g = torch.Generator().manual_seed(0)
+
+    class Record:
+        batch_shape = torch.Size([3, 5])
+        value = None
+
+    for i in range(6):
+        r = Record()
+        r.residual = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+        r.residual[0, i % 5] = float("nan")
+        r.nonfinite = ~torch.isfinite(r.residual).all(-1)
+        r.t = torch.randint(6, 30, (3, 5), generator=g)  # some bins stay unseen
+        cpu.update(r)
+        for k in ("residual", "nonfinite", "t"):
+            setattr(r, k, getattr(r, k).to(CUDA))
+        gpu.update(r)
+    assert gpu._state()[0].device.type == "cuda" and gpu.probs().device.type == "cuda"
+    torch.testing.assert_close(gpu._state()[0].cpu(), cpu._state()[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(gpu._state()[1].cpu(), cpu._state()[1], rtol=0, atol=0)
+    torch.testing.assert_close(gpu.probs().cpu(), cpu.probs(), rtol=1e-12, atol=1e-15)
+    none = torch.full((cpu.n_bins,), float("nan"), dtype=torch.float64)
+    p = objective.prior.probs()
+    got = _moment_mixture(p.to(CUDA), cpu.bin_index.to(CUDA), none.to(CUDA), 0.1)
+    assert torch.equal(got.cpu(), p)  # nothing seen: the prior

@@ -69,10 +69,11 @@ class AbstractTimestepDistribution:
     def _cdf_table(self, probs: Tensor) -> Tensor:
         cdf = probs.cumsum(0)
         # Pin the CDF to exactly 1 from the last positive mass on, so that rounding never lets
-        # u < 1 fall past the support into a zero-probability timestep.
-        last = int(torch.nonzero(probs > 0)[-1])
-        cdf[last:] = 1.0
-        return cdf
+        # u < 1 fall past the support into a zero-probability timestep. (From the last positive
+        # mass on: where no positive mass lies strictly after; no host read on a GPU.)
+        positive = (probs > 0).to(torch.int64)
+        after = positive.flip(0).cumsum(0).flip(0) - positive
+        return torch.where(after == 0, torch.ones_like(cdf), cdf)
 
     def _table_on(self, index: int, device: torch.device) -> Tensor:
         """Table ``index`` of `_tables` on ``device``, copied once per device and version."""

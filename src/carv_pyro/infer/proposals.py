@@ -222,12 +222,28 @@ class AdaptiveProposal(AbstractTimestepDistribution):
         self.learning = True
 
     # state in the param store ------------------------------------------------------------
-    def _state(self) -> tuple[Tensor, Tensor]:
+    def _state(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """``(sum_sq, count)`` from the param store, created on ``device`` (default: the CPU)
+        and moved there once if it is elsewhere (the statistics live where the draws are)."""
         store = pyro.get_param_store()
-        zeros = torch.zeros(self.n_bins, dtype=torch.float64)
-        sum_sq = store.setdefault(f"{self._key}.sum_sq", zeros.clone())
-        count = store.setdefault(f"{self._key}.count", zeros.clone())
-        return sum_sq, count
+        zeros = torch.zeros(self.n_bins, dtype=torch.float64, device=device)
+        state = []
+        for part in ("sum_sq", "count"):
+            key = f"{self._key}.{part}"
+            value = store.setdefault(key, zeros.clone())
+            if device is not None and value.device != device:
+                store[key] = value.detach().to(device)
+                value = store[key]
+            state.append(value)
+        return state[0], state[1]
+
+    def _bins_on(self, device: torch.device) -> Tensor:
+        """`bin_index` on ``device``, copied once."""
+        cache = self.__dict__.setdefault("_bin_index_on", {})
+        hit = cache.get(device)
+        if hit is None:
+            hit = cache[device] = self.bin_index.to(device)
+        return hit
 
     def second_moments(self) -> Tensor:
         """``(n_bins,)`` running estimates of ``E[||f||^2 | t in bin]`` (nan where unseen)."""
@@ -236,12 +252,30 @@ class AdaptiveProposal(AbstractTimestepDistribution):
             return torch.where(count > 0, sum_sq / count.clamp_min(1e-300), torch.nan)
 
     def probs(self) -> Tensor:
-        return _moment_mixture(
-            self.prior.probs(), self.bin_index, self.second_moments(), self.defensive
+        """``q`` on the statistics' device; the same tensor while they are unchanged (so the
+        base class's tables are rebuilt only after an update), and no host read on a GPU."""
+        sum_sq, count = self._state()
+        cache = self.__dict__.get("_probs_cache")
+        if (
+            cache is not None
+            and cache[0] is sum_sq
+            and cache[1] is count
+            and cache[2] == (sum_sq._version, count._version)
+        ):
+            return cache[3]
+        device = sum_sq.device
+        q = _moment_mixture(
+            self.prior.probs_on(device),
+            self._bins_on(device),
+            self.second_moments(),
+            self.defensive,
         )
+        self._probs_cache = (sum_sq, count, (sum_sq._version, count._version), q)
+        return q
 
     def update(self, record) -> None:
-        """Fold one step's draws of the term into the running second moments."""
+        """Fold one step's draws of the term into the running second moments (on the draws'
+        device, with tensor ops only: no host read)."""
         if not self.learning:
             return
         with torch.no_grad():
@@ -250,15 +284,16 @@ class AdaptiveProposal(AbstractTimestepDistribution):
                 sq = record.residual.flatten(batch_ndim).pow(2).sum(-1)
             else:
                 sq = record.value.pow(2)
+            # every draw goes in, a non-finite one as zero in both sums (selecting the finite
+            # ones would read their number back to the host)
             ok = ~record.nonfinite
-            t = record.t[ok].reshape(-1).cpu()
-            sq = sq[ok].reshape(-1).to(torch.float64).cpu()
-            bins = self.bin_index[t]
-            add_sq = torch.zeros(self.n_bins, dtype=torch.float64).index_add_(0, bins, sq)
-            add_n = torch.zeros(self.n_bins, dtype=torch.float64).index_add_(
-                0, bins, torch.ones_like(sq)
-            )
-            sum_sq, count = self._state()
+            device = record.t.device
+            sq = torch.where(ok, sq.to(torch.float64), 0.0).reshape(-1)
+            bins = self._bins_on(device)[record.t.reshape(-1)]
+            zeros = torch.zeros(self.n_bins, dtype=torch.float64, device=device)
+            add_sq = zeros.clone().index_add_(0, bins, sq)
+            add_n = zeros.index_add_(0, bins, ok.reshape(-1).to(torch.float64))
+            sum_sq, count = self._state(device)
             sum_sq.mul_(self.decay).add_(add_sq)
             count.mul_(self.decay).add_(add_n)
 
@@ -292,17 +327,22 @@ def second_moment_proposal(
 
 
 def _moment_mixture(p: Tensor, bin_index: Tensor, second_moments: Tensor, a: float) -> Tensor:
-    """``(1 - a) q* + a p`` as a probability vector (see `second_moment_proposal`)."""
+    """``(1 - a) q* + a p`` as a probability vector (see `second_moment_proposal`); ``p`` where
+    no bin is seen or ``q*`` has no mass. No host read for tensors on a GPU."""
     m2 = torch.as_tensor(second_moments, dtype=torch.float64).detach()
     seen = torch.isfinite(m2)
-    if not seen.any():
-        return p
+    if m2.device.type == "cpu":  # reads are free here: the exact mean of the seen bins
+        if not seen.any():
+            return p
+        fill = m2[seen].mean()
+    else:
+        fill = torch.where(seen, m2, 0.0).sum() / seen.sum().clamp_min(1)
     # unseen bins borrow the mean of the seen ones, so they keep being explored
-    m2 = torch.where(seen, m2, m2[seen].mean()).clamp_min(0.0)
+    m2 = torch.where(seen, m2, fill).clamp_min(0.0)
     q = p * m2.sqrt()[bin_index]
-    if q.sum() <= 0:
-        return p
-    return (1.0 - a) * q / q.sum() + a * p
+    total = q.sum()
+    mixture = (1.0 - a) * q / total + a * p
+    return torch.where(seen.any() & (total > 0), mixture, p)
 
 
 def _prior(objective, term: str) -> AbstractTimestepDistribution:
