@@ -197,3 +197,61 @@ def test_race_with_an_lr_grid_sweeps_beside_the_race_folder(capsys, tmp_path, mo
     for name, entry in results["estimators"].items():
         assert entry["lr"] == results["lr_sweep"]["best"][name]
     assert (tmp_path / "r-lr-sweep" / "lr_sweep.json").exists()
+
+
+def test_compile_option_is_parsed_and_bad_modes_name_the_flag(capsys):
+    assert cli.COMPILE_MODES == text_to_3d.COMPILE_MODES
+    parser = cli.build_parser()
+    for command in (["dream", "torus"], ["race", "torus"], ["bench"]):
+        assert parser.parse_args(command).compile is None  # absent: eager
+        assert parser.parse_args([*command, "--compile"]).compile == "default"
+        args = parser.parse_args([*command, "--compile", "reduce-overhead"])
+        assert args.compile == "reduce-overhead"
+    err = _error(capsys, ["dream", "torus", "--compile", "fastest"])
+    assert "--compile" in err and "reduce-overhead" in err
+    err = _error(capsys, ["bench", "--pipeline", "distillation", "--compile"])
+    assert "--compile" in err and "text-to-3d" in err
+
+
+def test_dream_with_compile_reaches_the_teacher_and_may_change_on_resume(
+    capsys, tmp_path, monkeypatch
+):
+    """``--compile`` goes through the config to the teacher's ``compile=``; the tiny run
+    compiles with ``aot_eager`` (inductor works on a CPU but takes minutes per shape), and a
+    resumed run may compile differently (speed only)."""
+    real_dream = text_to_3d.dream
+    from carv_pyro.pipelines.text_to_3d.scene import make_scene
+
+    from .test_text_to_3d import tiny_classifier, tiny_teacher
+
+    seen = []
+
+    def tiny_dream(config, out_dir, **kwargs):
+        seen.append((config.compile, config.teacher_compile))
+        teacher = tiny_teacher()
+        if config.compile is not None:  # the option as it reaches the teacher, cheap backend
+            assert config.teacher_compile is True or "mode" in config.teacher_compile
+            teacher = type(teacher)(
+                teacher.unet, teacher.scheduler, compile={"backend": "aot_eager"}
+            )
+        scene = make_scene(teacher, config.prompt, classifier=tiny_classifier())
+        scene.render_kwargs["n_samples"] = 8
+        config = text_to_3d.TextTo3DConfig.from_dict({**config.to_dict(), **TINY})
+        return real_dream(config, out_dir, scene=scene, **kwargs)
+
+    monkeypatch.setattr(text_to_3d, "dream", tiny_dream)
+    out = tmp_path / "run"
+    argv = ["dream", "three", "--teacher", "digits", "--out", str(out), "--quiet"]
+    argv += ["--estimator", "carv", "--K", "2", "--R", "2", "--eval-every", "1"]
+    assert cli.main([*argv, "--steps", "2", "--compile"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["compile"] == "default" and summary["steps"] == 2
+    resume = ["dream", "three", "--teacher", "digits", "--out", str(out), "--resume", "--quiet"]
+    assert cli.main([*resume, "--steps", "3", "--compile", "reduce-overhead"]) == 0
+    assert cli.main([*resume, "--steps", "4"]) == 0  # absent: the run's setting is kept
+    assert seen == [
+        ("default", True),
+        ("reduce-overhead", {"mode": "reduce-overhead"}),
+        ("reduce-overhead", {"mode": "reduce-overhead"}),
+    ]
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == 3

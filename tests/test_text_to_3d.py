@@ -384,3 +384,55 @@ def test_race_median_time_is_the_time_by_which_half_the_seeds_arrived():
     assert _median_time([None, None]) == math.inf
     assert _ratio([2.0, 4.0], [4.0, None]) == 0.5
     assert math.isnan(_ratio([None, None], [None, None]))
+
+
+def test_compile_goes_from_the_config_to_the_loaded_teacher(monkeypatch):
+    """``TextTo3DConfig(compile=...)`` is validated, round-trips, may differ on resume, and
+    `make_scene` hands it to the teacher it loads as ``compile=``."""
+    from carv_pyro import teachers
+
+    config = tiny_config(compile="reduce-overhead")
+    assert config.teacher_compile == {"mode": "reduce-overhead"}
+    assert tiny_config(compile="default").teacher_compile is True
+    assert tiny_config().teacher_compile is False
+    assert TextTo3DConfig.from_dict(config.to_dict()) == config
+    tiny_config().resumable_from(config)  # speed only: allowed
+    old = config.to_dict()
+    del old["compile"]  # a checkpoint written before the option
+    assert TextTo3DConfig.from_dict(old).compile is None
+    with pytest.raises(ValueError, match="compile"):
+        tiny_config(compile="fast")
+    with pytest.raises(ValueError, match="compile"):
+        make_scene(tiny_teacher(), "3", compile=True)  # an object is used as it is
+    calls = []
+
+    def fake_load_default(**kwargs):
+        calls.append(kwargs)
+        return tiny_teacher()
+
+    monkeypatch.setattr(teachers, "load_default", fake_load_default)
+    make_scene("digits", "3", compile=config.teacher_compile, classifier=tiny_classifier())
+    assert calls and calls[0]["compile"] == {"mode": "reduce-overhead"}
+
+
+def test_a_compiled_teacher_gives_the_eager_gradient_on_the_cpu():
+    """The compiled path through the teacher (``backend="aot_eager"``: the graph capture
+    without inductor's code generation) inside a CARV step gives eager's gradient."""
+    import pyro
+
+    grads = []
+    for compile in (False, {"backend": "aot_eager"}):
+        base = tiny_teacher()
+        teacher = DiffusersTeacher(base.unet, base.scheduler, compile=compile)
+        objective = carv.SDS(teacher, guidance_scale=2.0)
+
+        def model(objective=objective):
+            x = pyro.param("x", torch.zeros(2, 1, 1, 16, 16))
+            with pyro.plate("views", 2, dim=-2), carv.draws(3, dim=-1):
+                carv.teacher_term("sds", objective, x, cond=3)
+
+        pyro.clear_param_store()
+        guide = carv.Estimator.preset("carv", K=3).guide(model, seed=1)
+        carv.CARVLoss().loss_and_grads(model, guide)
+        grads.append(pyro.param("x").unconstrained().grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

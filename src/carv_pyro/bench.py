@@ -864,6 +864,10 @@ def main(args: Any) -> int:
                 f"pretrain_steps applies to the distillation pipeline, not {args.pipeline!r}"
             )
         kwargs["pretrain_steps"] = args.pretrain_steps
+    if getattr(args, "compile", None) is not None:
+        if args.pipeline != "text-to-3d":
+            raise ValueError(f"compile applies to the text-to-3d pipeline, not {args.pipeline!r}")
+        kwargs["compile"] = args.compile
     bench = PIPELINES[args.pipeline](quick=quick, seed=args.seed, device=args.device, **kwargs)
     if smoke:
         repeats, n_reference = 2, 2

@@ -116,7 +116,28 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         choices=("float32", "bfloat16", "float16"),
         help="the teacher's compute dtype (default float32)",
     )
+    _add_compile_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+#: ``--compile`` modes: `carv_pyro.pipelines.text_to_3d.COMPILE_MODES` (spelled out here so that
+#: ``--help`` imports no torch; a test keeps the two equal).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _add_compile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="compile the teacher's network with torch.compile (default: eager); MODE is "
+        "torch.compile's: default (when --compile is given alone), reduce-overhead (CUDA "
+        "graphs), max-autotune or max-autotune-no-cudagraphs. Changes speed, not the "
+        "estimator; a resumed run may change it",
+    )
 
 
 def _add_dream(subparsers: Any) -> None:
@@ -192,6 +213,7 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "teacher": args.teacher,
         "device": args.device,
         "dtype": args.dtype,
+        "compile": args.compile,
     }
     return {k: v for k, v in overrides.items() if v is not None}
 
@@ -236,10 +258,15 @@ def _dream_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                     f"{args.prompt!r}"
                 )
             fields = saved.to_dict()
-            fields.update({k: v for k, v in overrides.items() if k == "steps"})
+            # a resumed run may run longer, and compile or not (speed only); --compile absent
+            # keeps the run's setting
+            resumable = ("steps", "compile")
+            fields.update({k: v for k, v in overrides.items() if k in resumable})
             config = TextTo3DConfig.from_dict(fields)
             config.resumable_from(saved)
-            ignored = sorted(k for k in overrides if k != "steps" and fields.get(k) != overrides[k])
+            ignored = sorted(
+                k for k in overrides if k not in resumable and fields.get(k) != overrides[k]
+            )
             if ignored and any(getattr(args, k, None) is not None for k in ignored):
                 parser.error(f"--resume reuses the run's settings; do not change {ignored}")
         else:
@@ -515,6 +542,7 @@ def _add_bench(subparsers: Any) -> None:
     p.add_argument("--plot", metavar="PATH", help="write a variance-against-cost picture")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    _add_compile_option(p)
     p.add_argument(
         "--repeats", type=_positive_int, help="independent estimates per variance measurement"
     )
@@ -532,6 +560,8 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     _check_device(args, parser)
     if args.pretrain_steps is not None and args.pipeline != "distillation":
         parser.error(f"--pretrain-steps applies to --pipeline distillation, not {args.pipeline!r}")
+    if args.compile is not None and args.pipeline != "text-to-3d":
+        parser.error(f"--compile applies to --pipeline text-to-3d, not {args.pipeline!r}")
     _check_outputs(args, parser)
     from .bench import main as bench_main
 

@@ -314,7 +314,9 @@ class TextTo3DModule(pl.LightningModule):
         self.save_hyperparameters({"config": config.to_dict(), "measure_every": measure_every})
         # the teacher is no submodule (it is frozen: DDP and checkpoints must not carry it);
         # it is moved to the module's device when training starts
-        self.scene = scene or make_scene(config.teacher, config.prompt, dtype=config.torch_dtype)
+        self.scene = scene or make_scene(
+            config.teacher, config.prompt, dtype=config.torch_dtype, compile=config.teacher_compile
+        )
         self.field = VoxelField(config.resolution, self.scene.channels, seed=config.seed)
         self.objective = SDS(
             self.scene.teacher,

@@ -13,7 +13,7 @@ A file a concept:
 """
 
 from .bench import TextTo3DBench
-from .config import DTYPES, TextTo3DConfig
+from .config import COMPILE_MODES, DTYPES, TextTo3DConfig, compile_option
 from .dream import CHECKPOINT_FILE, DreamRun, build_run, dream, load_checkpoint_config
 from .model import SeededUniform, make_model
 from .quality import eval_cameras, quality
@@ -22,6 +22,7 @@ from .scene import TEACHERS, DigitsScene, Scene, ShapesScene, make_scene
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "COMPILE_MODES",
     "DTYPES",
     "TEACHERS",
     "DigitsScene",
@@ -32,6 +33,7 @@ __all__ = [
     "TextTo3DBench",
     "TextTo3DConfig",
     "build_run",
+    "compile_option",
     "dream",
     "eval_cameras",
     "load_checkpoint_config",

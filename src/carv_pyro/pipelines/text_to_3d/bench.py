@@ -36,6 +36,8 @@ class TextTo3DBench(FixedCheckpointBench):
         prompt: the shape to carve.
         smoke: tiny sizes for the test suite (seconds; the numbers mean nothing).
         teacher: ``"shapes"``, ``"digits"`` or a folder (see `TextTo3DConfig`).
+        compile: the teacher's ``torch.compile`` mode (``None``: eager; see
+            `TextTo3DConfig`).
     """
 
     name = "text-to-3d"
@@ -48,15 +50,23 @@ class TextTo3DBench(FixedCheckpointBench):
         prompt: str = "torus",
         smoke: bool = False,
         teacher: str = "shapes",
+        compile: str | None = None,
     ):
         super().__init__(seed=seed, device=device)
         self.quick = quick or smoke
         self.smoke = smoke
         self.R = 2 if self.quick else 4
         self.config = TextTo3DConfig(
-            prompt=prompt, teacher=teacher, device=str(self.device), seed=seed, estimator="baseline"
+            prompt=prompt,
+            teacher=teacher,
+            device=str(self.device),
+            seed=seed,
+            estimator="baseline",
+            compile=compile,
         )
-        self.scene = make_scene(teacher, prompt, device=self.device)
+        self.scene = make_scene(
+            teacher, prompt, device=self.device, compile=self.config.teacher_compile
+        )
         self.objective = SDS(
             self.scene.teacher,
             weighting=self.config.weighting,

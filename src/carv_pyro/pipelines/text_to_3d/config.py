@@ -12,7 +12,7 @@ from ... import _checks
 from ...objectives import WEIGHTINGS
 from ..base.config import PipelineConfig
 
-__all__ = ["DTYPES", "TextTo3DConfig"]
+__all__ = ["COMPILE_MODES", "DTYPES", "TextTo3DConfig", "compile_option"]
 
 #: ``--dtype`` names and the teacher compute dtypes they mean.
 DTYPES: dict[str, torch.dtype] = {
@@ -20,6 +20,19 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+
+#: ``--compile`` modes (``torch.compile``'s): ``"default"`` is its defaults, the others its
+#: ``mode=``; ``"reduce-overhead"`` and ``"max-autotune"`` capture CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_option(mode: str | None) -> bool | dict[str, Any]:
+    """A config's ``compile`` mode as a teacher's ``compile=`` (``None``: eager)."""
+    if mode is None:
+        return False
+    _checks.choice("compile", mode, COMPILE_MODES)
+    return True if mode == "default" else {"mode": mode}
 
 
 @dataclass
@@ -52,6 +65,13 @@ class TextTo3DConfig(PipelineConfig):
         eval_elevations_deg: the elevations of the held-out views, degrees.
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:1"``...).
         dtype: the teacher's compute dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        compile: compile the teacher's network with ``torch.compile`` (``None``: eager), in one
+            of `COMPILE_MODES`: ``"default"`` (its defaults) or a ``mode=`` such as
+            ``"reduce-overhead"`` (CUDA graphs: fixed ``R``, ``K`` and ``max_batch`` are
+            needed, or each new shape records a graph). It changes speed, not the estimator:
+            the gradient is eager's to the compiler's rounding, so a resumed run may change it
+            (the one field besides ``steps`` and ``budget_s`` that `resumable_from` allows to
+            differ; the result then matches the uninterrupted run to rounding, not bit for bit).
 
     Raises:
         ValueError: naming the first invalid field.
@@ -76,6 +96,7 @@ class TextTo3DConfig(PipelineConfig):
     eval_elevations_deg: tuple[float, ...] = (10.0, 35.0)
     device: str = "cpu"
     dtype: str = "float32"
+    compile: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +141,8 @@ class TextTo3DConfig(PipelineConfig):
         except RuntimeError:
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}") from None
         _checks.choice("dtype", self.dtype, tuple(DTYPES))
+        if self.compile is not None:
+            _checks.choice("compile", self.compile, COMPILE_MODES)
         if self.estimator.noise == "antithetic" and self.estimator.adapt:
             raise ValueError("the adapting estimator may choose an odd K: no antithetic noise")
 
@@ -128,19 +151,24 @@ class TextTo3DConfig(PipelineConfig):
         """The teacher's compute dtype."""
         return DTYPES[self.dtype]
 
+    @property
+    def teacher_compile(self) -> bool | dict[str, Any]:
+        """`compile` as the teacher's ``compile=``."""
+        return compile_option(self.compile)
+
     def resumable_from(self, saved: TextTo3DConfig) -> None:
         """Raise ``ValueError`` unless this config differs from ``saved`` only in ``steps`` and
-        ``budget_s`` (the fields a resumed run may extend)."""
+        ``budget_s`` (the fields a resumed run may extend) and ``compile`` (speed only)."""
         a, b = saved.to_dict(), self.to_dict()
         diffs = [
             f"{k}: checkpoint {a[k]!r}, now {b[k]!r}"
             for k in a
-            if k not in ("steps", "budget_s") and a[k] != b[k]
+            if k not in ("steps", "budget_s", "compile") and a[k] != b.get(k)
         ]
         if diffs:
             raise ValueError(
-                "cannot resume: the run's settings differ from the checkpoint's (only steps and "
-                "budget_s may change):\n  " + "\n  ".join(diffs)
+                "cannot resume: the run's settings differ from the checkpoint's (only steps, "
+                "budget_s and compile may change):\n  " + "\n  ".join(diffs)
             )
 
     def replace(self, **changes: Any) -> TextTo3DConfig:

@@ -123,7 +123,13 @@ def build_run(config: TextTo3DConfig, scene: Scene | None = None) -> DreamRun:
     """
     device = torch.device(config.device)
     if scene is None:
-        scene = make_scene(config.teacher, config.prompt, device=device, dtype=config.torch_dtype)
+        scene = make_scene(
+            config.teacher,
+            config.prompt,
+            device=device,
+            dtype=config.torch_dtype,
+            compile=config.teacher_compile,
+        )
     sds = SDS(
         scene.teacher,
         weighting=config.weighting,
@@ -228,7 +234,11 @@ def dream(
             )
     if scene is None:
         scene = make_scene(
-            config.teacher, config.prompt, device=config.device, dtype=config.torch_dtype
+            config.teacher,
+            config.prompt,
+            device=config.device,
+            dtype=config.torch_dtype,
+            compile=config.teacher_compile,
         )
     folder.prepare(resume=resume, overwrite=overwrite)
 

@@ -185,7 +185,13 @@ def race(
     out = Path(out_dir)
     folder = RunFolder(out, "race", RACE_FILE)
     folder.check(resume=resume, overwrite=overwrite)
-    scene = make_scene(base.teacher, prompt, device=base.device, dtype=base.torch_dtype)
+    scene = make_scene(
+        base.teacher,
+        prompt,
+        device=base.device,
+        dtype=base.torch_dtype,
+        compile=base.teacher_compile,
+    )
     metric = "iou" if scene.true_occupancy(2) is not None else "p"
     if not resume or not folder.checkpoint.exists():
         folder.prepare(resume=False, overwrite=overwrite)

@@ -163,6 +163,7 @@ def make_scene(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     classifier: Any = None,
+    compile: bool | dict[str, Any] = False,
 ) -> Scene:
     """The scene of a prompt with a teacher.
 
@@ -173,6 +174,9 @@ def make_scene(
         prompt: the prompt (a class name such as ``"torus"``, or a digit for ``"digits"``).
         device: where the teacher runs.
         dtype: its compute dtype (``None``: the input's).
+        compile: the loaded teacher's ``compile=`` (``torch.compile`` of its network; see
+            [`DiffusersTeacher`][carv_pyro.teachers.DiffusersTeacher]); a teacher object is used
+            as it is (an error if ``compile`` is asked for it).
         classifier: a judge for held-out views (default: the teacher's own).
 
     Raises:
@@ -187,11 +191,11 @@ def make_scene(
         if teacher == "shapes":
             from ...teachers.shapes import load_shapes
 
-            obj = load_shapes(dtype=dtype)
+            obj = load_shapes(dtype=dtype, compile=compile)
         else:
             from ...teachers import load_default
 
-            obj = load_default(dtype=dtype)
+            obj = load_default(dtype=dtype, compile=compile)
     elif isinstance(teacher, (str, Path)):
         folder = Path(teacher)
         if not (folder / "unet").is_dir():
@@ -202,14 +206,23 @@ def make_scene(
         if (folder / SHAPES_TEACHER_CONFIG).is_file():
             settings = json.loads((folder / SHAPES_TEACHER_CONFIG).read_text())
             obj = ShapesTeacher.from_pretrained(
-                folder, class_names=tuple(settings["class_names"]), settings=settings, dtype=dtype
+                folder,
+                class_names=tuple(settings["class_names"]),
+                settings=settings,
+                dtype=dtype,
+                compile=compile,
             )
         else:
             from ...teachers.diffusers_teacher import DiffusersTeacher
 
-            obj = DiffusersTeacher.from_pretrained(folder, dtype=dtype)
+            obj = DiffusersTeacher.from_pretrained(folder, dtype=dtype, compile=compile)
         obj.folder = str(folder)
     else:
+        if compile:
+            raise ValueError(
+                "compile applies to the teachers make_scene loads; pass compile= to your "
+                "teacher's constructor instead"
+            )
         obj = teacher
     obj = obj.to(torch.device(device))
     if isinstance(obj, ShapesTeacher):
