@@ -361,6 +361,41 @@ def test_warm_auto_and_adaptive_steps_never_synchronise_on_cuda(preset, monkeypa
         assert not acc._pending
 
 
+@pytest.mark.parametrize("preset", ["auto", "baseline"])
+def test_warm_dream_steps_never_synchronise_on_cuda(preset, monkeypatch):
+    """The main job's own step (render, camera sites, ``auto``'s lattice design over them, the
+    shapes teacher with guidance, the accountant) between measurements does not synchronise."""
+    import pyro
+
+    from carv_pyro.pipelines.text_to_3d import TextTo3DConfig
+    from carv_pyro.pipelines.text_to_3d.dream import build_run
+
+    pyro.clear_param_store()
+    config = TextTo3DConfig(prompt="torus", device="cuda", estimator=preset, R=4, steps=10)
+    run = build_run(config)
+    acc = run.loss.accountant
+    for _ in range(3):  # warm: caches, the accountant's first measurement
+        run.svi.step()
+
+    def no_wait(event):
+        raise AssertionError("a CUDA event was waited for inside a step")
+
+    plain = 0
+    for _ in range(6):
+        if acc is not None and acc.wants_components():
+            run.svi.step()
+            continue
+        monkeypatch.setattr(torch.cuda.Event, "synchronize", no_wait)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run.svi.step()
+            plain += 1
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            monkeypatch.undo()
+    assert plain >= 3
+
+
 def test_adaptive_proposal_on_cuda_matches_the_cpu():
     """The ``adaptive`` proposal's statistics live on the draws' device and its ``q`` is built
     there without host reads: the same statistics and ``q`` as on the CPU, to float64 rounding
