@@ -226,8 +226,8 @@ def null_class_cond(cond: Tensor, num_classes: int = len(SHAPE_CLASSES)) -> Tens
             f"cond must end in D = {cond_dim(num_classes)} for {num_classes} classes, got "
             f"{tuple(cond.shape)}"
         )
-    null = torch.zeros(num_classes + 1, dtype=cond.dtype, device=cond.device)
-    null[num_classes] = 1.0
+    # built by a kernel (an item assignment would copy a host scalar: a sync on a GPU)
+    null = (torch.arange(num_classes + 1, device=cond.device) == num_classes).to(cond.dtype)
     return torch.cat([null.expand(*cond.shape[:-1], num_classes + 1), cond[..., -4:]], dim=-1)
 
 

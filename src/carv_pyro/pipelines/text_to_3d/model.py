@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ... import _checks
 from ...infer.primitives import draws, teacher_term
+from ...layout import to_device
 from ...objectives import TeacherObjective
 from ..render import render
 from .scene import Scene
@@ -54,7 +55,8 @@ class SeededUniform(dist.Uniform):
         shape = self._extended_shape(sample_shape)
         device = self.generator.device if self.generator is not None else self.low.device
         u = torch.rand(shape, generator=self.generator, dtype=self.low.dtype, device=device)
-        return self.low + u.to(self.low.device) * (self.high - self.low)
+        # drawn where the generator lives, then queued to the device (no host sync)
+        return self.low + to_device(u, self.low.device) * (self.high - self.low)
 
 
 def make_model(

@@ -103,7 +103,8 @@ class DigitsScene(Scene):
     """The digits teacher: conditioned on the class only (it has no notion of the camera)."""
 
     def cond(self, azimuth: Tensor, elevation: Tensor) -> Tensor:
-        return torch.tensor(self.label, device=azimuth.device)
+        # a fill on the device (a tensor built from a host number would be copied: a sync)
+        return torch.full((), self.label, dtype=torch.long, device=azimuth.device)
 
 
 def _shapes_scene(teacher: Any, prompt: str, classifier: Any) -> ShapesScene:
