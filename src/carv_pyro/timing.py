@@ -61,7 +61,8 @@ class Stopwatch:
     def seconds(self) -> float:
         """Elapsed seconds (synchronises on the end event for CUDA unless `ready`)."""
         if self.cuda:
-            self._end.synchronize()
+            if not self._end.query():  # a finished event is read as is: no call that may wait
+                self._end.synchronize()
             return self._start.elapsed_time(self._end) / 1e3
         if self._t1 is None:
             raise RuntimeError("Stopwatch.seconds() called before stop()")
