@@ -107,9 +107,12 @@ def make_model(
 
     def model(R: int = default_R, K: int = default_K) -> None:
         pyro.module("field", field)
+        # Pyro's argument and support validation read values back from the device (a host
+        # sync on a GPU): it runs where host checks do (the CPU, or CARVLoss(checks=True))
+        check = None if _checks.host_checks(az_lo.device) else False
         with pyro.plate("views", R, dim=-2):
-            azimuth = pyro.sample("azimuth", SeededUniform(az_lo, az_hi, generator))
-            elevation = pyro.sample("elevation", SeededUniform(el_lo, el_hi, generator))
+            azimuth = pyro.sample("azimuth", SeededUniform(az_lo, az_hi, generator, check))
+            elevation = pyro.sample("elevation", SeededUniform(el_lo, el_hi, generator, check))
             image = render(field, azimuth, elevation, **render_kwargs)  # (R, 1, C, H, W)
             cond = scene.cond(azimuth, elevation)
             with draws(K, "draws", dim=-1):
