@@ -11,6 +11,7 @@ and which backward to run, and tells it what the step measured (`StepReport`).
 
 from __future__ import annotations
 
+import abc
 import numbers
 import warnings
 import weakref
@@ -1002,7 +1003,7 @@ for _name in (
         DeviceLoss.__complex__ = lambda self: complex(float(self))  # type: ignore[method-assign]
     else:
         setattr(DeviceLoss, _name, _delegate(_name))
-DeviceLoss.__abstractmethods__ = frozenset()
+abc.update_abstractmethods(DeviceLoss)  # the numbers.Real methods are all defined now
 
 
 def _default_device() -> torch.device:
