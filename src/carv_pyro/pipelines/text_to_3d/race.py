@@ -420,7 +420,14 @@ def save_race_plot(results: dict[str, Any], path: str | Path) -> str:
         ax.plot([], [], ls="--", color="k", lw=1, label=f"target: {target['of']}")
         hi = max([target["value"], *finals])
         zoom.set_ylim(target["value"] - 2.5 * max(hi - target["value"], 0.01), hi + 0.005)
-        zoom.set_xlim(0.25 * budget, budget)
+        # from just before the earliest arrival (where the race is decided) to the end
+        arrivals = [
+            t
+            for entry in results["estimators"].values()
+            for t in entry.get("time_to_target_s") or []
+            if t is not None
+        ]
+        zoom.set_xlim(min([0.25 * budget, *(0.8 * t for t in arrivals)]), budget)
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel(ylabel)
     ax.set_title(
