@@ -783,3 +783,14 @@ def test_adaptive_proposal_rebuilds_its_tables_only_after_an_update():
     assert q.probs() is first and q._tables()[0] is first
     svi.step()
     assert q.probs() is not first and not torch.equal(q.probs(), first)
+
+
+def test_seconds_of_and_is_ready_read_stopwatches_seconds_and_none():
+    from carv_pyro.timing import Stopwatch, is_ready, seconds_of
+
+    watch = Stopwatch()
+    assert not is_ready(watch)  # a CPU stopwatch is ready once stopped
+    watch.stop()
+    assert is_ready(watch) and seconds_of(watch) == watch.seconds() >= 0.0
+    assert is_ready(0.25) and seconds_of(0.25) == 0.25
+    assert is_ready(None) and seconds_of(None) == 0.0

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .timing import is_ready, seconds_of
 
 __all__ = [
     "Accountant",
@@ -520,13 +521,10 @@ class _Timing:
     teacher: Any  # a stopped Stopwatch, seconds, or None (no teacher time)
 
     def ready(self) -> bool:
-        return all(not hasattr(w, "ready") or w.ready() for w in (self.step, self.teacher))
+        return is_ready(self.step) and is_ready(self.teacher)
 
     def seconds(self) -> tuple[float, float]:
-        def read(w: Any) -> float:
-            return 0.0 if w is None else float(w.seconds() if hasattr(w, "seconds") else w)
-
-        return read(self.step), read(self.teacher)
+        return seconds_of(self.step), seconds_of(self.teacher)
 
 
 class Accountant:
@@ -910,9 +908,8 @@ class Accountant:
 
     def cost_estimates(self) -> tuple[float, float]:
         """``(c_outer, c_inner)``: declared, or medians of the recent measured steps."""
-        if self.costs is not None:
-            return self.costs
-        self._resolve_timings()
+        if self.costs is None:
+            self._resolve_timings()
         return self._cost_medians()
 
     def _cost_medians(self) -> tuple[float, float]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import platform
 import time
+from typing import Any
 
 import torch
 
-__all__ = ["Stopwatch", "device_name"]
+__all__ = ["Stopwatch", "device_name", "is_ready", "seconds_of"]
 
 
 def device_name(device: str | torch.device) -> str:
@@ -67,3 +68,16 @@ class Stopwatch:
         if self._t1 is None:
             raise RuntimeError("Stopwatch.seconds() called before stop()")
         return self._t1 - self._t0
+
+
+def seconds_of(measured: Any) -> float:
+    """Seconds of a measured time: a stopped `Stopwatch` (read, which on a GPU waits for the
+    device unless it is `ready`), plain seconds, or ``None`` (not timed: zero)."""
+    if measured is None:
+        return 0.0
+    return float(measured.seconds() if hasattr(measured, "seconds") else measured)
+
+
+def is_ready(measured: Any) -> bool:
+    """Whether `seconds_of` can read ``measured`` without waiting for the device."""
+    return not hasattr(measured, "ready") or measured.ready()

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..layout import TermLayout
-from ..timing import Stopwatch
+from ..timing import Stopwatch, is_ready, seconds_of
 from .guide import EXACT_KEY, TimestepGuide
 from .primitives import ROLE_KEY, TERM_KEY, TermRecord
 
@@ -82,27 +82,19 @@ class StepReport:
     quadrants: Tensor | None = None
     quadrant_sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
 
-    @staticmethod
-    def _read(time: Stopwatch | float | None) -> float:
-        if time is None:
-            return 0.0
-        return time.seconds() if isinstance(time, Stopwatch) else float(time)
-
     @property
     def step_seconds(self) -> float:
         """Seconds of the whole particle (on a GPU: waits for the device unless `ready`)."""
-        return self._read(self.step_time)
+        return seconds_of(self.step_time)
 
     @property
     def teacher_seconds(self) -> float:
         """Seconds of the teacher call (on a GPU: waits for the device unless `ready`)."""
-        return self._read(self.teacher_time)
+        return seconds_of(self.teacher_time)
 
     def ready(self) -> bool:
         """Whether the timings can be read without waiting for the device."""
-        return all(
-            not isinstance(t, Stopwatch) or t.ready() for t in (self.step_time, self.teacher_time)
-        )
+        return is_ready(self.step_time) and is_ready(self.teacher_time)
 
 
 @runtime_checkable
@@ -814,8 +806,8 @@ class CARVLoss(ELBO):
                 raise NonFiniteTeacherError(
                     f"teacher term {name!r} produced NaN/Inf at {n_bad} of {numel} draws in an "
                     f"earlier step (found without a host synchronisation, after that step's "
-                    f"gradient was applied with those draws' residuals zeroed); check the teacher's weights and the upstream x fed "
-                    f"to it, pass CARVLoss(checks=True) to stop before any gradient exists, or "
+                    f"gradient was applied with those draws' residuals zeroed); check the "
+                    f"teacher's weights and the upstream x fed to it, pass CARVLoss(checks=True) to stop before any gradient exists, or "
                     f"CARVLoss(nonfinite='zero') to drop such draws"
                 )
 
