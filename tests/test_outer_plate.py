@@ -259,6 +259,27 @@ def test_sobol_spans_the_sites_of_a_plate():
     assert guide.outer.designed == ["a", "b"]
 
 
+def _cells(u: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n, d)`` -> per column, the sorted intervals ``[a / n, (a + 1) / n)`` of its points."""
+    return (u * n).floor().long().sort(0).values
+
+
+def test_vector_latent_takes_one_row_of_the_design_per_draw():
+    """A site with an event shape under a plate: each of the ``R`` draws is one row of the design
+    (a plate's dim counts from the right of the batch shape, not of the value), so every
+    coordinate of a Latin hypercube has one draw per stratum."""
+    R = 8
+
+    def model():
+        with pyro.plate("views", R, dim=-1):
+            return pyro.sample("c", dist.Uniform(torch.zeros(3).double(), 1.0).to_event(1))
+
+    guide = carv.TimestepGuide(model, outer="stratified", seed=seed(9))
+    c = guide.run(model)[0].nodes["c"]["value"]
+    assert c.shape == (R, 3) and guide.outer.designed == ["c"]
+    assert torch.equal(_cells(c, R), torch.arange(R)[:, None].expand(R, 3))
+
+
 def test_latin_hypercube_of_camera_and_t():
     """Outer strata with global inner strata at K = 1: a Latin hypercube over (latent, t). Each
     of R views' latent strata is used once; the timesteps' uniforms are the global strata of

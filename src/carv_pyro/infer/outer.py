@@ -334,7 +334,7 @@ class OuterDesigner:
             )
         # the draw's coordinates: every dim of the value that is not one of these plates
         letters = [f"a{i}" for i in range(len(shape))]
-        plate_pos = [len(shape) + f.dim for f in plates]
+        plate_pos = [nb + f.dim for f in plates]  # a plate's dim counts from the batch's right
         rest_pos = [i for i in range(len(shape)) if i not in plate_pos]
         d = math.prod(shape[i] for i in rest_pos)
         key = tuple((f.name, f.dim, full[f.dim]) for f in plates)
