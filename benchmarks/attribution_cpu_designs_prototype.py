@@ -9,7 +9,7 @@ Results: benchmarks/attribution_cpu_designs_quick.json.
 import json, math, statistics, sys, time
 import torch
 from carv_pyro.infer import guide as guide_mod, samplers
-from carv_pyro.infer.samplers import SobolNoise, scrambled_sobol_ints, _sobol_directions
+from carv_pyro.infer.samplers import SobolNoise, scrambled_sobol_ints, sobol_directions
 from carv_pyro.pipelines.attribution.bench import AttributionBench
 
 quick = "--full" not in sys.argv
@@ -26,7 +26,7 @@ def joint_uniforms(layout, stratify, source, device):
     n_outer, n_inner = layout.n_outer, layout.n_inner
     base = source.uniform((d, 31), device)
     words = torch.floor(base * 2.0**30).to(torch.int64) % (1 << 30)
-    x = scrambled_sobol_ints(n_outer * n_inner, _sobol_directions(d, torch.device(device)), words)
+    x = scrambled_sobol_ints(n_outer * n_inner, sobol_directions(d, torch.device(device)), words)
     u = (x.to(torch.float64) + 0.5) * 2.0**-30
     JOINT["stash"] = u[:, 1:]
     return layout.ungroup(u[:, 0].reshape(n_outer, n_inner))

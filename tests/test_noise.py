@@ -86,7 +86,7 @@ def test_every_point_is_the_shift_xor_a_point_independent_of_the_shift(n):
     words = random_words(d, 2)
     no_shift = words.clone()
     no_shift[:, BITS] = 0
-    directions = samplers._sobol_directions(d, CPU)
+    directions = samplers.sobol_directions(d, CPU)
     base = scrambled_sobol_ints(n, directions, no_shift)
     for s in range(3):
         shifted = no_shift.clone()
@@ -99,7 +99,7 @@ def test_every_point_is_the_shift_xor_a_point_independent_of_the_shift(n):
 def test_without_scramble_the_points_are_torchs_sobol_points():
     d, n = 6, 128
     x = scrambled_sobol_ints(
-        n, samplers._sobol_directions(d, CPU), torch.zeros(d, BITS + 1, dtype=torch.int64)
+        n, samplers.sobol_directions(d, CPU), torch.zeros(d, BITS + 1, dtype=torch.int64)
     )
     want = torch.quasirandom.SobolEngine(d).draw(n, dtype=torch.float64) * 2**BITS
     assert set(map(tuple, x.tolist())) == set(map(tuple, want.to(torch.int64).tolist()))
@@ -118,14 +118,14 @@ def test_the_scramble_is_torchs_linear_matrix_scramble():
     for p in range(BITS):
         for k in range(p):
             ltm[:, p, k] = (words[:, BITS - 1 - p] >> (BITS - 1 - k)) & 1
-    state = samplers._sobol_directions(d, CPU).clone()
+    state = samplers.sobol_directions(d, CPU).clone()
     torch._sobol_engine_scramble_(state, ltm, d)
     want = torch.zeros(n, d, dtype=torch.int64)
     for i in range(n):
         for k in range(n.bit_length()):
             if (i >> k) & 1:
                 want[i] ^= state[:, k]
-    assert torch.equal(scrambled_sobol_ints(n, samplers._sobol_directions(d, CPU), words), want)
+    assert torch.equal(scrambled_sobol_ints(n, samplers.sobol_directions(d, CPU), words), want)
 
 
 @pytest.mark.parametrize("m", [0, 1, 3, 6, 7])
@@ -217,7 +217,7 @@ def test_max_dim_and_power_of_two_warning():
     with pytest.warns(UserWarning, match="power-of-two"):
         sampler.sample(layout(1, 3), torch.Size([2]), torch.float32, CPU, src)
     with pytest.raises(ValueError, match="between 1 and"):
-        scrambled_sobol_ints(0, samplers._sobol_directions(2, CPU), random_words(2, 0))
+        scrambled_sobol_ints(0, samplers.sobol_directions(2, CPU), random_words(2, 0))
 
 
 @pytest.mark.parametrize("stratify", ["per_outer", "global"])

@@ -20,7 +20,13 @@ import pytest
 import torch
 
 import carv_pyro as carv
-from carv_pyro.infer.outer import OUTER, OuterDesigner, StratifiedDesign, prior_icdf
+from carv_pyro.infer.outer import (
+    OUTER,
+    OuterDesigner,
+    SobolDesign,
+    StratifiedDesign,
+    prior_icdf,
+)
 from carv_pyro.infer.samplers import AbstractNoiseSampler, RandomSource
 
 from .analytic import DIRECTION, MEAN, THETA0, grad_of, sds, sds_constant
@@ -278,6 +284,105 @@ def test_vector_latent_takes_one_row_of_the_design_per_draw():
     c = guide.run(model)[0].nodes["c"]["value"]
     assert c.shape == (R, 3) and guide.outer.designed == ["c"]
     assert torch.equal(_cells(c, R), torch.arange(R)[:, None].expand(R, 3))
+
+
+@pytest.mark.parametrize("m", range(7))
+def test_sobol_design_is_a_net_on_the_midpoint_grid(m):
+    """Each column of ``n = 2^m`` points has exactly one point in each ``[a / n, (a + 1) / n)``,
+    and every point is a midpoint ``(x + 1/2) 2^-30`` of the grid the digital shift makes it
+    exactly uniform on."""
+    n, d = 2**m, 8
+    u = SobolDesign().uniforms(n, range(d), RandomSource(), seed(20 + m))
+    assert u.dtype == torch.float64 and u.shape == (n, d)
+    x = u * 2**30 - 0.5
+    assert torch.equal(x, x.round()) and x.min() >= 0 and x.max() < 2**30
+    assert torch.equal(_cells(u, n), torch.arange(n)[:, None].expand(n, d))
+
+
+def test_sobol_sites_of_a_plate_form_one_point_set():
+    """The sites of a plate take consecutive columns of one scrambled sequence: a site's
+    columns are those columns of the plate's whole draw, and the first two sites' points form
+    a ``(0, m, 2)``-net, as Sobol's first two dimensions do (scrambling keeps the t-value): each
+    elementary box ``[a 2^-k, (a + 1) 2^-k) x [b 2^(k-m), (b + 1) 2^(k-m))`` of area ``1 / n``
+    holds exactly one of the ``n = 2^m`` points, for every ``k``."""
+    design, source, m = SobolDesign(), RandomSource(), 4
+    n = 2**m
+    whole = design.uniforms(n, range(5), source, seed(5))
+    parts = [
+        design.uniforms(n, cols, source, seed(5)) for cols in (range(1), range(1, 4), range(4, 5))
+    ]
+    assert torch.equal(torch.cat(parts, 1), whole)
+
+    def model():
+        with pyro.plate("views", n, dim=-1):
+            a = pyro.sample("a", dist.Uniform(torch.tensor(0.0).double(), 1.0))
+            b = pyro.sample("b", dist.Uniform(torch.tensor(0.0).double(), 1.0))
+            c = pyro.sample("c", dist.Uniform(torch.zeros(3).double(), 1.0).to_event(1))
+        return a, b, c
+
+    guide = carv.TimestepGuide(model, outer="sobol", seed=seed(6))
+    nodes = guide.run(model)[0].nodes
+    a, b = nodes["a"]["value"], nodes["b"]["value"]
+    for k in range(m + 1):
+        boxes = (a * 2**k).floor() * 2 ** (m - k) + (b * 2 ** (m - k)).floor()
+        assert sorted(boxes.long().tolist()) == list(range(n)), k
+    assert torch.equal(_cells(nodes["c"]["value"], n), torch.arange(n)[:, None].expand(n, 3))
+    assert guide.outer.designed == ["a", "b", "c"]
+
+
+def test_sobol_runs_scramble_afresh():
+    """Each run draws new words (from the plate's fresh seed): no two of 400 runs agree, and
+    the first points of consecutive runs are uncorrelated (``corr sqrt(N)`` is ``N(0, 1)`` for
+    independent runs: within ``Z``)."""
+
+    def model():
+        with pyro.plate("views", 4, dim=-1):
+            return pyro.sample("a", dist.Uniform(torch.tensor(0.0).double(), 1.0))
+
+    guide = carv.TimestepGuide(model, outer="sobol", seed=seed(7))
+    runs = torch.stack([guide.run(model)[0].nodes["a"]["value"] for _ in range(400)])
+    assert len({tuple(r.tolist()) for r in runs}) == len(runs)
+    first = runs[:, 0]
+    corr = torch.corrcoef(torch.stack([first[:-1], first[1:]]))[0, 1]
+    assert abs(float(corr)) * math.sqrt(len(first) - 1) < Z
+
+
+def test_sobol_design_is_unbiased_through_the_inverse_cdf():
+    """``E[exp(z_1) z_2^2] = exp(mu_1 + s_1^2 / 2) (mu_2^2 + s_2^2)`` for independent normal
+    coordinates ``z_j = icdf(u_j)``: the mean over 2000 runs of a run's 8-point average is within
+    ``Z`` standard errors (estimated from the runs) of it."""
+    loc = torch.tensor([0.3, -0.5], dtype=torch.float64)
+    scale = torch.tensor([0.8, 1.3], dtype=torch.float64)
+    prior = dist.Normal(loc, scale).expand((8, 2))
+    design, source = SobolDesign(), RandomSource(seed=seed(8))
+    runs = []
+    for _ in range(2000):
+        z = prior_icdf(prior, design.uniforms(8, range(2), source, source.integer_seed()))
+        runs.append((z[:, 0].exp() * z[:, 1] ** 2).mean())
+    runs = torch.stack(runs)
+    want = math.exp(0.3 + 0.8**2 / 2) * (0.5**2 + 1.3**2)
+    z = (runs.mean() - want) / (runs.std() / math.sqrt(len(runs)))
+    assert abs(float(z)) < Z, z
+
+
+def test_sobol_design_checks_its_plate():
+    design = SobolDesign()
+    with pytest.raises(ValueError, match="at most"):
+        design.uniforms(4, range(SobolDesign.MAX_DIM + 1), RandomSource(), 0)
+    with pytest.warns(UserWarning, match="power-of-two"):
+        design.uniforms(6, range(2), RandomSource(), 0)
+
+
+def test_sharded_sobol_plate_takes_its_rows_of_one_net():
+    """Two shards of a Sobol plate of 8 drawn with the same outer seed: one net together."""
+    objective = sds("sds")
+    us = []
+    for shard in (torch.arange(0, 4), torch.arange(4, 8)):
+        model = latent_model(objective, 8, 1, "uniform", subsample=shard)
+        guide = carv.TimestepGuide(model, outer="sobol", seed=shard[0].item(), outer_seed=5)
+        xi = guide.run(model)[0].nodes["xi"]["value"].reshape(-1)
+        us.append((xi + 1.0) / 2.5)
+    assert sorted(torch.cat(us).mul(8).floor().long().tolist()) == list(range(8))
 
 
 def test_latin_hypercube_of_camera_and_t():

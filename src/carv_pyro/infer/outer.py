@@ -53,7 +53,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..layout import to_device
-from .samplers import RandomSource
+from .samplers import RandomSource, scrambled_sobol_ints, sobol_directions
 
 __all__ = [
     "OUTER",
@@ -69,6 +69,9 @@ __all__ = [
 
 #: The names ``Estimator(outer=...)`` and ``TimestepGuide(outer=...)`` take.
 OUTER = (None, "stratified", "lattice", "antithetic", "sobol")
+
+#: binary digits of a Sobol coordinate: the design's points lie on the ``2**-30`` grid
+_SOBOL_BITS = torch.quasirandom.SobolEngine.MAXBIT
 
 
 # -- the designs: base uniforms of one plate ------------------------------------------------
@@ -159,12 +162,18 @@ class AntitheticDesign(AbstractOuterDesign):
 
 
 class SobolDesign(AbstractOuterDesign):
-    """Scrambled Sobol points (Owen-type linear scrambling plus a random digital shift: every
-    point is exactly uniform); the sites of one plate take consecutive columns of one sequence.
+    """Scrambled Sobol points (a random linear matrix scramble plus a random digital shift, as
+    ``SobolEngine(scramble=True)`` does: every point is exactly uniform on the ``2^-30`` grid,
+    taken at the grid's midpoints); the sites of one plate take consecutive columns of one
+    point set.
 
-    Each coordinate is scrambled independently, so a site's columns drawn from an engine of
-    ``columns.stop`` dimensions have the same law as those columns of one engine spanning the
-    whole plate: the plate's sites form one low-discrepancy point set.
+    The scramble's words of the columns ``[0, columns.stop)`` are drawn from a generator seeded
+    with the plate's ``seed``, so every site of the plate sees the same words for the same
+    columns, and a site's columns are exactly those columns of one sequence spanning the plate.
+    The points come from `scrambled_sobol_ints`, a few tensor ops per call (as `SobolNoise`).
+    Cost on one CPU core for ``n <= 64``: 0.05-0.07 ms a call at ``d <= 8``, 0.15 ms at
+    ``d = 128``; the ``SobolEngine`` built per call before (same law, other draws) took 0.06 ms
+    at ``d = 2``, 0.12 ms at ``d = 8`` and 3 ms at ``d = 128``, in its host scramble loop.
     """
 
     MAX_DIM = torch.quasirandom.SobolEngine.MAXDIM
@@ -184,10 +193,15 @@ class SobolDesign(AbstractOuterDesign):
                 stacklevel=2,
             )
             self._warned = True
-        engine = torch.quasirandom.SobolEngine(
-            columns.stop, scramble=True, seed=(seed + 7919 * columns.start) % 2**62
+        cpu = torch.device("cpu")
+        # the whole prefix [0, stop) is drawn so a column's words do not depend on which site
+        # asks for it (a CPU generator draws its stream in order: rows of a prefix agree)
+        gen = torch.Generator(device=cpu).manual_seed(seed)
+        words = torch.randint(0, 1 << _SOBOL_BITS, (columns.stop, _SOBOL_BITS + 1), generator=gen)
+        x = scrambled_sobol_ints(
+            n, sobol_directions(columns.stop, cpu)[columns.start :], words[columns.start :]
         )
-        return engine.draw(n, dtype=torch.float64)[:, columns.start :]
+        return x.to(torch.float64).add_(0.5).mul_(2.0**-_SOBOL_BITS)
 
 
 _DESIGNS = {

@@ -41,6 +41,7 @@ __all__ = [
     "SobolNoise",
     "noise_sampler",
     "scrambled_sobol_ints",
+    "sobol_directions",
     "stratified_uniforms",
 ]
 
@@ -270,9 +271,11 @@ _SOBOL_BITS = torch.quasirandom.SobolEngine.MAXBIT
 
 
 @functools.lru_cache(maxsize=32)
-def _sobol_directions(d: int, device: torch.device) -> Tensor:
+def sobol_directions(d: int, device: torch.device) -> Tensor:
     """``(d, 30)`` int64 direction numbers of the unscrambled Sobol sequence in ``d`` dimensions
-    (torch's, Joe and Kuo's D(6)), on ``device``. Constants, so cached per dimension and device."""
+    (torch's, Joe and Kuo's D(6)), on ``device``. A dimension's numbers do not depend on ``d``
+    (these are the first ``d`` rows of any larger ``d``'s). Constants, so cached per dimension
+    and device."""
     return torch.quasirandom.SobolEngine(d).sobolstate.to(device)
 
 
@@ -303,7 +306,7 @@ def scrambled_sobol_ints(n: int, directions: Tensor, words: Tensor) -> Tensor:
 
     Args:
         n: points, at most ``2**30``.
-        directions: ``(d, 30)`` int64 unscrambled direction numbers (`_sobol_directions`).
+        directions: ``(d, 30)`` int64 unscrambled direction numbers (`sobol_directions`).
         words: ``(d, 31)`` int64 random words in ``[0, 2**30)``: ``words[:, b]`` holds the
             random bits of the scramble matrix's row for output bit ``b`` (only its bits above
             ``b`` are used), ``words[:, 30]`` the shift.
@@ -375,7 +378,7 @@ class SobolNoise(AbstractNoiseSampler):
         # words: uniform up to the float grid.
         base = source.uniform((d, _SOBOL_BITS + 1), device).to(device)
         words = torch.floor(base * 2.0**_SOBOL_BITS).to(torch.int64) % (1 << _SOBOL_BITS)
-        x = scrambled_sobol_ints(n_outer * n_inner, _sobol_directions(d, device), words)
+        x = scrambled_sobol_ints(n_outer * n_inner, sobol_directions(d, device), words)
         # 2u - 1 with u = (x + 1/2) 2^-30 in [2^-31, 1 - 2^-31], exact in float64
         z = x.to(torch.float64).mul_(2.0 ** (1 - _SOBOL_BITS)).add_(2.0**-_SOBOL_BITS - 1.0)
         z = z.erfinv_().mul_(math.sqrt(2.0))
