@@ -10,7 +10,7 @@ call. Each test states the guarantee it checks:
 - a warm CARV step never synchronises the host with the GPU (the embedded teacher, guidance on,
   Pyro's validation on or off), and does with ``checks=True``; nor does a warm step of the
   adapting ``auto`` preset between measurements (lazy CUDA timings) or of the ``adaptive``
-  proposal (statistics on the device);
+  proposal (statistics on the device), nor does an outer design take a GPU shard's rows;
 - bad inputs give the same clear errors as on the CPU;
 - the estimator is unbiased on the device, by exact quadrature over the timestep uniforms, with a
   float32 teacher and with a bf16 one (the weights and reductions stay in float32/float64);
@@ -431,3 +431,34 @@ def test_adaptive_proposal_on_cuda_matches_the_cpu():
     p = objective.prior.probs()
     got = _moment_mixture(p.to(CUDA), cpu.bin_index.to(CUDA), none.to(CUDA), 0.1)
     assert torch.equal(got.cpu(), p)  # nothing seen: the prior
+
+
+@pytest.mark.parametrize("outer", ["stratified", "sobol"])
+def test_sharded_outer_design_never_synchronises_on_cuda(outer):
+    """A plate subsampled by indices on the GPU (a rank's shard) takes its rows of the global
+    design on the device, without reading the indices on the host; the rows equal those taken
+    with the indices on the CPU (a ``Uniform(0, 1)`` prior: its inverse CDF is exact on both)."""
+    import pyro
+    import pyro.distributions as dist
+
+    def model(idx):
+        low = torch.zeros((), dtype=torch.float64, device=idx.device)
+        with pyro.plate("views", 8, dim=-1, subsample=idx):
+            return pyro.sample("u", dist.Uniform(low, 1.0))
+
+    def shard(device, sync="default"):
+        idx = torch.arange(2, 6, device=device)
+        guide = carv.TimestepGuide(model, outer=outer, seed=0, outer_seed=5)
+        torch.cuda.set_sync_debug_mode(sync)
+        try:
+            value = guide.run(model, (idx,))[0].nodes["u"]["value"]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert guide.outer.designed == ["u"]
+        return value
+
+    with pyro.validation_enabled(False):  # the prior's argument checks read on the host
+        shard(CUDA)  # warm: cached direction numbers, pinned buffers
+        got = shard(CUDA, sync="error")
+        want = shard("cpu")
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), want)

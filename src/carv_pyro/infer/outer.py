@@ -370,7 +370,11 @@ class OuterDesigner:
                 idx = self._indices.get(f.name)
                 if idx is None or idx.numel() != shape[p]:
                     idx = torch.arange(shape[p])
-                u = u.index_select(p, idx.reshape(-1).cpu().long())
+                if u.device.type == "cpu" and idx.device.type != "cpu":
+                    # index where the indices live: sending the design up once is a queued
+                    # copy, bringing the indices down would wait for the device's queued work
+                    u = to_device(u, idx.device)
+                u = u.index_select(p, to_device(idx.reshape(-1).long(), u.device))
         value = prior_icdf(prior, u)
         if value is None:
             if name not in self._warned:
