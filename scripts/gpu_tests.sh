@@ -18,6 +18,6 @@ mkdir -p "$out"
 {
     date -u +"%Y-%m-%d %H:%M UTC"
     python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
-    python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_paths.py
+    python3 -m pytest -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_paths.py
 } 2>&1 | tee "$out/gpu_tests.txt"
 exit "${PIPESTATUS[0]}"
