@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from ._deferred import take_ready
 from .timing import is_ready, seconds_of
 
 __all__ = [
@@ -763,9 +764,8 @@ class Accountant:
         """Fold pending timings into the cost statistics, oldest first: all of them with
         ``force`` (waits for the device), else those ready now (and, past `_MAX_PENDING`, the
         oldest, so that the queue stays bounded when the device is far behind)."""
-        pending = self._timings()
-        while pending and (force or len(pending) > _MAX_PENDING or pending[0].ready()):
-            self._fold_timing(pending.popleft())
+        for timing in take_ready(self._timings(), _MAX_PENDING, force=force):
+            self._fold_timing(timing)
 
     def _fold_timing(self, timing: _Timing) -> None:
         step_seconds, teacher_seconds = timing.seconds()

@@ -15,9 +15,10 @@ import abc
 import numbers
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import pyro
 import torch
@@ -28,6 +29,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from .. import _checks
+from .._deferred import take_ready
 from ..layout import TermLayout
 from ..timing import Stopwatch, is_ready, seconds_of
 from .guide import EXACT_KEY, TimestepGuide
@@ -639,6 +641,40 @@ def as_timestep_guide(guide: Callable) -> TimestepGuide:
     return hit
 
 
+#: The most NaN counts (one per term and step) a loss keeps pending before it waits for the
+#: oldest.
+_MAX_PENDING_COUNTS = 64
+
+
+class _PendingCount(NamedTuple):
+    """A term's count of non-finite draws in an earlier step, on its way to the host."""
+
+    name: str
+    numel: int
+    count: Tensor  # 0-d, on the host (a pinned copy when counted on a GPU)
+    event: torch.cuda.Event | None  # the copy's end (None: counted on the host)
+
+    @classmethod
+    def of(cls, name: str, numel: int, count: Tensor) -> _PendingCount:
+        """Start copying ``count`` to the host without waiting for the device."""
+        if count.device.type != "cuda":
+            return cls(name, numel, count, None)
+        host = torch.empty((), dtype=count.dtype, pin_memory=True)
+        host.copy_(count, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(name, numel, host, event)
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def read(self) -> int:
+        """The count (waits for the copy unless `ready`)."""
+        if not self.ready():
+            self.event.synchronize()
+        return int(self.count)
+
+
 class CARVLoss(ELBO):
     """The CARV gradient estimator as a Pyro loss for ``SVI``.
 
@@ -724,7 +760,7 @@ class CARVLoss(ELBO):
         )
         self.nonfinite = nonfinite
         self.checks = checks
-        self._pending_nonfinite: list[tuple[str, int, Tensor, torch.cuda.Event | None]] = []
+        self._pending_nonfinite: deque[_PendingCount] = deque()
         self.accountant = accountant
         self.last_records: list[TermRecord] = []
         self.hooks: list = []
@@ -780,34 +816,21 @@ class CARVLoss(ELBO):
     def _defer_nonfinite(self, particle: Particle) -> None:
         """Queue each term's NaN count for a read once the device is done (no sync now)."""
         for name, (count, numel) in particle.deferred_nonfinite.items():
-            event = None
-            if count.device.type == "cuda":
-                host = torch.empty((), dtype=count.dtype, pin_memory=True)
-                host.copy_(count, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                count = host
-            self._pending_nonfinite.append((name, numel, count, event))
-        if len(self._pending_nonfinite) > 64:  # the device is far behind: wait for the oldest
-            event = self._pending_nonfinite[0][3]
-            if event is not None:
-                event.synchronize()
+            self._pending_nonfinite.append(_PendingCount.of(name, numel, count))
 
     def _raise_pending_nonfinite(self) -> None:
-        """Raise for an earlier step's NaN draws whose count the device has delivered."""
-        pending, self._pending_nonfinite = self._pending_nonfinite, []
-        for i, (name, numel, count, event) in enumerate(pending):
-            if event is not None and not event.query():
-                self._pending_nonfinite.append(pending[i])
-                continue
-            n_bad = int(count)
+        """Raise for an earlier step's NaN draws whose count the device has delivered (past
+        `_MAX_PENDING_COUNTS` pending, the oldest counts are waited for)."""
+        for pending in take_ready(self._pending_nonfinite, _MAX_PENDING_COUNTS):
+            n_bad = pending.read()
             if n_bad:
-                self._pending_nonfinite = []
+                self._pending_nonfinite.clear()
                 raise NonFiniteTeacherError(
-                    f"teacher term {name!r} produced NaN/Inf at {n_bad} of {numel} draws in an "
-                    f"earlier step (found without a host synchronisation, after that step's "
-                    f"gradient was applied with those draws' residuals zeroed); check the "
-                    f"teacher's weights and the upstream x fed to it, pass CARVLoss(checks=True) to stop before any gradient exists, or "
+                    f"teacher term {pending.name!r} produced NaN/Inf at {n_bad} of "
+                    f"{pending.numel} draws in an earlier step (found without a host "
+                    f"synchronisation, after that step's gradient was applied with those draws' "
+                    f"residuals zeroed); check the teacher's weights and the upstream x fed to "
+                    f"it, pass CARVLoss(checks=True) to stop before any gradient exists, or "
                     f"CARVLoss(nonfinite='zero') to drop such draws"
                 )
 
