@@ -662,7 +662,8 @@ class _PendingCount(NamedTuple):
         host = torch.empty((), dtype=count.dtype, pin_memory=True)
         host.copy_(count, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        # on the stream the copy ran on: the count's device, which need not be the current one
+        event.record(torch.cuda.current_stream(count.device))
         return cls(name, numel, host, event)
 
     def ready(self) -> bool:
