@@ -179,6 +179,23 @@ def test_race_quick_writes_json_and_plot(capsys, tmp_path, monkeypatch):
     assert "time to target" in capsys.readouterr().out
 
 
+def test_race_json_is_strict_json_when_a_ratio_is_infinite(capsys, tmp_path, monkeypatch):
+    """--json once wrote ``Infinity`` where an estimator's median seed missed the target."""
+    from .test_text_to_3d import _censored_race, _strict_json
+
+    results = _censored_race(tmp_path)
+    monkeypatch.setattr(text_to_3d, "make_scene", lambda *a, **k: tiny_scene())
+    monkeypatch.setattr(text_to_3d, "race", lambda *a, **k: results)
+    js, png = tmp_path / "race.json", tmp_path / "race.png"
+    argv = ["race", "3", "--teacher", "digits", "--estimators", "baseline,carv,reuse"]
+    argv += ["--out", str(tmp_path / "r"), "--quiet", "--json", str(js), "--plot", str(png)]
+    assert cli.main(argv) == 0
+    on_disk = _strict_json(js.read_text())
+    assert on_disk["estimators"]["carv"]["ratio_to_baseline"]["median"] is None
+    assert png.stat().st_size > 10_000
+    assert "inf" in capsys.readouterr().out
+
+
 def test_race_with_an_lr_grid_sweeps_beside_the_race_folder(capsys, tmp_path, monkeypatch):
     """--lr-grid: each estimator's rate from a sweep on other seeds, then the race (the sweep's
     folder once sat inside the race's, which then refused to start)."""

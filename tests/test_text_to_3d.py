@@ -375,6 +375,57 @@ def test_race_writes_curves_target_and_ratios(tmp_path, monkeypatch):
         race("3", tmp_path / "race", estimators=["baseline"], seeds=1, budget_s=1.0, base=base)
 
 
+def _strict_json(text: str):
+    """``json.loads`` that rejects Python's ``Infinity`` and ``NaN``, as strict readers do."""
+
+    def reject(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def _censored_race(tmp_path) -> dict:
+    """Race results, scored, where ``carv`` never reaches the target (an infinite ratio) and
+    ``reuse`` reaches it only on seeds where the baseline does not (an undefined bound)."""
+    from carv_pyro.pipelines.text_to_3d.race import _score
+
+    def run(seed, finals):
+        return {"seed": seed, "curve": [[0.0, 0, 0.1, None], [1.0, 5, finals, None]]}
+
+    results = {
+        "prompt": "torus",
+        "device": "cpu",
+        "budget_s": 1.0,
+        "seeds": [0, 1],
+        "estimators": {
+            "baseline": {"lr": 0.3, "seeds": [run(0, 0.5), run(1, 0.7)]},
+            "carv": {"lr": 0.3, "seeds": [run(0, 0.2), run(1, 0.3)]},
+            "reuse": {"lr": 0.3, "seeds": [run(0, 0.9), run(1, 0.2)]},
+        },
+    }
+    _score(results, "baseline", "iou")
+    return results
+
+
+def test_race_json_is_strict_json_with_null_for_infinite_ratios(tmp_path):
+    """A censored race once wrote ``Infinity`` into race.json (``default=`` is never called for
+    floats), which ``jq`` and browsers reject."""
+    from carv_pyro.pipelines.text_to_3d.race import _write
+
+    results = _censored_race(tmp_path)
+    assert math.isinf(results["estimators"]["carv"]["ratio_to_baseline"]["median"])
+    _write(tmp_path / "race.json", results)
+    on_disk = _strict_json((tmp_path / "race.json").read_text())
+    carv_ratio = on_disk["estimators"]["carv"]["ratio_to_baseline"]
+    assert carv_ratio == {"median": None, "ci95": [None, None]}
+    assert on_disk["estimators"]["carv"]["time_to_target_s"] == [None, None]
+    assert on_disk["estimators"]["baseline"]["ratio_to_baseline"]["median"] == 1.0
+    assert on_disk["target"] == results["target"]
+    # the in-memory results keep the infinities for the plot and the printed lines
+    assert math.isinf(results["estimators"]["carv"]["ratio_to_baseline"]["median"])
+    save_race_plot(results, tmp_path / "race.png")
+
+
 def test_race_median_time_is_the_time_by_which_half_the_seeds_arrived():
     """Even seed counts: the lower middle (the baseline's own median seed is often censored)."""
     from carv_pyro.pipelines.text_to_3d.race import _median_time, _ratio

@@ -430,8 +430,6 @@ def _parse_lrs(text: str | None, names: list[str], parser: argparse.ArgumentPars
 
 
 def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import json
-
     _check_device(args, parser)
     names = [n.strip() for n in args.estimators.split(",") if n.strip()]
     known = _estimator_names()
@@ -450,7 +448,13 @@ def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _check_outputs(args, parser)
     args.out = args.out or os.path.join("runs", f"race_{args.prompt.strip().replace(' ', '_')}")
     from .pipelines.base import RunFolder, RunFolderError, RunStopped
-    from .pipelines.text_to_3d import TextTo3DConfig, lr_sweep, race, save_race_plot
+    from .pipelines.text_to_3d import (
+        TextTo3DConfig,
+        lr_sweep,
+        race,
+        save_race_json,
+        save_race_plot,
+    )
 
     try:
         RunFolder(args.out, "race", "race.json").check(resume=args.resume, overwrite=args.overwrite)
@@ -502,8 +506,7 @@ def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if sweep is not None:
         results["lr_sweep"] = sweep
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=lambda o: None)
+        save_race_json(results, args.json)
     if args.plot:
         save_race_plot(results, args.plot)
     target = results["target"]

@@ -17,7 +17,7 @@ from .config import COMPILE_MODES, DTYPES, TextTo3DConfig, compile_option
 from .dream import CHECKPOINT_FILE, DreamRun, build_run, dream, load_checkpoint_config
 from .model import SeededUniform, make_model
 from .quality import eval_cameras, quality
-from .race import lr_sweep, race, save_race_plot, time_to_target
+from .race import lr_sweep, race, save_race_json, save_race_plot, time_to_target
 from .scene import TEACHERS, DigitsScene, Scene, ShapesScene, make_scene
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "make_scene",
     "quality",
     "race",
+    "save_race_json",
     "save_race_plot",
     "time_to_target",
 ]

@@ -37,7 +37,7 @@ from .config import TextTo3DConfig
 from .dream import dream
 from .scene import make_scene
 
-__all__ = ["lr_sweep", "race", "save_race_plot", "time_to_target"]
+__all__ = ["lr_sweep", "race", "save_race_json", "save_race_plot", "time_to_target"]
 
 RACE_FILE = "race.json"
 
@@ -141,7 +141,8 @@ def race(
         (``metric``, ``value``), and per estimator ``lr``, ``seeds`` (each ``seed``,
         ``curve`` rows ``[wall_s, step, iou, p]``, ``steps`` run and ``K``: the first and last
         inner size and the steps run at each), ``time_to_target_s`` per seed and
-        ``ratio_to_baseline`` (``median``, ``ci95``).
+        ``ratio_to_baseline`` (``median``, ``ci95``; infinite where the median seed never
+        reached the target, ``null`` in the JSON, see `save_race_json`).
 
     Raises:
         ValueError: naming a bad argument (before any run starts).
@@ -336,15 +337,37 @@ def _score(results: dict[str, Any], baseline: str, metric: str) -> None:
 
 
 def _write(path: Path, results: dict[str, Any]) -> None:
+    save_race_json(results, path)
+
+
+def save_race_json(results: dict[str, Any], path: str | Path) -> str:
+    """Write a race's results as strict JSON, atomically (a temporary file, then a rename).
+
+    A ratio or interval bound that is infinite (the median seed never reached the target) or
+    undefined (neither estimator's median seed did) is written as ``null``: Python's
+    ``Infinity`` and ``NaN`` are not JSON, and strict readers (``jq``, browsers) reject them.
+
+    Returns:
+        ``str(path)``.
+    """
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+    text = json.dumps(_finite(results), indent=2, default=str, allow_nan=False)
+    tmp.write_text(text + "\n")
     tmp.replace(path)
+    return str(path)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return str(obj)
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (json's ``default`` hook is
+    never called for floats, so this walks the containers itself)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def save_race_plot(results: dict[str, Any], path: str | Path) -> str:
