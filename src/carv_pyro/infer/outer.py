@@ -237,7 +237,8 @@ def prior_icdf(prior, u: Tensor) -> Tensor | None:
     """``prior``'s inverse CDF at ``u`` (the shape of a draw), or ``None`` if it has none here.
 
     ``Normal`` and ``Uniform`` (and their subclasses) use their own ``icdf``, differentiable in
-    their parameters (a reparameterized draw); a ``Categorical`` returns the first class whose
+    their parameters (a reparameterized draw), evaluated in float64 and rounded to the prior's
+    dtype (finite for every ``u``, whatever that dtype); a ``Categorical`` returns the first class whose
     cumulative probability exceeds ``u``; ``Independent`` unwraps to its base. Others: ``None``.
 
     Args:
@@ -249,7 +250,10 @@ def prior_icdf(prior, u: Tensor) -> Tensor | None:
         base = base.base_dist
     if isinstance(base, (dist.Normal, dist.Uniform)):
         like = base.loc if isinstance(base, dist.Normal) else base.low
-        return base.icdf(to_device(_guard(u).to(like.dtype), like.device))
+        # in float64, then rounded to the prior's dtype: a float32 u within 2^-25 of 0 or 1
+        # rounds to the end, where the normal's inverse CDF is infinite
+        value = base.icdf(to_device(_guard(u).to(torch.float64), like.device))
+        return value.to(like.dtype)
     if isinstance(base, dist.Categorical):
         probs = base.probs
         cdf = probs.cumsum(-1)
