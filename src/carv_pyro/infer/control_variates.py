@@ -11,7 +11,8 @@ draws of *earlier* steps: ``gamma_b = G_b^{-1} v_b`` with ``G_b = sum <c_j, c_k>
 ``v_b = sum <r, c_k>`` over the past draws in bin ``b`` (decayed, the parameters move). Given the
 past, ``gamma`` is fixed and each subtracted term has mean zero, so the estimate stays exactly
 unbiased, with any proposal, stratification or noise design (every draw's ``(t, eps)`` keeps its
-marginal law, independent of ``x``). The fit minimises the residual's variance in x-space per
+marginal law, independent of ``x``); a term whose ``eps`` is conditioned (a fixed point, not a
+draw) is evaluated without them. The fit minimises the residual's variance in x-space per
 timestep bin, a proxy for the gradient's within-sample variance ``V_w``; control variates
 cannot touch ``V_b`` (they have mean zero given ``x``).
 
@@ -201,11 +202,23 @@ class ControlVariateFit:
         self._bins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @contextlib.contextmanager
-    def applying(self) -> Iterator[None]:
+    def applying(self, fixed_noise: Callable[[], bool] | None = None) -> Iterator[None]:
         """Within this context, declared control variates are fitted and applied (the guide's
-        run enters it). Statistics of a run wait for `commit`."""
+        run enters it). Statistics of a run wait for `commit`.
+
+        Args:
+            fixed_noise: asked before each residual; ``True`` means the term's ``eps`` was given
+                (conditioned), not drawn: its control variates have no zero mean there, so the
+                residual passes unchanged (and teaches the fit nothing).
+        """
         self._pending = weakref.WeakKeyDictionary()
-        token = RESIDUAL_HOOK.set(self.adjust)
+
+        def hook(objective: TeacherObjective, batch: NoisedBatch, r: Tensor) -> Tensor:
+            if fixed_noise is not None and fixed_noise():
+                return r
+            return self.adjust(objective, batch, r)
+
+        token = RESIDUAL_HOOK.set(hook)
         try:
             yield
         finally:

@@ -231,6 +231,8 @@ class TimestepGuide(GuideMessenger):
         self._upstream_trace = None
         self._msg = None
         self._size: int | None = None
+        #: whether the last noise site was given (conditioned) rather than drawn
+        self._fixed_noise = False
 
     # -- running ---------------------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> dict[str, Tensor]:  # type: ignore[override]
@@ -279,10 +281,16 @@ class TimestepGuide(GuideMessenger):
         self._size = size
         if self.outer is not None:
             self.outer.begin()
+        self._fixed_noise = False
         try:
             fit = self.control_variates
             with self, _SizedNonEmptyPlates(size):
-                with fit.applying() if fit is not None else contextlib.nullcontext():
+                applying = (
+                    fit.applying(fixed_noise=lambda: self._fixed_noise)
+                    if fit is not None
+                    else contextlib.nullcontext()
+                )
+                with applying:
                     wrap(model)(*args, **kwargs)
         finally:
             del self.args_kwargs
@@ -321,6 +329,11 @@ class TimestepGuide(GuideMessenger):
         super()._pyro_sample(msg)
 
     def _pyro_post_sample(self, msg) -> None:
+        if msg["infer"].get(ROLE_KEY) == "noise":
+            # a term evaluates its residual right after its eps site; a conditioned eps (by a
+            # handler inside or around the model) is a fixed point, where the control variates'
+            # zero mean over the noise does not hold (so `run` leaves its residual alone)
+            self._fixed_noise = bool(msg["is_observed"])
         if self.outer is not None and site_is_subsample(msg):
             # a sharded or subsampled plate's indices place its draws in the global design
             self.outer.record_subsample(msg["name"], msg["value"])

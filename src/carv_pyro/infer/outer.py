@@ -238,8 +238,9 @@ def prior_icdf(prior, u: Tensor) -> Tensor | None:
 
     ``Normal`` and ``Uniform`` (and their subclasses) use their own ``icdf``, differentiable in
     their parameters (a reparameterized draw), evaluated in float64 and rounded to the prior's
-    dtype (finite for every ``u``, whatever that dtype); a ``Categorical`` returns the first class whose
-    cumulative probability exceeds ``u``; ``Independent`` unwraps to its base. Others: ``None``.
+    dtype (finite for every ``u``, whatever that dtype); a ``Categorical`` returns the first
+    class whose cumulative probability exceeds ``u``; ``Independent`` unwraps to its base.
+    Others: ``None``.
 
     Args:
         prior: the site's distribution, already broadcast to its plates.
