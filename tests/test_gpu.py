@@ -441,17 +441,19 @@ def test_sharded_outer_design_never_synchronises_on_cuda(outer):
     import pyro
     import pyro.distributions as dist
 
-    def model(idx):
-        low = torch.zeros((), dtype=torch.float64, device=idx.device)
+    def model(idx, low, high):
         with pyro.plate("views", 8, dim=-1, subsample=idx):
-            return pyro.sample("u", dist.Uniform(low, 1.0))
+            return pyro.sample("u", dist.Uniform(low, high))
 
     def shard(device, sync="default"):
         idx = torch.arange(2, 6, device=device)
+        # the bounds made before the check: a Python float would be copied up from pageable
+        # memory inside the model, the test's own sync and not the design's
+        low, high = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device).unbind()
         guide = carv.TimestepGuide(model, outer=outer, seed=0, outer_seed=5)
         torch.cuda.set_sync_debug_mode(sync)
         try:
-            value = guide.run(model, (idx,))[0].nodes["u"]["value"]
+            value = guide.run(model, (idx, low, high))[0].nodes["u"]["value"]
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert guide.outer.designed == ["u"]
