@@ -231,18 +231,19 @@ def test_lattice_cancels_the_harmonics_of_a_periodic_latent():
     assert abs(float(z)) < Z
 
 
-def test_sharded_plate_takes_its_strata_of_one_global_design():
-    """Two shards of a plate of 4, drawn with the same outer seed, cover the 4 strata once."""
+@pytest.mark.parametrize("outer, n", [("stratified", 4), ("sobol", 8)])
+def test_sharded_plate_takes_its_rows_of_one_global_design(outer, n):
+    """Two shards of a plate of ``n``, drawn with the same outer seed, take their rows of one
+    global design: together one draw per stratum ``[a / n, (a + 1) / n)`` (a Latin hypercube's
+    strata; a Sobol net's intervals)."""
     objective = sds("sds")
     us = []
-    for shard in (torch.arange(0, 2), torch.arange(2, 4)):
-        model = latent_model(objective, 4, 1, "uniform", subsample=shard)
-        guide = carv.TimestepGuide(model, outer="stratified", seed=shard[0].item(), outer_seed=5)
-        model_trace, _ = guide.run(model)
-        xi = model_trace.nodes["xi"]["value"].reshape(-1)
+    for shard in (torch.arange(0, n // 2), torch.arange(n // 2, n)):
+        model = latent_model(objective, n, 1, "uniform", subsample=shard)
+        guide = carv.TimestepGuide(model, outer=outer, seed=shard[0].item(), outer_seed=5)
+        xi = guide.run(model)[0].nodes["xi"]["value"].reshape(-1)
         us.append((xi + 1.0) / 2.5)
-    strata = torch.cat(us).mul(4).floor().long().sort().values
-    assert strata.tolist() == [0, 1, 2, 3]
+    assert sorted(torch.cat(us).mul(n).floor().long().tolist()) == list(range(n))
 
 
 def test_sobol_spans_the_sites_of_a_plate():
@@ -371,18 +372,6 @@ def test_sobol_design_checks_its_plate():
         design.uniforms(4, range(SobolDesign.MAX_DIM + 1), RandomSource(), 0)
     with pytest.warns(UserWarning, match="power-of-two"):
         design.uniforms(6, range(2), RandomSource(), 0)
-
-
-def test_sharded_sobol_plate_takes_its_rows_of_one_net():
-    """Two shards of a Sobol plate of 8 drawn with the same outer seed: one net together."""
-    objective = sds("sds")
-    us = []
-    for shard in (torch.arange(0, 4), torch.arange(4, 8)):
-        model = latent_model(objective, 8, 1, "uniform", subsample=shard)
-        guide = carv.TimestepGuide(model, outer="sobol", seed=shard[0].item(), outer_seed=5)
-        xi = guide.run(model)[0].nodes["xi"]["value"].reshape(-1)
-        us.append((xi + 1.0) / 2.5)
-    assert sorted(torch.cat(us).mul(8).floor().long().tolist()) == list(range(8))
 
 
 def test_latin_hypercube_of_camera_and_t():
