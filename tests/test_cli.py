@@ -86,6 +86,40 @@ def test_bad_estimator_teacher_device_and_dtype(capsys, tmp_path, no_work):
     assert "not allowed with" in err
 
 
+def test_a_teacher_folder_that_is_no_diffusers_model_is_refused_before_any_work(
+    capsys, tmp_path, no_work
+):
+    """A folder with unet/ once passed the check and failed with a traceback once the run had
+    started (no config, an unknown UNet class, no weights); a digits-style folder took a shape
+    prompt the same way."""
+    import json as _json
+
+    from .test_text_to_3d import tiny_teacher
+
+    out = ["--out", str(tmp_path / "r")]
+    folder = tmp_path / "t"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "scheduler").mkdir()
+    for command in ("dream", "race"):
+        err = _error(capsys, [command, "3", *out, "--teacher", str(folder)])
+        assert "--teacher" in err and "unet/config.json" in err
+    (folder / "unet" / "config.json").write_text(_json.dumps({"_class_name": "Transformer"}))
+    (folder / "scheduler" / "scheduler_config.json").write_text("{}")
+    err = _error(capsys, ["dream", "3", *out, "--teacher", str(folder)])
+    assert "--teacher" in err and "'Transformer'" in err and "UNet2DModel" in err
+    (folder / "unet" / "config.json").write_text(_json.dumps({"_class_name": "UNet2DModel"}))
+    err = _error(capsys, ["dream", "3", *out, "--teacher", str(folder)])
+    assert "--teacher" in err and "weights" in err
+    err = _error(capsys, ["dream", "3", *out, "--teacher", str(tmp_path / "none")])
+    assert "--teacher" in err and "not a folder" in err
+
+    digits = tmp_path / "digits"
+    tiny_teacher().save_pretrained(digits)  # no shapes_teacher.json: a digits-style teacher
+    for command in ("dream", "race"):
+        err = _error(capsys, [command, "cube", *out, "--teacher", str(digits)])
+        assert "prompt" in err and "'cube'" in err and "digit" in err
+
+
 def test_output_folders_are_checked_before_any_work(capsys, tmp_path, no_work):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -158,6 +192,34 @@ def test_dream_command_runs_resumes_and_refuses_a_finished_folder(capsys, tmp_pa
     assert summary["resumed_from"] == 2 and summary["steps"] == 3
     err = _error(capsys, [*resume, "--steps", "4", "--lr", "0.5"])
     assert "lr" in err
+
+
+def test_resume_checks_steps_and_keeps_a_finished_run(capsys, tmp_path, monkeypatch):
+    """--resume --steps below the checkpoint's step once ended in a traceback after loading the
+    teacher; --resume of a finished run rewrote its files (and said it was resumed)."""
+    real_dream = text_to_3d.dream
+    calls = []
+
+    def tiny_dream(config, out_dir, **kwargs):
+        calls.append(config.steps)
+        config = text_to_3d.TextTo3DConfig.from_dict({**config.to_dict(), **TINY})
+        return real_dream(config, out_dir, scene=tiny_scene(), **kwargs)
+
+    monkeypatch.setattr(text_to_3d, "dream", tiny_dream)
+    out = tmp_path / "run"
+    argv = ["dream", "three", "--teacher", "digits", "--out", str(out), "--quiet"]
+    assert cli.main([*argv, "--steps", "3", "--estimator", "baseline", "--R", "2"]) == 0
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    err = _error(capsys, [*argv, "--resume", "--steps", "2"])
+    assert "--steps" in err and "step 3" in err
+    assert cli.main([*argv, "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert cli.main([*argv, "--resume", "--steps", "3"]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert calls == [3]
+    assert cli.main([*argv, "--resume", "--steps", "4"]) == 0  # more steps: it continues
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == 3
     err = _error(capsys, ["dream", "four", "--teacher", "digits", "--out", str(out), "--resume"])
     assert "prompt" in err
 

@@ -232,7 +232,7 @@ def _estimator(name: str | None, K: int | None, parser: argparse.ArgumentParser)
 def _dream_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
     """Validate the dream arguments and return the config, before any heavy work."""
     from .pipelines.base import RunFolder, RunFolderError
-    from .pipelines.text_to_3d import CHECKPOINT_FILE, TextTo3DConfig, load_checkpoint_config
+    from .pipelines.text_to_3d import CHECKPOINT_FILE, TextTo3DConfig
 
     _check_device(args, parser)
     args.out = args.out or os.path.join("runs", args.prompt.strip().replace(" ", "_") or "run")
@@ -251,7 +251,12 @@ def _dream_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             overrides[key] = getattr(args, key)
     try:
         if args.resume:
-            saved = load_checkpoint_config(args.out)
+            saved, done = _checkpoint(args.out)
+            if args.steps is not None and args.steps < done:
+                parser.error(
+                    f"--steps: the run in {args.out!r} is at step {done}; ask for at least "
+                    f"{done} steps, or leave --steps out to finish its own {saved.steps}"
+                )
             if saved.prompt.strip().lower() != args.prompt.strip().lower():
                 parser.error(
                     f"--resume: the run in {args.out!r} is for prompt {saved.prompt!r}, not "
@@ -269,6 +274,9 @@ def _dream_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             )
             if ignored and any(getattr(args, k, None) is not None for k in ignored):
                 parser.error(f"--resume reuses the run's settings; do not change {ignored}")
+            marker = folder._marker() or {}
+            if marker.get("state") == "finished" and done >= config.steps:
+                args.finished_at = done
         else:
             estimator = _estimator(args.estimator, args.K, parser)
             config = TextTo3DConfig(prompt=args.prompt, estimator=estimator, **overrides)
@@ -278,39 +286,97 @@ def _dream_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return config
 
 
+def _checkpoint(out: str) -> tuple[Any, int]:
+    """The config of the run checkpointed in ``out`` and the step it is at."""
+    from pathlib import Path
+
+    from .pipelines.base import Checkpointer
+    from .pipelines.text_to_3d import CHECKPOINT_FILE, TextTo3DConfig
+
+    state = Checkpointer(Path(out) / CHECKPOINT_FILE).load()
+    return TextTo3DConfig.from_dict(state["config"]), int(state["loop"]["step"])
+
+
+#: The weight files a diffusers UNet folder may hold (whole or sharded), as diffusers' loader
+#: looks for them without a ``variant``.
+_UNET_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin.index.json",
+)
+
+
+def _teacher_folder_problem(folder: Any) -> str | None:
+    """What keeps ``folder`` from loading as a local diffusers teacher, or ``None``.
+
+    The loader's own checks, made on the files alone (no weights read), so that a folder that
+    is no diffusers model ends the command before any work instead of with a traceback
+    once the run has started.
+    """
+    import json
+
+    from .teachers.diffusers_teacher import _UNET_CLASSES
+
+    unet_cfg = folder / "unet" / "config.json"
+    sched_cfg = folder / "scheduler" / "scheduler_config.json"
+    for f in (unet_cfg, sched_cfg):
+        if not f.is_file():
+            return f"it has no {f.relative_to(folder)}"
+    try:
+        unet_name = json.loads(unet_cfg.read_text()).get("_class_name")
+        json.loads(sched_cfg.read_text())
+    except (OSError, ValueError, AttributeError) as err:
+        return f"its configs are not readable JSON objects ({err})"
+    if unet_name not in _UNET_CLASSES:
+        return f"its UNet class {unet_name!r} is not one of {sorted(_UNET_CLASSES)}"
+    if not any((folder / "unet" / name).is_file() for name in _UNET_WEIGHTS):
+        return f"unet/ holds no weights ({_UNET_WEIGHTS[0]} or {_UNET_WEIGHTS[1]})"
+    return None
+
+
 def _check_prompt(config: Any, parser: argparse.ArgumentParser) -> None:
-    """The prompt against the teacher's classes, read from its settings (no weights loaded)."""
+    """The teacher folder's files, and the prompt against the teacher's classes, read from its
+    settings (no weights loaded)."""
     import json
     from pathlib import Path
 
-    if config.teacher == "digits":
+    digits = config.teacher == "digits"
+    settings = None
+    if config.teacher == "shapes":
+        from .teachers.shapes import SHAPES_TEACHER_CONFIG, SHAPES_TEACHER_DIR
+
+        settings = SHAPES_TEACHER_DIR / SHAPES_TEACHER_CONFIG
+    elif not digits:
+        folder = Path(config.teacher)
+        expected = (
+            f"expected shapes, digits or a local diffusers folder with unet/ and scheduler/, "
+            f"got {config.teacher!r}"
+        )
+        if not folder.is_dir():
+            parser.error(f"--teacher: {expected} (not a folder)")
+        problem = _teacher_folder_problem(folder)
+        if problem is not None:
+            parser.error(f"--teacher: {expected}: {problem}")
+        settings = folder / "shapes_teacher.json"
+        # make_scene loads a folder without the shapes settings as a digits-style teacher
+        digits = not settings.is_file()
+    if digits:
         from .data import parse_prompt
 
         try:
             parse_prompt(config.prompt)
         except ValueError as err:
-            parser.error(f"prompt: {err}")
+            where = "" if config.teacher == "digits" else f" (a digits teacher: {config.teacher})"
+            parser.error(f"prompt: {err}{where}")
         return
-    if config.teacher == "shapes":
-        from .teachers.shapes import SHAPES_TEACHER_CONFIG, SHAPES_TEACHER_DIR
+    from .teachers.shapes import parse_shape_prompt
 
-        settings = SHAPES_TEACHER_DIR / SHAPES_TEACHER_CONFIG
-    else:
-        folder = Path(config.teacher)
-        if not (folder / "unet").is_dir():
-            parser.error(
-                f"--teacher: expected shapes, digits or a local diffusers folder with unet/ and "
-                f"scheduler/, got {config.teacher!r}"
-            )
-        settings = folder / "shapes_teacher.json"
-    if settings.is_file():
-        from .teachers.shapes import parse_shape_prompt
-
-        names = tuple(json.loads(settings.read_text())["class_names"])
-        try:
-            parse_shape_prompt(config.prompt, names)
-        except ValueError as err:
-            parser.error(f"prompt: {err}")
+    names = tuple(json.loads(settings.read_text())["class_names"])
+    try:
+        parse_shape_prompt(config.prompt, names)
+    except ValueError as err:
+        parser.error(f"prompt: {err}")
 
 
 def _stopped(err: BaseException, out: str) -> int:
@@ -329,6 +395,16 @@ def _stopped(err: BaseException, out: str) -> int:
 
 def _run_dream(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = _dream_config(args, parser)
+    done = getattr(args, "finished_at", None)
+    if done is not None:
+        # resuming a finished run would only rewrite its files (and its summary would say it
+        # was resumed): leave them as they are
+        print(
+            f"dream {config.prompt!r}: the run in {args.out} finished at step {done} of "
+            f"{config.steps}; nothing to do, its files are kept (pass --steps N with N > {done} "
+            f"to continue it)"
+        )
+        return 0
 
     from .pipelines.base import RunStopped
     from .pipelines.text_to_3d import dream
