@@ -41,6 +41,18 @@ def test_the_cli_names_every_preset_of_the_one_table():
     assert cli.ESTIMATOR_NAMES == tuple(carv.PRESETS)
 
 
+def test_help_lists_every_prompt_of_the_shapes_teacher(capsys):
+    """README: ``carv-pyro dream --help`` lists the prompts (it once ended them with "...")."""
+    from carv_pyro.pipelines.shapes import SHAPE_CLASSES
+
+    assert cli.SHAPE_NAMES == SHAPE_CLASSES
+    for command in ("dream", "race"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert ", ".join(SHAPE_CLASSES) in text, command
+
+
 def test_help_imports_neither_torch_nor_pyro():
     code = (
         "import sys\nfrom carv_pyro import cli\ntry:\n    cli.main(['dream', '--help'])\n"

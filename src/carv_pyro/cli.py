@@ -87,6 +87,24 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 ESTIMATOR_NAMES = ("baseline", "reuse", "stratified", "carv", "adaptive", "auto")
 
 
+#: The shapes teacher's prompts, named here so that ``--help`` lists them without a torch import;
+#: a test checks them against `carv_pyro.pipelines.shapes.SHAPE_CLASSES`.
+SHAPE_NAMES = (
+    "sphere",
+    "cube",
+    "cylinder",
+    "cone",
+    "torus",
+    "pyramid",
+    "octahedron",
+    "tube",
+    "arch",
+    "cross",
+    "mug",
+    "lblock",
+)
+
+
 def _estimator_names() -> tuple[str, ...]:
     return ESTIMATOR_NAMES
 
@@ -154,8 +172,8 @@ def _add_dream(subparsers: Any) -> None:
     )
     p.add_argument(
         "prompt",
-        help="the object: a shape (sphere, cube, cylinder, cone, torus, pyramid, ...), or a "
-        "digit with --teacher digits",
+        help=f"the object: a shape of the shapes teacher ({', '.join(SHAPE_NAMES)}), or a digit "
+        "0-9 (or its name) with --teacher digits",
     )
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/PROMPT)")
     p.add_argument("--steps", type=_positive_int, help="SVI steps (default 300)")
@@ -453,7 +471,11 @@ def _add_race(subparsers: Any) -> None:
             "3D IoU, as a ratio to the baseline with a paired bootstrap 95% interval."
         ),
     )
-    p.add_argument("prompt", help="the object to carve (a shape name)")
+    p.add_argument(
+        "prompt",
+        help=f"the object to carve: a shape ({', '.join(SHAPE_NAMES)}), or a digit with "
+        "--teacher digits",
+    )
     p.add_argument("--seeds", type=_positive_int, default=7, help="seeds per estimator (7)")
     p.add_argument("--first-seed", type=_non_negative_int, default=100, help="the first seed (100)")
     p.add_argument(
