@@ -424,6 +424,21 @@ def test_race_json_is_strict_json_with_null_for_infinite_ratios(tmp_path):
     # the in-memory results keep the infinities for the plot and the printed lines
     assert math.isinf(results["estimators"]["carv"]["ratio_to_baseline"]["median"])
     save_race_plot(results, tmp_path / "race.png")
+    save_race_plot(on_disk, tmp_path / "race_from_json.png")
+
+
+def test_race_legend_says_when_the_median_seed_never_arrived(tmp_path):
+    """The legend once read "infx the baseline's time [inf, inf]" (and "n/ax" from JSON)."""
+    from carv_pyro.pipelines.text_to_3d import save_race_json
+    from carv_pyro.pipelines.text_to_3d.race import _legend_label
+
+    results = _censored_race(tmp_path)
+    on_disk = _strict_json(Path(save_race_json(results, tmp_path / "race.json")).read_text())
+    for source in (results, on_disk):
+        label = _legend_label("carv", source["estimators"]["carv"])
+        assert label == "carv: its median seed did not reach the target"
+        label = _legend_label("baseline", source["estimators"]["baseline"])
+        assert label == "baseline: 1.00x the baseline's time [1.00, 1.00]"
 
 
 def test_race_median_time_is_the_time_by_which_half_the_seeds_arrived():

@@ -409,12 +409,7 @@ def save_race_plot(results: dict[str, Any], path: str | Path) -> str:
             interp.append(_step_interp(xs, ys, grid))
             finals += [y for y in ys[-1:] if y is not None]
         med = [statistics.median(col) for col in zip(*interp)] if interp else []
-        ratio = entry.get("ratio_to_baseline", {})
-        label = name
-        if ratio:
-            lo, hi = ratio.get("ci95", [math.nan, math.nan])
-            label += f": {_fmt(ratio.get('median'))}x the baseline's time [{_fmt(lo)}, {_fmt(hi)}]"
-        ax.plot(grid, med, color=color, lw=2.5, label=label)
+        ax.plot(grid, med, color=color, lw=2.5, label=_legend_label(name, entry))
         zoom.plot(grid, med, color=color, lw=2.5)
         times = entry.get("time_to_target_s") or []
         if times:
@@ -469,6 +464,20 @@ def save_race_plot(results: dict[str, Any], path: str | Path) -> str:
     dots.set_title("each seed's time to target (bar: median)")
     fig.savefig(path, dpi=100)
     return str(path)
+
+
+def _legend_label(name: str, entry: dict[str, Any]) -> str:
+    """An estimator's ratio to the baseline's time, or that its median seed never arrived
+    (read from the times, so that results read back from JSON, where the infinite ratio is
+    ``null``, say the same)."""
+    ratio = entry.get("ratio_to_baseline")
+    if not ratio:
+        return name
+    times = entry.get("time_to_target_s") or []
+    if times and math.isinf(_median_time(times)):
+        return f"{name}: its median seed did not reach the target"
+    lo, hi = ratio.get("ci95", [math.nan, math.nan])
+    return f"{name}: {_fmt(ratio.get('median'))}x the baseline's time [{_fmt(lo)}, {_fmt(hi)}]"
 
 
 def _step_interp(xs: list[float], ys: list[float | None], grid: list[float]) -> list[float]:
