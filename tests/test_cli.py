@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import carv_pyro as carv
 from carv_pyro import cli
@@ -288,6 +289,21 @@ def test_race_with_an_lr_grid_sweeps_beside_the_race_folder(capsys, tmp_path, mo
     for name, entry in results["estimators"].items():
         assert entry["lr"] == results["lr_sweep"]["best"][name]
     assert (tmp_path / "r-lr-sweep" / "lr_sweep.json").exists()
+
+
+def test_threads_option_sets_torch_threads_before_the_command(
+    capsys, tmp_path, no_work, monkeypatch
+):
+    parser = cli.build_parser()
+    for command in (["dream", "torus"], ["race", "torus"], ["bench"]):
+        assert parser.parse_args(command).threads is None  # absent: torch's default
+        assert parser.parse_args([*command, "--threads", "1"]).threads == 1
+        for bad in ("0", "-2", "one"):
+            assert "--threads" in _error(capsys, [*command, "--threads", bad])
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    _error(capsys, ["dream", "dragon", "--threads", "1", "--out", str(tmp_path / "x")])
+    assert calls == [1]  # set before the command's own checks and work
 
 
 def test_compile_option_is_parsed_and_bad_modes_name_the_flag(capsys):
