@@ -575,6 +575,15 @@ def test_diffusers_from_pretrained_scheduler_class_and_errors(tmp_path):
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "_class_name": "VQModel"}))
     with pytest.raises(ValueError, match="unsupported UNet class 'VQModel'"):
         DiffusersTeacher.from_pretrained(tmp_path)
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "_class_name": "UNet2DModel"}))
+    assert DiffusersTeacher.check_folder(tmp_path) is UNet2DModel  # files only, no weights read
+    for weights in (tmp_path / "unet").glob("diffusion_pytorch_model.*"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError, match="no UNet weights"):  # before diffusers' own
+        DiffusersTeacher.from_pretrained(tmp_path)
+    cfg.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        DiffusersTeacher.check_folder(tmp_path)
 
 
 def test_diffusers_rejects_bad_constructor_arguments():

@@ -328,44 +328,6 @@ def _checkpoint(out: str) -> tuple[Any, int]:
     return TextTo3DConfig.from_dict(state["config"]), int(state["loop"]["step"])
 
 
-#: The weight files a diffusers UNet folder may hold (whole or sharded), as diffusers' loader
-#: looks for them without a ``variant``.
-_UNET_WEIGHTS = (
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.bin",
-    "diffusion_pytorch_model.safetensors.index.json",
-    "diffusion_pytorch_model.bin.index.json",
-)
-
-
-def _teacher_folder_problem(folder: Any) -> str | None:
-    """What keeps ``folder`` from loading as a local diffusers teacher, or ``None``.
-
-    The loader's own checks, made on the files alone (no weights read), so that a folder that
-    is no diffusers model ends the command before any work instead of with a traceback
-    once the run has started.
-    """
-    import json
-
-    from .teachers.diffusers_teacher import _UNET_CLASSES
-
-    unet_cfg = folder / "unet" / "config.json"
-    sched_cfg = folder / "scheduler" / "scheduler_config.json"
-    for f in (unet_cfg, sched_cfg):
-        if not f.is_file():
-            return f"it has no {f.relative_to(folder)}"
-    try:
-        unet_name = json.loads(unet_cfg.read_text()).get("_class_name")
-        json.loads(sched_cfg.read_text())
-    except (OSError, ValueError, AttributeError) as err:
-        return f"its configs are not readable JSON objects ({err})"
-    if unet_name not in _UNET_CLASSES:
-        return f"its UNet class {unet_name!r} is not one of {sorted(_UNET_CLASSES)}"
-    if not any((folder / "unet" / name).is_file() for name in _UNET_WEIGHTS):
-        return f"unet/ holds no weights ({_UNET_WEIGHTS[0]} or {_UNET_WEIGHTS[1]})"
-    return None
-
-
 def _check_prompt(config: Any, parser: argparse.ArgumentParser) -> None:
     """The teacher folder's files, and the prompt against the teacher's classes, read from its
     settings (no weights loaded)."""
@@ -386,9 +348,12 @@ def _check_prompt(config: Any, parser: argparse.ArgumentParser) -> None:
         )
         if not folder.is_dir():
             parser.error(f"--teacher: {expected} (not a folder)")
-        problem = _teacher_folder_problem(folder)
-        if problem is not None:
-            parser.error(f"--teacher: {expected}: {problem}")
+        from .teachers.diffusers_teacher import DiffusersTeacher
+
+        try:
+            DiffusersTeacher.check_folder(folder)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(f"--teacher: {expected}: {err}")
         settings = folder / "shapes_teacher.json"
         # make_scene loads a folder without the shapes settings as a digits-style teacher
         digits = not settings.is_file()

@@ -22,6 +22,14 @@ __all__ = ["DiffusersTeacher"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+#: The weight files of a diffusers UNet folder (whole or sharded), the names diffusers' loader
+#: looks for without a ``variant``.
+_UNET_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin.index.json",
+)
 _TEACHER_CONFIG = "carv_teacher.json"
 _NULL_EHS_FILE = "null_encoder_hidden_states.safetensors"
 #: ``torch.compile`` modes that capture CUDA graphs (their outputs live in graph-owned memory)
@@ -346,26 +354,12 @@ class DiffusersTeacher(AbstractTeacher):
             ValueError: if the UNet class is not supported.
         """
         root = Path(path)
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f"no teacher folder at {str(root)!r} (expected a local folder with unet/ and "
-                f"scheduler/ subfolders; nothing is downloaded)"
-            )
+        unet_cls = cls.check_folder(
+            root, subfolder_unet=subfolder_unet, subfolder_scheduler=subfolder_scheduler
+        )
         unet_dir = root / subfolder_unet if subfolder_unet else root
         sched_dir = root / subfolder_scheduler if subfolder_scheduler else root
-        unet_cfg = unet_dir / "config.json"
         sched_cfg = sched_dir / "scheduler_config.json"
-        for f, what in ((unet_cfg, "UNet config"), (sched_cfg, "scheduler config")):
-            if not f.is_file():
-                raise FileNotFoundError(f"{what} not found: {str(f)!r}")
-
-        unet_name = json.loads(unet_cfg.read_text()).get("_class_name")
-        unet_cls = _UNET_CLASSES.get(unet_name)
-        if unet_cls is None:
-            raise ValueError(
-                f"unsupported UNet class {unet_name!r} in {str(unet_cfg)!r}; expected one of "
-                f"{sorted(_UNET_CLASSES)}"
-            )
         # low_cpu_mem_usage=False: the plain loader, with no nag about the optional `accelerate`
         unet = unet_cls.from_pretrained(
             str(unet_dir), local_files_only=True, low_cpu_mem_usage=False
@@ -385,6 +379,67 @@ class DiffusersTeacher(AbstractTeacher):
                     "null_encoder_hidden_states", tensors["null_encoder_hidden_states"]
                 )
         return cls(unet, scheduler, **kwargs)
+
+    @staticmethod
+    def check_folder(
+        path: str | os.PathLike,
+        *,
+        subfolder_unet: str | None = "unet",
+        subfolder_scheduler: str | None = "scheduler",
+    ) -> type:
+        """Check, from its files alone (no weights read), that ``path`` loads with
+        `from_pretrained`: the folder, both configs as JSON objects, a supported UNet class,
+        and UNet weights diffusers' loader finds (whole or sharded, no ``variant``).
+
+        A command calls it before any work, so that a folder that is no diffusers model ends
+        it at once with this message rather than once the run has started.
+
+        Args:
+            path: the folder.
+            subfolder_unet: the UNet's subfolder (``None``: ``path`` itself).
+            subfolder_scheduler: the scheduler's subfolder (``None``: ``path`` itself).
+
+        Returns:
+            The UNet class the config names.
+
+        Raises:
+            FileNotFoundError: if the folder, a config file or the weights are missing.
+            ValueError: if a config is not a JSON object or the UNet class is not supported.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"no teacher folder at {str(root)!r} (expected a local folder with unet/ and "
+                f"scheduler/ subfolders; nothing is downloaded)"
+            )
+        unet_dir = root / subfolder_unet if subfolder_unet else root
+        sched_dir = root / subfolder_scheduler if subfolder_scheduler else root
+        unet_cfg = unet_dir / "config.json"
+        sched_cfg = sched_dir / "scheduler_config.json"
+        configs = []
+        for f, what in ((unet_cfg, "UNet config"), (sched_cfg, "scheduler config")):
+            if not f.is_file():
+                raise FileNotFoundError(f"{what} not found: {str(f.relative_to(root))!r}")
+            try:
+                config = json.loads(f.read_text())
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{what} {str(f)!r} is not readable JSON ({err})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{what} {str(f)!r} is not a JSON object")
+            configs.append(config)
+        unet_name = configs[0].get("_class_name")
+        unet_cls = _UNET_CLASSES.get(unet_name)
+        if unet_cls is None:
+            raise ValueError(
+                f"unsupported UNet class {unet_name!r} in {str(unet_cfg)!r}; expected one of "
+                f"{sorted(_UNET_CLASSES)}"
+            )
+        if not any((unet_dir / name).is_file() for name in _UNET_WEIGHTS):
+            raise FileNotFoundError(
+                f"no UNet weights in {str(unet_dir)!r} (expected {_UNET_WEIGHTS[0]} or "
+                f"{_UNET_WEIGHTS[1]}, or their sharded index)"
+            )
+        return unet_cls
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``unet/``, ``scheduler/`` and the guidance settings under ``path``.
