@@ -410,11 +410,11 @@ def _censored_race(tmp_path) -> dict:
 def test_race_json_is_strict_json_with_null_for_infinite_ratios(tmp_path):
     """A censored race once wrote ``Infinity`` into race.json (``default=`` is never called for
     floats), which ``jq`` and browsers reject."""
-    from carv_pyro.pipelines.text_to_3d.race import _write
+    from carv_pyro.pipelines.text_to_3d import save_race_json
 
     results = _censored_race(tmp_path)
     assert math.isinf(results["estimators"]["carv"]["ratio_to_baseline"]["median"])
-    _write(tmp_path / "race.json", results)
+    save_race_json(results, tmp_path / "race.json")  # what race() writes as race.json
     on_disk = _strict_json((tmp_path / "race.json").read_text())
     carv_ratio = on_disk["estimators"]["carv"]["ratio_to_baseline"]
     assert carv_ratio == {"median": None, "ci95": [None, None]}

@@ -263,7 +263,7 @@ def _estimator(name: str | None, K: int | None, parser: argparse.ArgumentParser)
 def _dream_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
     """Validate the dream arguments and return the config, before any heavy work."""
     from .pipelines.base import RunFolder, RunFolderError
-    from .pipelines.text_to_3d import CHECKPOINT_FILE, TextTo3DConfig
+    from .pipelines.text_to_3d import CHECKPOINT_FILE, TextTo3DConfig, checkpoint_progress
 
     _check_device(args, parser)
     args.out = args.out or os.path.join("runs", args.prompt.strip().replace(" ", "_") or "run")
@@ -282,7 +282,7 @@ def _dream_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             overrides[key] = getattr(args, key)
     try:
         if args.resume:
-            saved, done = _checkpoint(args.out)
+            saved, done = checkpoint_progress(args.out)
             if args.steps is not None and args.steps < done:
                 parser.error(
                     f"--steps: the run in {args.out!r} is at step {done}; ask for at least "
@@ -315,17 +315,6 @@ def _dream_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except (ValueError, OSError) as err:
         parser.error(str(err))
     return config
-
-
-def _checkpoint(out: str) -> tuple[Any, int]:
-    """The config of the run checkpointed in ``out`` and the step it is at."""
-    from pathlib import Path
-
-    from .pipelines.base import Checkpointer
-    from .pipelines.text_to_3d import CHECKPOINT_FILE, TextTo3DConfig
-
-    state = Checkpointer(Path(out) / CHECKPOINT_FILE).load()
-    return TextTo3DConfig.from_dict(state["config"]), int(state["loop"]["step"])
 
 
 def _check_prompt(config: Any, parser: argparse.ArgumentParser) -> None:

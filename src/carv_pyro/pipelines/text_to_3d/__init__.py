@@ -14,7 +14,14 @@ A file a concept:
 
 from .bench import TextTo3DBench
 from .config import COMPILE_MODES, DTYPES, TextTo3DConfig, compile_option
-from .dream import CHECKPOINT_FILE, DreamRun, build_run, dream, load_checkpoint_config
+from .dream import (
+    CHECKPOINT_FILE,
+    DreamRun,
+    build_run,
+    checkpoint_progress,
+    dream,
+    load_checkpoint_config,
+)
 from .model import SeededUniform, make_model
 from .quality import eval_cameras, quality
 from .race import lr_sweep, race, save_race_json, save_race_plot, time_to_target
@@ -36,6 +43,7 @@ __all__ = [
     "compile_option",
     "dream",
     "eval_cameras",
+    "checkpoint_progress",
     "load_checkpoint_config",
     "lr_sweep",
     "make_model",

@@ -32,7 +32,14 @@ from .pictures import save_curves, save_turntable
 from .quality import quality
 from .scene import Scene, make_scene
 
-__all__ = ["CHECKPOINT_FILE", "DreamRun", "build_run", "dream", "load_checkpoint_config"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "DreamRun",
+    "build_run",
+    "checkpoint_progress",
+    "dream",
+    "load_checkpoint_config",
+]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 """Name of the checkpoint `dream` writes into its output folder."""
@@ -159,10 +166,18 @@ def build_run(config: TextTo3DConfig, scene: Scene | None = None) -> DreamRun:
 
 def load_checkpoint_config(out_dir: str | os.PathLike[str]) -> TextTo3DConfig | None:
     """The config stored in ``out_dir``'s checkpoint, or ``None`` if there is none."""
+    progress = checkpoint_progress(out_dir)
+    return None if progress is None else progress[0]
+
+
+def checkpoint_progress(out_dir: str | os.PathLike[str]) -> tuple[TextTo3DConfig, int] | None:
+    """The config stored in ``out_dir``'s checkpoint and the step the run had reached, or
+    ``None`` if there is no checkpoint (read once, for a resume's checks before any work)."""
     ckpt = Checkpointer(Path(out_dir) / CHECKPOINT_FILE)
     if not ckpt.exists():
         return None
-    return TextTo3DConfig.from_dict(ckpt.load()["config"])
+    state = ckpt.load()
+    return TextTo3DConfig.from_dict(state["config"]), int(state["loop"]["step"])
 
 
 def _read(ckpt: Checkpointer) -> dict[str, Any]:

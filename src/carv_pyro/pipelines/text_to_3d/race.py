@@ -240,10 +240,10 @@ def race(
                 "accounting": summary.get("accounting"),
             }
         )
-        _write(out / RACE_FILE, results)
+        save_race_json(results, out / RACE_FILE)
     bar.close()
     _score(results, names[0], metric)
-    _write(out / RACE_FILE, results)
+    save_race_json(results, out / RACE_FILE)
     folder.mark("finished")
     return results
 
@@ -312,7 +312,7 @@ def lr_sweep(
             finals.setdefault(name, []).append(entry["final"]["median"])
     best = {name: lrs[max(range(len(lrs)), key=lambda i: finals[name][i])] for name in names}
     sweep = {"lrs": lrs, "seeds": seeds, "budget_s": budget_s, "final": finals, "best": best}
-    _write(out / "lr_sweep.json", sweep)
+    save_race_json(sweep, out / "lr_sweep.json")
     return sweep
 
 
@@ -334,10 +334,6 @@ def _score(results: dict[str, Any], baseline: str, metric: str) -> None:
         }
         lo, hi = _bootstrap(times, base_times)
         entry["ratio_to_baseline"] = {"median": _ratio(times, base_times), "ci95": [lo, hi]}
-
-
-def _write(path: Path, results: dict[str, Any]) -> None:
-    save_race_json(results, path)
 
 
 def save_race_json(results: dict[str, Any], path: str | Path) -> str:
