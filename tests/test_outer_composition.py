@@ -81,6 +81,9 @@ def test_designed_normal_draws_are_finite_in_the_tails(dtype):
     torch.testing.assert_close(z, want, rtol=0, atol=0)
     x = prior_icdf(dist.Uniform(loc, 1.0), u)
     assert x.dtype == dtype and (x >= 0).all() and (x <= 1).all()
+    for prior in (dist.LogNormal(loc, 1.0), dist.Exponential(loc + 2), dist.Cauchy(loc, 1.0)):
+        y = prior_icdf(prior, u)  # through their own icdf (LogNormal's through its transform)
+        assert y.dtype == dtype and torch.isfinite(y).all(), (prior, y)
 
     def model():
         with pyro.plate("views", 4, dim=-1):
@@ -265,15 +268,43 @@ CASES = {
         [],
         {},
     ),
-    "Bernoulli (its prior)": (
+    "Bernoulli": (
         _views(lambda idx: pyro.sample("k", dist.Bernoulli(_f(0.3)))),
         0.3,
-        [],
+        ["k"],
         {},
     ),
-    "OneHotCategorical (its prior)": (
+    "batch-dependent Bernoulli": (
+        _views(
+            lambda idx: pyro.sample(
+                "k", dist.Bernoulli(_f([0.1, 0.3, 0.5, 0.9])[idx].reshape(-1, 1))
+            )
+        ),
+        (0.1 + 0.3 + 0.5 + 0.9) / 4,
+        ["k"],
+        {},
+    ),
+    "OneHotCategorical": (
         _views(lambda idx: pyro.sample("k", dist.OneHotCategorical(PROBS[1])) @ VALUES),
         float(PROBS[1] @ VALUES),
+        ["k"],
+        {},
+    ),
+    "LogNormal (an icdf through its transform)": (
+        _views(lambda idx: pyro.sample("s", dist.LogNormal(_f(0.1), 0.5))),
+        math.exp(0.1 + 0.5**2 / 2),
+        ["s"],
+        {},
+    ),
+    "Exponential, squared": (
+        _views(lambda idx: pyro.sample("s", dist.Exponential(_f(2.0))) ** 2),
+        2 / 2.0**2,
+        ["s"],
+        {},
+    ),
+    "Gamma (its prior: no inverse CDF)": (
+        _views(lambda idx: pyro.sample("s", dist.Gamma(_f(2.0), 4.0))),
+        0.5,
         [],
         {},
     ),
@@ -318,6 +349,36 @@ def test_designed_labels_have_their_priors_law(outer):
         if (p > 0).sum() > 1:
             stat = ((counts - 400 * p)[p > 0] ** 2 / (400 * p[p > 0])).sum()
             assert chi2.sf(float(stat), int((p > 0).sum()) - 1) > 1e-6
+
+
+@pytest.mark.parametrize("outer", DESIGNS)
+def test_designed_one_hot_labels_and_flips_have_their_priors_law(outer):
+    """A batch-dependent ``OneHotCategorical`` (one uniform per view, not one per class) and a
+    batch-dependent ``Bernoulli``: every designed value is a one-hot row / a 0-1 value, and per
+    view the counts over 400 runs fit the probabilities (chi-square, p > 1e-6)."""
+    flip = _f([0.1, 0.3, 0.5, 0.9])
+
+    def model():
+        with pyro.plate("views", R, dim=-1):
+            pyro.sample("k", dist.OneHotCategorical(PROBS))
+            pyro.sample("f", dist.Bernoulli(flip))
+
+    guide = carv.TimestepGuide(outer=outer, seed=seed(22))
+    runs = [guide.run(model)[0].nodes for _ in range(400)]
+    assert guide.outer.designed == ["k", "f"]
+    onehot = torch.stack([n["k"]["value"] for n in runs])  # (400, R, 3)
+    flips = torch.stack([n["f"]["value"] for n in runs])  # (400, R)
+    assert onehot.shape == (400, R, 3) and (onehot.sum(-1) == 1).all()
+    assert set(flips.unique().tolist()) <= {0.0, 1.0}
+    for view in range(R):
+        counts, p = onehot[:, view].sum(0), PROBS[view]
+        assert (counts[p == 0] == 0).all()
+        if (p > 0).sum() > 1:
+            stat = ((counts - 400 * p)[p > 0] ** 2 / (400 * p[p > 0])).sum()
+            assert chi2.sf(float(stat), int((p > 0).sum()) - 1) > 1e-6
+        ones, q = flips[:, view].sum(), flip[view]
+        stat = (ones - 400 * q) ** 2 / (400 * q * (1 - q))
+        assert chi2.sf(float(stat), 1) > 1e-6
 
 
 @pytest.mark.parametrize("outer", DESIGNS)

@@ -25,6 +25,7 @@ from carv_pyro.infer.outer import (
     OuterDesigner,
     SobolDesign,
     StratifiedDesign,
+    draw_shape,
     prior_icdf,
 )
 from carv_pyro.infer.samplers import AbstractNoiseSampler, RandomSource
@@ -406,6 +407,20 @@ def test_prior_icdf():
     normal = dist.Normal(torch.zeros(5, dtype=torch.float64), 1.0).to_event(1)
     torch.testing.assert_close(prior_icdf(normal, torch.full((5,), 0.5)), torch.zeros(5).double())
     assert prior_icdf(dist.Gamma(torch.tensor(2.0), 1.0), torch.tensor(0.5)) is None
+    assert prior_icdf(dist.StudentT(torch.tensor(3.0)), torch.tensor(0.5)) is None
+    # a one-hot label takes one uniform per draw, not one per class
+    onehot = dist.OneHotCategorical(PROBS.expand(5, -1))
+    assert draw_shape(onehot) == (5,) and draw_shape(onehot.to_event(1)) == (5,)
+    assert prior_icdf(onehot, u).argmax(-1).tolist() == got.tolist()
+    # Bernoulli(p): 0 up to F(0) = 1 - p = 0.7, then 1
+    flips = prior_icdf(dist.Bernoulli(torch.full((5,), 0.3)), u)
+    assert flips.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0] and flips.dtype == torch.float32
+    # continuous priors through their own icdf, in closed form
+    rate, loc, scale = 2.0, 0.3, 0.7
+    exp = prior_icdf(dist.Exponential(torch.tensor(rate, dtype=torch.float64)), u)
+    torch.testing.assert_close(exp, -torch.log1p(-u) / rate)
+    lognormal = dist.LogNormal(torch.tensor(loc, dtype=torch.float64), scale)
+    torch.testing.assert_close(prior_icdf(lognormal, u), dist.Normal(loc, scale).icdf(u).exp())
 
 
 def test_user_upstream_guide_keeps_its_sites():

@@ -21,8 +21,10 @@ of independently:
   site takes the next columns), so ``(azimuth, elevation)`` or a latent vector is one
   low-discrepancy point set.
 
-Every draw is pushed through its prior's inverse CDF (``Normal``, ``Uniform``, ``Categorical``
-and ``Independent`` of them; others keep their prior draw, with a warning). **Each single draw
+Every draw is pushed through its prior's inverse CDF (`prior_icdf`: any continuous prior with an
+``icdf``, such as ``Normal``, ``Uniform``, ``LogNormal`` or ``Exponential``; ``Bernoulli``,
+``Categorical`` and ``OneHotCategorical``; ``Independent`` of them; others, such as ``Gamma`` or
+``Beta``, keep their prior draw, with a warning). **Each single draw
 has exactly its prior's law**: each base uniform is uniform (a random stratum, a random offset
 in it; a uniform's mirror is uniform; scrambling shifts each Sobol coordinate uniformly), and the
 coordinates of one draw are independent. The estimator is an average of per-draw terms, so its
@@ -53,7 +55,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..layout import to_device
-from .samplers import RandomSource, scrambled_sobol_ints, sobol_directions
+from .samplers import _SOBOL_BITS, RandomSource, scrambled_sobol_ints, sobol_directions
 
 __all__ = [
     "OUTER",
@@ -64,14 +66,12 @@ __all__ = [
     "SobolDesign",
     "StratifiedDesign",
     "outer_design",
+    "draw_shape",
     "prior_icdf",
 ]
 
 #: The names ``Estimator(outer=...)`` and ``TimestepGuide(outer=...)`` take.
 OUTER = (None, "stratified", "lattice", "antithetic", "sobol")
-
-#: binary digits of a Sobol coordinate: the design's points lie on the ``2**-30`` grid
-_SOBOL_BITS = torch.quasirandom.SobolEngine.MAXBIT
 
 
 # -- the designs: base uniforms of one plate ------------------------------------------------
@@ -233,37 +233,76 @@ def _guard(u: Tensor) -> Tensor:
     return 0.5 + (1.0 - torch.finfo(torch.float64).eps) * (u - 0.5)
 
 
-def prior_icdf(prior, u: Tensor) -> Tensor | None:
-    """``prior``'s inverse CDF at ``u`` (the shape of a draw), or ``None`` if it has none here.
+def draw_shape(prior) -> tuple[int, ...]:
+    """The shape of the uniforms one draw of ``prior`` takes: ``batch_shape + event_shape``, less
+    a ``OneHotCategorical``'s class dim (one uniform picks the class)."""
+    shape = tuple(prior.batch_shape) + tuple(prior.event_shape)
+    base = prior
+    while isinstance(base, dist.Independent):
+        base = base.base_dist
+    return shape[:-1] if isinstance(base, dist.OneHotCategorical) else shape
 
-    ``Normal`` and ``Uniform`` (and their subclasses) use their own ``icdf``, differentiable in
-    their parameters (a reparameterized draw), evaluated in float64 and rounded to the prior's
-    dtype (finite for every ``u``, whatever that dtype); a ``Categorical`` returns the first
-    class whose cumulative probability exceeds ``u``; ``Independent`` unwraps to its base.
-    Others: ``None``.
+
+def _parameter(d) -> Tensor | None:
+    """A parameter tensor of ``d`` (its dtype and device are the draws'), unwrapping
+    ``Independent`` and transformed distributions to their base."""
+    while isinstance(d, (dist.Independent, torch.distributions.TransformedDistribution)):
+        d = d.base_dist
+    for name in d.arg_constraints:
+        value = getattr(d, name, None)
+        if isinstance(value, Tensor):
+            return value
+    return None
+
+
+def _categorical_index(probs: Tensor, u: Tensor) -> Tensor:
+    """The first class whose cumulative probability exceeds ``u`` (``probs``: ``(..., C)``)."""
+    cdf = probs.cumsum(-1)
+    cdf = cdf.expand(tuple(u.shape) + cdf.shape[-1:]).contiguous()
+    target = (to_device(u.to(cdf.dtype), cdf.device) * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp_max(probs.shape[-1] - 1)
+
+
+def prior_icdf(prior, u: Tensor) -> Tensor | None:
+    """``prior``'s inverse CDF at ``u`` (the shape `draw_shape` gives), or ``None`` if it has none.
+
+    A continuous prior with an ``icdf`` (``Normal``, ``Uniform``, ``LogNormal``, ``Exponential``,
+    ``Laplace``, ``Cauchy``, ``Gumbel``, half-normal and half-Cauchy, ``Weibull``, ``Pareto``, a
+    ``TransformedDistribution`` of one, ...) uses it, differentiable in its parameters (a
+    reparameterized draw), evaluated in float64 and rounded to the prior's dtype (finite for
+    every ``u``, whatever that dtype). A ``Bernoulli`` returns ``1`` where ``u > 1 - p``; a
+    ``Categorical`` the first class whose cumulative probability exceeds ``u``; a
+    ``OneHotCategorical`` that class one-hot. ``Independent`` unwraps to its base. Others
+    (``Gamma``, ``Beta``, ``StudentT``, ...: no inverse CDF in torch): ``None``.
 
     Args:
         prior: the site's distribution, already broadcast to its plates.
-        u: ``batch_shape + event_shape`` float64 uniforms.
+        u: float64 uniforms of shape ``draw_shape(prior)``.
     """
     base = prior
     while isinstance(base, dist.Independent):
         base = base.base_dist
-    if isinstance(base, (dist.Normal, dist.Uniform)):
-        like = base.loc if isinstance(base, dist.Normal) else base.low
-        # in float64, then rounded to the prior's dtype: a float32 u within 2^-25 of 0 or 1
-        # rounds to the end, where the normal's inverse CDF is infinite
-        value = base.icdf(to_device(_guard(u).to(torch.float64), like.device))
-        return value.to(like.dtype)
-    if isinstance(base, dist.Categorical):
+    if isinstance(base, dist.OneHotCategorical):
         probs = base.probs
-        cdf = probs.cumsum(-1)
-        shape = u.shape
-        cdf = cdf.expand(tuple(shape) + cdf.shape[-1:]).contiguous()
-        target = (to_device(u.to(cdf.dtype), cdf.device) * cdf[..., -1]).unsqueeze(-1)
-        idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-        return idx.clamp_max(probs.shape[-1] - 1)
-    return None
+        idx = _categorical_index(probs, u)
+        return torch.nn.functional.one_hot(idx, probs.shape[-1]).to(probs.dtype)
+    if isinstance(base, dist.Categorical):
+        return _categorical_index(base.probs, u)
+    if isinstance(base, dist.Bernoulli):
+        p = base.probs
+        # the inverse CDF of a Bernoulli: 0 up to F(0) = 1 - p, then 1 (P(u > 1 - p) = p)
+        return (to_device(u, p.device) > 1.0 - p.to(torch.float64)).to(p.dtype)
+    like = _parameter(base)
+    if like is None or not like.is_floating_point():
+        return None
+    # in float64, then rounded to the prior's dtype: a float32 u within 2^-25 of 0 or 1
+    # rounds to the end, where (say) the normal's inverse CDF is infinite
+    try:
+        value = base.icdf(to_device(_guard(u).to(torch.float64), like.device))
+    except NotImplementedError:
+        return None
+    return value.to(like.dtype)
 
 
 # -- the runtime: one per guide -------------------------------------------------------------
@@ -327,7 +366,7 @@ class OuterDesigner:
         if self.sites is not None and name not in self.sites:
             return None
         batch_shape = tuple(prior.batch_shape)
-        shape = batch_shape + tuple(prior.event_shape)
+        shape = draw_shape(prior)
         nb = len(batch_shape)
         # the plates the value spans (a rank's shard of one draw still spans its plate)
         plates = sorted(
