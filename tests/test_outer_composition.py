@@ -472,6 +472,7 @@ def test_a_conditioned_site_is_observed_not_redrawn(where):
     ):
         nodes = guide.run(model)[0].nodes
     assert nodes["a"]["is_observed"] and torch.equal(nodes["a"]["value"], data)
+    assert guide.outer.designed == ["b"]  # "a" holds its data, not a design's draw
 
 
 @pytest.mark.parametrize("outer", DESIGNS)

@@ -337,6 +337,9 @@ class TimestepGuide(GuideMessenger):
         if self.outer is not None and site_is_subsample(msg):
             # a sharded or subsampled plate's indices place its draws in the global design
             self.outer.record_subsample(msg["name"], msg["value"])
+        if self.outer is not None and msg["is_observed"]:
+            # a condition handler around the run replaced the designed draw by its data
+            self.outer.forget(msg["name"])
         super()._pyro_post_sample(msg)
 
     def get_posterior(self, name: str, prior) -> Any:

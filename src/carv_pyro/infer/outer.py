@@ -322,7 +322,8 @@ class OuterDesigner:
         sites: the upstream site names to design (default: every eligible site).
 
     Attributes:
-        designed: the names of the sites drawn by the design in the last run.
+        designed: the names of the sites whose values in the last run are the design's (a draw
+            that a handler then replaced by data is not one of them).
     """
 
     def __init__(
@@ -350,6 +351,11 @@ class OuterDesigner:
     def record_subsample(self, name: str, indices: Tensor) -> None:
         """Remember the indices a (sharded or subsampled) plate yielded in this run."""
         self._indices[name] = indices
+
+    def forget(self, name: str) -> None:
+        """Drop ``name`` from `designed` (its draw was replaced, e.g. by a condition handler)."""
+        if name in self.designed:
+            self.designed.remove(name)
 
     def draw(self, name: str, prior, frames) -> Tensor | None:
         """A designed draw of site ``name`` (``batch_shape + event_shape``), or ``None`` when the
