@@ -50,6 +50,9 @@ __all__ = [
 
 NONFINITE = ("raise", "zero")
 
+#: The plate that vectorized particles run in (Pyro's name for it).
+PARTICLE_PLATE = "num_particles_vectorized"
+
 
 class NonFiniteTeacherError(FloatingPointError):
     """A teacher term produced NaN or infinite values (raised before any gradient is formed)."""
@@ -408,6 +411,13 @@ def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Par
             if mask is not None and mask is not True:
                 lp = torch.where(torch.as_tensor(mask, device=lp.device), lp, lp.new_zeros(()))
             term = -(lp * scale).sum()
+            for f in site["cond_indep_stack"]:
+                if f.name == PARTICLE_PLATE:
+                    # vectorized particles: the sum runs over all of them, and the estimate is
+                    # their average (as in Pyro's vectorized ELBOs; teacher terms average over
+                    # this plate already); without this an observed site counted num_particles
+                    # times, in the loss and its gradient
+                    term = term / f.size
             loss = loss + _host_value(term)
             surrogate = surrogate + term
         elif guide_trace.nodes.get(name, {}).get("infer", {}).get(EXACT_KEY):
@@ -799,9 +809,7 @@ class CARVLoss(ELBO):
                     if f.vectorized
                 ]
                 self.max_plate_nesting = (-min(dims) if dims else 0) + 1
-            particles = pyro.plate(
-                "num_particles_vectorized", self.num_particles, dim=-self.max_plate_nesting
-            )
+            particles = pyro.plate(PARTICLE_PLATE, self.num_particles, dim=-self.max_plate_nesting)
             yield guide, guide.run(model, args, kwargs, inner_size=inner, wrap=particles), 1
             return
         for _ in range(self.num_particles):

@@ -1,0 +1,198 @@
+"""Red team: silent bias in the adaptive and fitted parts of the estimator.
+
+The parts that learn from the draws (control variates' online coefficients, the adaptive
+timestep proposal, the accountant that sets ``K``) are unbiased only if what a draw is weighted
+and corrected with is fixed before that draw is made. These tests check that, exactly where they
+can, across the ways a step may run: particles (vectorized or not), a learning step from a fitted
+state, a measuring step of the accountant (with scale, mask, importance weights, a second term
+and an observed site), a probed ``K``, and resumed state.
+
+Exact expectations: a step from a given state (fit and proposal restored before every node) is
+enumerated over its draws: the timestep of each draw over the support of a narrow prior (four
+timesteps), the uniform chosen at the midpoint of that timestep's CDF interval under the
+proposal the guide holds *when it draws* (so the node's probability is the ``q`` that drew it),
+and ``eps`` over a symmetric pair ``+-v`` (exact for the Gaussian teacher's SDS residual with the
+``eps`` control variate, which is affine in ``eps`` once the coefficients are fixed). Under the
+null (everything a draw uses fixed before it), every later particle's conditional expectation
+given the earlier ones is the true gradient, so the enumeration is exact for any number of
+particles; a coefficient fitted on the draw it corrects, or a weight with another ``q`` than the
+one that drew, shows up as a difference far above rounding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI
+
+import carv_pyro as carv
+from carv_pyro.infer.control_variates import ControlVariateFit
+from carv_pyro.infer.samplers import AbstractNoiseSampler, RandomSource
+
+from .analytic import DIRECTION, THETA0, expected_grad, grad_of, sds
+from .seeds import seed
+
+#: a narrow prior: timesteps 30..33 of 60
+NARROW = (0.5, 0.56)
+XI1 = torch.tensor([0.4], dtype=torch.float64)
+V = torch.tensor([0.9, -1.3], dtype=torch.float64)
+
+
+def _model(objective, R, K, xi):
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", R, dim=-2):
+            x = theta + xi.reshape(R, 1, 1) * DIRECTION
+            with carv.draws(K, "noise", dim=-1):
+                carv.teacher_term("sds", objective, x)
+
+    return model
+
+
+class _Script(RandomSource):
+    """Timestep uniforms by plan: each call takes the next list of target timesteps (one per
+    draw) and returns the midpoint of each one's CDF interval under the proposal the guide holds
+    at that moment, recording that proposal's probability of it."""
+
+    def __init__(self):
+        super().__init__(seed=0)
+        self.plan: list[list[int]] = []
+        self.drawn_with: list[float] = []
+        self.guide = None
+        self.objective = None
+
+    def uniform(self, shape, device="cpu"):
+        targets = self.plan.pop(0)
+        assert len(targets) == math.prod(shape)
+        q = self.guide.proposal_for("sds", self.objective).probs().to(torch.float64)
+        cdf = torch.cat([q.new_zeros(1), q.cumsum(0)])
+        u = []
+        for t in targets:
+            u.append(0.5 * float(cdf[t] + cdf[t + 1]))
+            self.drawn_with.append(float(q[t]))
+        return torch.tensor(u, dtype=torch.float64).reshape(shape)
+
+
+class _ScriptNoise(AbstractNoiseSampler):
+    """``eps`` by plan: each call takes the next list of signs, one per draw (``eps = s v``)."""
+
+    def __init__(self):
+        self.plan: list[list[float]] = []
+
+    def sample(self, layout, event_shape, dtype, device, source):
+        signs = torch.tensor(self.plan.pop(0), dtype=dtype)
+        eps = signs[:, None] * V.to(dtype)
+        return eps.reshape(tuple(layout.batch_shape) + tuple(event_shape))
+
+
+def _adaptive_state() -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {k: store[k].detach().clone() for k in store.keys() if k.startswith("carv.adaptive.")}
+
+
+def _restore_adaptive(state: dict[str, torch.Tensor]) -> None:
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for k, v in state.items():
+            store[k].copy_(v)
+
+
+def _exact_step(objective, proposal, n_particles, vectorize, *, n_warm=12):
+    """``E`` of one learning step's gradient from a fitted state, by enumeration (see the
+    module docstring); also returns the state's coefficients (to check that there was a fit)."""
+    model = _model(objective, 1, 1, XI1)
+    fit = ControlVariateFit(n_bins=4, decay=0.9)
+    warm = carv.TimestepGuide(model, proposal=proposal, control_variates=fit, seed=seed(3))
+    svi = SVI(model, warm, pyro.optim.SGD({"lr": 0.0}), carv.CARVLoss())
+    for _ in range(n_warm):
+        svi.step()
+    fit_state = fit.state_of(objective)
+    adaptive_state = _adaptive_state()
+    gamma = fit.coefficients(objective)
+
+    source, noise = _Script(), _ScriptNoise()
+    guide = carv.TimestepGuide(
+        model, proposal=proposal, control_variates=fit, source=source, noise=noise
+    )
+    source.guide, source.objective = guide, objective
+    loss = carv.CARVLoss(
+        num_particles=n_particles, vectorize_particles=vectorize, max_plate_nesting=3
+    )
+    support = torch.nonzero(objective.prior.probs() > 0).flatten().tolist()
+    nodes = list(itertools.product(support, (1.0, -1.0)))
+    total = torch.zeros(2, dtype=torch.float64)
+    for combo in itertools.product(nodes, repeat=n_particles):
+        fit.restore(objective, fit_state)
+        _restore_adaptive(adaptive_state)
+        guide._proposals = {}  # the proposal as built from the restored state
+        source.drawn_with = []
+        if vectorize:
+            source.plan = [[t for t, _ in combo]]
+            noise.plan = [[s for _, s in combo]]
+        else:
+            source.plan = [[t] for t, _ in combo]
+            noise.plan = [[s] for _, s in combo]
+        g = grad_of(loss, model, guide)
+        assert not source.plan and not noise.plan
+        prob = math.prod(q * 0.5 for q in source.drawn_with)
+        total += prob * g
+    return total, gamma
+
+
+@pytest.mark.parametrize(
+    "proposal,n_particles,vectorize",
+    [
+        ("weighted", 1, False),
+        ("weighted", 2, False),
+        ("adaptive", 2, False),
+        ("adaptive", 2, True),
+    ],
+)
+def test_a_learning_step_from_a_fitted_state_is_exactly_unbiased(proposal, n_particles, vectorize):
+    """One step that learns (coefficients committed, proposal updated after each particle) from a
+    fitted control-variate state and a learned proposal: its exact expectation is the true
+    gradient, whether the particles run one after another (the second one's coefficients and
+    proposal then depend on the first one's draws) or vectorized."""
+    objective = sds("sds", t_range=NARROW)
+    got, gamma = _exact_step(objective, proposal, n_particles, vectorize)
+    assert gamma.abs().max() > 0.05  # a real fit, not zeros
+    torch.testing.assert_close(got, expected_grad(objective, XI1), rtol=1e-9, atol=1e-12)
+
+
+# -- particles and observed sites ----------------------------------------------------------
+
+
+def _with_observed(objective):
+    """A teacher term that gives ``theta`` no gradient, beside an observed site that does:
+    ``-log N(0.3; sum(theta), 1)``, gradient ``sum(theta) - 0.3`` in every coordinate."""
+    data = torch.tensor(0.3, dtype=torch.float64)
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", 2, dim=-2), carv.draws(3, "noise", dim=-1):
+            carv.teacher_term("sds", objective, theta.detach().expand(2, 1, 2))
+        pyro.sample("obs", dist.Normal(theta.sum(), 1.0), obs=data)
+
+    nll = float(-dist.Normal(THETA0.sum(), 1.0).log_prob(data))
+    return model, nll, float(THETA0.sum() - data)
+
+
+@pytest.mark.parametrize("n_particles,vectorize", [(1, False), (3, False), (3, True)])
+def test_an_observed_site_counts_once_whatever_the_particles(n_particles, vectorize):
+    """Particles average independent estimates, so an observed site's ``-log p`` enters the loss
+    and its gradient once. Vectorized particles run as a plate: the site's log-density then
+    holds all of them, and it was summed over them (a gradient of 2.7 for 0.9 at 3 particles,
+    and the loss 3x)."""
+    model, nll, dnll = _with_observed(sds("sds"))
+    loss = carv.CARVLoss(num_particles=n_particles, vectorize_particles=vectorize)
+    g = grad_of(loss, model, carv.TimestepGuide(seed=seed(1)))
+    torch.testing.assert_close(g, torch.full((2,), dnll, dtype=torch.float64))
+    values = []  # each particle's teacher value (the rest of the loss is the observed site)
+    loss.hooks.append(lambda lo, *_: values.append(lo.diagnostics["sds"].value))
+    value = float(loss.loss(model, carv.TimestepGuide(seed=seed(2))))
+    assert value - sum(values) / len(values) == pytest.approx(nll, rel=1e-12)
