@@ -28,6 +28,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from pyro.infer import SVI
 
 import carv_pyro as carv
@@ -196,3 +197,64 @@ def test_an_observed_site_counts_once_whatever_the_particles(n_particles, vector
     loss.hooks.append(lambda lo, *_: values.append(lo.diagnostics["sds"].value))
     value = float(loss.loss(model, carv.TimestepGuide(seed=seed(2))))
     assert value - sum(values) / len(values) == pytest.approx(nll, rel=1e-12)
+
+
+# -- the accountant's measuring step ---------------------------------------------------------
+
+#: a weight the model uses that is not a Pyro param (a module not registered by pyro.module)
+_LEAF_INIT = torch.tensor([0.2, -0.1], dtype=torch.float64)
+_HIDE = ["sds.t", "sds.eps", "sds", "other.t", "other.eps", "other"]
+
+
+def _composed_model(leaf):
+    """Every effect a measuring step must weigh as a plain step does: a subsampled plate, a
+    per-view ``poutine.scale``, a ``poutine.mask`` on draws, a prior-drawn upstream latent, a
+    second teacher term, an observed site, and a leaf tensor that is not a Pyro param."""
+    objective, other = sds("sds"), sds("uniform")
+    scale = torch.tensor([[0.5], [2.0], [1.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, True]])
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with pyro.plate("views", 5, subsample_size=3, dim=-2):
+            z = pyro.sample("xi", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0))
+            x = theta + leaf + z.unsqueeze(-1) * DIRECTION
+            with poutine.scale(scale=scale), poutine.mask(mask=mask):
+                with carv.draws(4, "noise", dim=-1):
+                    carv.teacher_term("sds", objective, x)
+        with pyro.plate("b", 2, dim=-2), carv.draws(2, "n2", dim=-1):
+            carv.teacher_term("other", other, theta.expand(2, 1, 2))
+        pyro.sample("obs", dist.Normal(theta.sum(), 1.0), obs=torch.tensor(0.3).double())
+
+    return model
+
+
+@pytest.mark.parametrize("upstream", [False, True])
+@pytest.mark.parametrize("n_particles,vectorize", [(1, False), (2, False), (2, True)])
+def test_a_measuring_step_hands_on_the_plain_steps_gradient(upstream, n_particles, vectorize):
+    """The quadrant backward of a measuring step accumulates, into every ``.grad`` a plain
+    step fills, the plain step's gradient at the same draws: IS weights of an upstream guide,
+    scale, mask, subsampling, other terms, observed sites and particles included. A leaf tensor
+    that is not a Pyro param got no gradient at all on measuring steps (its ``.grad`` stayed
+    ``None``), while plain steps gave it one."""
+    grads = []
+    for accountant in (None, carv.Accountant(every=1, term="sds")):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed(4))
+        leaf = _LEAF_INIT.clone().requires_grad_(True)
+        model = _composed_model(leaf)
+        up = None
+        if upstream:
+            up = pyro.infer.autoguide.AutoNormal(poutine.block(model, hide=_HIDE), init_scale=1.3)
+        guide = carv.TimestepGuide(
+            proposal="weighted", stratify="per_outer", upstream=up, seed=seed(5)
+        )
+        loss = carv.CARVLoss(
+            num_particles=n_particles, vectorize_particles=vectorize, accountant=accountant
+        )
+        theta = grad_of(loss, model, guide)
+        assert leaf.grad is not None
+        grads.append(torch.cat([theta, leaf.grad]))
+        if accountant is not None:
+            assert len(accountant.history) == 1  # it did measure
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-15)

@@ -488,15 +488,28 @@ def particle_estimate(model_trace, guide_trace, nonfinite: str = "raise") -> Par
     )
 
 
-def _params_of(*traces) -> list[Tensor]:
-    params: dict[int, Tensor] = {}
-    for tr in traces:
-        for site in tr.nodes.values():
-            if site["type"] == "param":
-                p = site["value"].unconstrained()
-                if p.requires_grad:
-                    params[id(p)] = p
-    return list(params.values())
+def _leaves_of(*outputs: Tensor) -> list[Tensor]:
+    """The leaf tensors that ``outputs``' graph accumulates gradients into: the ones a plain
+    ``backward()`` of them fills (Pyro params' unconstrained tensors, and any other tensor the
+    model uses with ``requires_grad``, e.g. a module's weights not registered by
+    ``pyro.module``), in a fixed order.
+
+    The measuring step's quadrant backward must fill the same ``.grad``s as a plain step: taking
+    only the traces' Pyro params left every other leaf without its gradient on measuring steps,
+    silently (an optimizer over those leaves then skipped or zeroed those steps)."""
+    leaves: dict[int, Tensor] = {}
+    seen: set = set()
+    stack = [o.grad_fn for o in outputs if o is not None and o.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # an AccumulateGrad node: its leaf
+        if variable is not None:
+            leaves.setdefault(id(variable), variable)
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    return list(leaves.values())
 
 
 #: Devices on which the measuring step takes its quadrants in one batched backward pass. Measured
@@ -883,7 +896,7 @@ class CARVLoss(ELBO):
                         particle.per_draw[record.name],
                         record.layout,
                         rest,
-                        _params_of(model_trace, guide_trace),
+                        _leaves_of(particle.per_draw[record.name], rest),
                         1.0 / n_particles,
                     )
                 else:
