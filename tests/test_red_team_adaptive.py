@@ -35,7 +35,7 @@ import carv_pyro as carv
 from carv_pyro.infer.control_variates import ControlVariateFit
 from carv_pyro.infer.samplers import AbstractNoiseSampler, RandomSource
 
-from .analytic import DIRECTION, THETA0, expected_grad, grad_of, sds
+from .analytic import DIRECTION, THETA0, expected_grad, grad_of, make_model, sds, z_scores
 from .seeds import seed
 
 #: a narrow prior: timesteps 30..33 of 60
@@ -258,3 +258,60 @@ def test_a_measuring_step_hands_on_the_plain_steps_gradient(upstream, n_particle
         if accountant is not None:
             assert len(accountant.history) == 1  # it did measure
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-15)
+
+
+def test_a_probing_step_is_the_plain_step_at_the_probed_k():
+    """At ``K = 1`` an adapting accountant's measuring step probes ``K = 2``: that step's
+    gradient is exactly a plain step's at ``K = 2`` with the same draws (so it is the unbiased
+    ``K = 2`` estimate, any ``K`` being unbiased), IS weights and control variates included."""
+    objective = sds("sds")
+    xi = torch.tensor([0.3, -0.5, 1.1, 0.2], dtype=torch.float64)
+    model = _model(objective, 4, 1, xi)
+    est = carv.Estimator(
+        K=1, proposal="weighted", stratify="auto", control_variates=True, adapt=True
+    )
+    runs = []
+    for adapting in (True, False):
+        guide = est.guide(model, seed=seed(6))
+        acc = carv.Accountant(adapt=True, every=1, costs=(1.0, 0.1)) if adapting else None
+        loss = carv.CARVLoss(accountant=acc)
+        first = grad_of(loss, model, guide)  # K = 1 (the first step of an accountant: plain)
+        if not adapting:
+            guide.K = 2
+        second = grad_of(loss, model, guide)
+        assert loss.last_records[0].n_inner == 2
+        if adapting:
+            assert len(acc.history) == 1  # the second step measured, at K = 2
+        runs.append(torch.cat([first, second]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-12, atol=1e-15)
+
+
+def test_an_adapting_run_with_control_variates_is_unbiased_z_test():
+    """``K`` chosen online (it moves between 1 and 8 here, measuring every other step and
+    probing ``K = 2`` at ``K = 1``), control variates fitted online, IS, ``stratify="auto"``
+    (global at ``K = 1``, per upstream sample above) and a lattice outer design of the prior
+    latent: every step is unbiased given the past, so the mean over the run is, at 5 SE."""
+    objective = sds("sds")
+    model = make_model(objective, 4, 1, inner="draws")
+    est = carv.Estimator(
+        K=1,
+        proposal="weighted",
+        stratify="auto",
+        outer="lattice",
+        control_variates=True,
+        adapt=True,
+        k_range=(1, 8),
+    )
+    acc = carv.Accountant(
+        adapt=True, every=2, backoff=1.0, k_range=(1, 8), min_measurements=1, costs=(1.0, 0.002)
+    )
+    guide = est.guide(model, seed=seed(7))
+    loss = carv.CARVLoss(accountant=acc)
+    grads, sizes = [], []
+    for _ in range(400):
+        grads.append(grad_of(loss, model, guide))
+        sizes.append(loss.last_records[0].n_inner)
+    assert {1, 2}.issubset(sizes) and max(sizes) >= 4, sorted(set(sizes))
+    assert guide.control_variates.coefficients(objective).abs().max() > 0.05
+    z = z_scores(torch.stack(grads), expected_grad(objective, None))
+    assert z.abs().max() < 5.0, z
