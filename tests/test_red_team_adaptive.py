@@ -21,8 +21,10 @@ one that drew, shows up as a difference far above rounding.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
+import pickle
 
 import pyro
 import pyro.distributions as dist
@@ -315,3 +317,32 @@ def test_an_adapting_run_with_control_variates_is_unbiased_z_test():
     assert guide.control_variates.coefficients(objective).abs().max() > 0.05
     z = z_scores(torch.stack(grads), expected_grad(objective, None))
     assert z.abs().max() < 5.0, z
+
+
+# -- resuming a fitted state -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_pickled_guide_keeps_its_control_variate_fit(how):
+    """A guide with fitted control variates pickles (it raised ``TypeError: cannot pickle
+    'weakref.ReferenceType'``: the fit is keyed weakly by objective) and continues exactly as the
+    guide that kept going: the fit, the random streams and the adaptive proposal (in the param
+    store) are all carried."""
+    objective = sds("sds")
+    model = _model(objective, 2, 4, torch.tensor([0.3, -0.5], dtype=torch.float64))
+    est = carv.Estimator(K=4, proposal="adaptive", stratify="per_outer", control_variates=True)
+    guide = est.guide(seed=seed(8))
+    loss = carv.CARVLoss()
+    for _ in range(15):
+        grad_of(loss, model, guide)
+    gamma = guide.control_variates.coefficients(objective)
+    assert gamma.abs().max() > 0.05
+    copied = pickle.loads(pickle.dumps(guide)) if how == "pickle" else copy.deepcopy(guide)
+    store = _adaptive_state()
+    going_on = [grad_of(loss, model, guide) for _ in range(4)]
+    _restore_adaptive(store)
+    again = [grad_of(loss, model, copied) for _ in range(4)]
+    for a, b in zip(going_on, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the copy met the term again and holds the fit (not a fresh, all-zero one)
+    assert copied.control_variates.coefficients(objective).abs().max() > 0.05

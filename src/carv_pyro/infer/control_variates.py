@@ -314,6 +314,19 @@ class ControlVariateFit:
             *(state[k].to(torch.float64).clone() for k in ("G", "v", "n"))
         )
 
+    def __getstate__(self) -> dict:
+        """Its settings only: the running sums are keyed by objective, weakly, and a weak key
+        cannot be pickled (a `TimestepGuide` pickles its fit by term name instead)."""
+        state = dict(self.__dict__)
+        for name in ("_sums", "_pending", "_bins"):
+            state[name] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for name in ("_sums", "_pending", "_bins"):
+            setattr(self, name, weakref.WeakKeyDictionary())
+
     def _bin_index(self, objective: TeacherObjective, device) -> Tensor:
         hit = self._bins.get(objective)
         if hit is None or hit.device != torch.device(device):

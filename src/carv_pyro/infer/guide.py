@@ -462,6 +462,10 @@ class TimestepGuide(GuideMessenger):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
+        if self.control_variates is not None:
+            # the fit is keyed by objective (weakly: it cannot be pickled as it is); carried by
+            # term, as `get_state` does, and handed back when the unpickled guide meets a term
+            state["_restored_fits"] = self.get_state()["control_variates"]
         state["_proposals"] = {}
         state["_msg"] = None
         return state
