@@ -31,7 +31,6 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI
 
 import carv_pyro as carv
 from carv_pyro.infer.control_variates import ControlVariateFit
@@ -105,23 +104,28 @@ def _restore_adaptive(state: dict[str, torch.Tensor]) -> None:
             store[k].copy_(v)
 
 
-def _exact_step(objective, proposal, n_particles, vectorize, *, n_warm=12):
+def _exact_step(objective, proposal, n_particles, vectorize, *, n_warm=12, reused=False):
     """``E`` of one learning step's gradient from a fitted state, by enumeration (see the
-    module docstring); also returns the state's coefficients (to check that there was a fit)."""
+    module docstring); also returns the state's coefficients (to check that there was a fit).
+    ``reused``: the guide warms up on this model and, in turn, on another (another objective
+    with the same prior: the adaptive proposal's statistics are shared, the fits are not)."""
     model = _model(objective, 1, 1, XI1)
     fit = ControlVariateFit(n_bins=4, decay=0.9)
     warm = carv.TimestepGuide(model, proposal=proposal, control_variates=fit, seed=seed(3))
-    svi = SVI(model, warm, pyro.optim.SGD({"lr": 0.0}), carv.CARVLoss())
-    for _ in range(n_warm):
-        svi.step()
+    models = [model]
+    if reused:
+        other = sds("uniform", t_range=NARROW)
+        models.append(_model(other, 2, 3, torch.tensor([1.5, -0.7], dtype=torch.float64)))
+    loss = carv.CARVLoss()
+    for i in range(n_warm):
+        grad_of(loss, models[i % len(models)], warm)
     fit_state = fit.state_of(objective)
     adaptive_state = _adaptive_state()
     gamma = fit.coefficients(objective)
 
     source, noise = _Script(), _ScriptNoise()
-    guide = carv.TimestepGuide(
-        model, proposal=proposal, control_variates=fit, source=source, noise=noise
-    )
+    guide = warm  # the same guide, drawing by plan from here on
+    guide.source, guide.noise = source, noise
     source.guide, source.objective = guide, objective
     loss = carv.CARVLoss(
         num_particles=n_particles, vectorize_particles=vectorize, max_plate_nesting=3
@@ -154,15 +158,18 @@ def _exact_step(objective, proposal, n_particles, vectorize, *, n_warm=12):
         ("weighted", 2, False),
         ("adaptive", 2, False),
         ("adaptive", 2, True),
+        ("adaptive", 2, "reused"),
     ],
 )
 def test_a_learning_step_from_a_fitted_state_is_exactly_unbiased(proposal, n_particles, vectorize):
     """One step that learns (coefficients committed, proposal updated after each particle) from a
     fitted control-variate state and a learned proposal: its exact expectation is the true
     gradient, whether the particles run one after another (the second one's coefficients and
-    proposal then depend on the first one's draws) or vectorized."""
+    proposal then depend on the first one's draws) or vectorized, and when the guide also
+    serves another model."""
     objective = sds("sds", t_range=NARROW)
-    got, gamma = _exact_step(objective, proposal, n_particles, vectorize)
+    reused = vectorize == "reused"
+    got, gamma = _exact_step(objective, proposal, n_particles, vectorize is True, reused=reused)
     assert gamma.abs().max() > 0.05  # a real fit, not zeros
     torch.testing.assert_close(got, expected_grad(objective, XI1), rtol=1e-9, atol=1e-12)
 
