@@ -505,6 +505,15 @@ def test_the_cost_curve_learned_from_measured_steps_decides_k():
         acc.k, acc.last_K = 8, 8
         acc.observe_measurement(1.0, 1.0 / 16)  # V_w / V_b = 16
         assert acc.k == want_k, (flat, acc.k, acc.step_costs)
+        # the record beside the choice predicts its ECM by the same cost model: where K is free
+        # (flat) the K = 16 choice is (1/16 + 1) / (1/16 + 1/16) = 8.5x better than K = 1 at
+        # the same cost; the linear per-draw model read off these timings called it dearer
+        entry = acc.history[-1]
+        v_b, v_w = 1.0 / 16, 1.0
+        want = (v_b + v_w) * acc.cost_of(1) / ((v_b + v_w / want_k) * acc.cost_of(want_k))
+        assert entry["ecm_predicted"] == pytest.approx(want) and entry["ecm_predicted"] > 1.0
+        if flat:
+            assert want == pytest.approx(8.5)
 
 
 def test_noisy_step_timings_are_not_read_as_a_cost_slope():

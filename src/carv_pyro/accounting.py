@@ -575,7 +575,11 @@ class Accountant:
         k: the inner size now in use (``None`` until adapted: the guide's or the model's).
         components: pooled `VarianceComponents` over the window.
         history: the last ``history_size`` per-measurement dicts (step, V_b, V_w, costs, K*, K,
-            predicted ECM), oldest first.
+            predicted ECM), oldest first. ``k_star`` is Cochran's closed form under the linear
+            cost ``c_outer + K c_inner``; ``ecm_predicted`` (of the ``K`` in use against
+            ``K = 1``) uses the cost model ``K`` is chosen by (`cost_of`: measured steps and the
+            teacher's cost curve), so on a launch-bound GPU, where a larger ``K`` is nearly free,
+            ``k_star`` can sit below the ``K`` chosen while ``ecm_predicted`` is above one.
         step_costs: ``{K: median seconds of a step}`` at the sizes run so far.
 
     Raises:
@@ -818,15 +822,17 @@ class Accountant:
         # one measurement with V_b <= 0 has no standard error to floor it: no K* from it
         ok = ok and math.isfinite(v_b)
         if ok:
-            entry["k_star"] = optimal_inner_size(c_outer, c_inner, v_b, max(vc.v_within, 0.0))
+            v_w = max(vc.v_within, 0.0)
+            entry["k_star"] = optimal_inner_size(c_outer, c_inner, v_b, v_w)
             if self.adapt and len(self._measurements) >= self.min_measurements:
-                self.k = self._choose_k(v_b, max(vc.v_within, 0.0))
+                self.k = self._choose_k(v_b, v_w)
                 adapted = True
             k_now = self.k if self.k is not None else self.last_K
             if k_now:
-                entry["ecm_predicted"] = effective_compute_multiplier(
-                    k_now, c_outer, c_inner, v_b, max(vc.v_within, 0.0)
-                )
+                # by the cost model the choice is made with (the measured cost curve), not the
+                # linear c_outer + K c_inner of k_star: on a launch-bound GPU the linear model
+                # calls a free K dear, and the record contradicted the choice it sits beside
+                entry["ecm_predicted"] = self._work(1, v_b, v_w) / self._work(k_now, v_b, v_w)
         entry["K"] = self.k if self.k is not None else self.last_K
         self.history.append(entry)
         # a settled choice is measured less and less often; a change is watched closely again
@@ -876,14 +882,18 @@ class Accountant:
         R = self.last_R or 1
         return R * (c_outer + K * c_inner)
 
+    def _work(self, k: int, v_between: float, v_within: float) -> float:
+        """The predicted ``Var(R, k) * cost(R, k)``, up to the factor ``1 / R``."""
+        return (v_between + v_within / k) * self.cost_of(k)
+
     def _choose_k(self, v_between: float, v_within: float) -> int:
         lo, hi = self.k_range
         k_now = self.k if self.k is not None else (self.last_K or lo)
         low = max(lo, math.ceil(k_now / self.max_change))
         high = min(hi, max(low, math.floor(k_now * self.max_change)))
 
-        def work(k: int) -> float:  # predicted Var(R, k) * cost(R, k), up to the factor R^-1
-            return (v_between + v_within / k) * self.cost_of(k)
+        def work(k: int) -> float:
+            return self._work(k, v_between, v_within)
 
         best = min(range(low, high + 1), key=work)
         # where Var * cost is flat in K, measurement noise would flip K back and forth (and
