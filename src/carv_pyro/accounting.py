@@ -11,10 +11,11 @@ and the effective compute multiplier of ``K`` against ``K = 1`` is
 
     ECM(K) = (V_b + V_w)(c_outer + c_inner) / [(V_b + V_w / K)(c_outer + K c_inner)].
 
-On a GPU the teacher's cost per draw falls with the batch, so the `Accountant` also keeps the
-measured cost of a step at every ``K`` it has run and picks ``K`` from the measured
-``Var(R, K) * cost(R, K)`` (where it has not run: the nearest measured step, with the
-teacher's measured cost curve in place of its teacher call).
+On a GPU the teacher's cost per draw falls with the batch, so the `Accountant` also learns the
+teacher's cost curve (its measured call at every ``K`` it has run) and picks ``K`` from the
+predicted ``Var(R, K) * cost(R, K)``, where ``cost`` is the recent steps' cost without their
+teacher call, pooled over every ``K`` (the rest of a step does not depend on ``K``), plus the
+teacher's curve at ``K``.
 
 **How the components are estimated.** One step's draws are split into quadrants: two halves of
 the upstream samples times two interleaved halves of the inner draws. Four vector-Jacobian
@@ -26,7 +27,13 @@ upstream half, the difference of the two inner halves' means has expected square
 ``(V_b + V_w / K)(1/|a_1| + 1/|a_2|)``. Both give unbiased per-step estimates that
 `VarianceComponents` pools (Welford, mergeable across processes). The estimates treat the
 inner draws as exchangeable: with stratified timesteps, draws within an upstream sample are
-negatively correlated and ``V_w`` is over-estimated (conservatively).
+negatively correlated and ``V_w`` is over-estimated (conservatively). They treat the upstream
+samples as independent too: under an outer design (`carv_pyro.infer.outer`) the two halves are
+parts of one design, and the estimate is about the i.i.d. ``V_b`` (the spread of single
+upstream samples), not the smaller one the design leaves (under scrambled Sobol points, whose
+halves are balanced themselves, lower), so ``K`` is chosen as without the design; a design that
+leaves a fraction ``f`` of ``V_b`` has a ``K*`` ``1 / sqrt(f)`` times larger. `DesignSplit`
+measures ``f`` offline.
 
 This module is statistics only: it imports nothing of the estimator. The `Accountant` meets
 the loss through the [`LossObserver`][carv_pyro.infer.loss.LossObserver] protocol.
@@ -543,8 +550,8 @@ class Accountant:
 
     With ``adapt=True`` it sets the size of the term's reserved inner plate
     ([`carv_pyro.draws`][carv_pyro.draws]) after each measurement to the ``K`` that minimises
-    the predicted ``Var(R, K) * cost(R, K)``, where ``cost`` is the measured cost of a step at the
-    sizes it has run (elsewhere `cost_of`'s prediction from the teacher's cost curve). The
+    the predicted ``Var(R, K) * cost(R, K)``, where ``cost`` is `cost_of`'s: the recent steps
+    without their teacher call plus the teacher's measured cost curve at ``K``. The
     first measurement of an adapting accountant is on its second step (the first tells it the
     plate's size, so that a measuring step at K = 1 can probe K = 2). The update is robust: the components
     are pooled over the last ``window`` measurements, a ``V_b`` estimate at or below zero counts
@@ -577,8 +584,8 @@ class Accountant:
         history: the last ``history_size`` per-measurement dicts (step, V_b, V_w, costs, K*, K,
             predicted ECM), oldest first. ``k_star`` is Cochran's closed form under the linear
             cost ``c_outer + K c_inner``; ``ecm_predicted`` (of the ``K`` in use against
-            ``K = 1``) uses the cost model ``K`` is chosen by (`cost_of`: measured steps and the
-            teacher's cost curve), so on a launch-bound GPU, where a larger ``K`` is nearly free,
+            ``K = 1``) uses the cost model ``K`` is chosen by (`cost_of`: the steps' cost without
+            the teacher plus the teacher's cost curve), so on a launch-bound GPU, where a larger ``K`` is nearly free,
             ``k_star`` can sit below the ``K`` chosen while ``ecm_predicted`` is above one.
         step_costs: ``{K: median seconds of a step}`` at the sizes run so far.
 
@@ -855,30 +862,32 @@ class Accountant:
         return se_b
 
     def cost_of(self, K: int) -> float:
-        """The predicted seconds of a step at ``K``: from the declared costs if given, else
-        measured where run; elsewhere the nearest measured step's cost with the teacher's
-        measured cost curve in place of its teacher call (or, without a teacher curve, a line
-        fitted through the measured step costs)."""
+        """The predicted seconds of a step at ``K``: from the declared costs if given; else,
+        once the teacher has been timed at two sizes, the recent plain steps' cost without
+        their teacher call (pooled over every ``K``) plus the teacher's measured cost curve at
+        ``K``; before that, the step measured at ``K`` (or a line through the measured steps,
+        or the per-draw costs)."""
         if self.costs is not None:
             c_outer, c_inner = self.costs
             return (self.last_R or 1) * (c_outer + K * c_inner)
         self._resolve_timings()
+        teacher = self.teacher_costs
+        c_outer, c_inner = self.cost_estimates()  # (pooled over ranks where there are ranks)
+        if math.isfinite(c_outer) and len(teacher) >= 2:
+            # only the teacher's share of a step depends on K. Whole-step medians per K compare
+            # steps taken at different times (K = 1 in the first, slower steps of a run, K = 2
+            # later): on the CPU race they made K = 2 look 5-16% cheaper than K = 1, whose
+            # teacher call it doubles; the rest of a step, pooled over the recent steps, is
+            # the same for every K, and the teacher's curve carries what K changes (flat on a
+            # launch-bound GPU, where K is then nearly free)
+            a, b = fit_cost_curve(teacher)
+            return (self.last_R or 1) * c_outer + a + b * K
         measured = self.step_costs
         if K in measured:
             return measured[K]
-        teacher = self.teacher_costs
-        if measured and len(teacher) >= 2:
-            # only the teacher's share of a step depends on K: the nearest measured step without
-            # its teacher call, plus the teacher's cost curve at K (flat on a launch-bound GPU,
-            # where K is then nearly free). A line through whole steps would read the noise of
-            # a few step timings (a host hiccup, an evaluation) as a slope in K.
-            a, b = fit_cost_curve(teacher)
-            k0 = min(measured, key=lambda k: (abs(k - K), k))
-            return max(measured[k0] - (a + b * k0), 0.0) + a + b * K
         if len(measured) >= 2:
             a, b = fit_cost_curve(measured)
             return a + b * K
-        c_outer, c_inner = self.cost_estimates()
         R = self.last_R or 1
         return R * (c_outer + K * c_inner)
 
