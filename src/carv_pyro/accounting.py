@@ -585,8 +585,9 @@ class Accountant:
             predicted ECM), oldest first. ``k_star`` is Cochran's closed form under the linear
             cost ``c_outer + K c_inner``; ``ecm_predicted`` (of the ``K`` in use against
             ``K = 1``) uses the cost model ``K`` is chosen by (`cost_of`: the steps' cost without
-            the teacher plus the teacher's cost curve), so on a launch-bound GPU, where a larger ``K`` is nearly free,
-            ``k_star`` can sit below the ``K`` chosen while ``ecm_predicted`` is above one.
+            the teacher plus the teacher's cost curve), so on a launch-bound GPU, where a larger
+            ``K`` is nearly free, ``k_star`` can sit below the ``K`` chosen while
+            ``ecm_predicted`` is above one.
         step_costs: ``{K: median seconds of a step}`` at the sizes run so far.
 
     Raises:
@@ -870,8 +871,7 @@ class Accountant:
         if self.costs is not None:
             c_outer, c_inner = self.costs
             return (self.last_R or 1) * (c_outer + K * c_inner)
-        self._resolve_timings()
-        teacher = self.teacher_costs
+        teacher = self.teacher_costs  # (reads the pending timings first)
         c_outer, c_inner = self.cost_estimates()  # (pooled over ranks where there are ranks)
         if math.isfinite(c_outer) and len(teacher) >= 2:
             # only the teacher's share of a step depends on K. Whole-step medians per K compare

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -233,21 +234,24 @@ def _guard(u: Tensor) -> Tensor:
     return 0.5 + (1.0 - torch.finfo(torch.float64).eps) * (u - 0.5)
 
 
+def _unwrapped(prior, *wrappers: type) -> Any:
+    """``prior`` without its ``Independent`` (and ``wrappers``) layers."""
+    while isinstance(prior, (dist.Independent, *wrappers)):
+        prior = prior.base_dist
+    return prior
+
+
 def draw_shape(prior) -> tuple[int, ...]:
     """The shape of the uniforms one draw of ``prior`` takes: ``batch_shape + event_shape``, less
     a ``OneHotCategorical``'s class dim (one uniform picks the class)."""
     shape = tuple(prior.batch_shape) + tuple(prior.event_shape)
-    base = prior
-    while isinstance(base, dist.Independent):
-        base = base.base_dist
-    return shape[:-1] if isinstance(base, dist.OneHotCategorical) else shape
+    return shape[:-1] if isinstance(_unwrapped(prior), dist.OneHotCategorical) else shape
 
 
 def _parameter(d) -> Tensor | None:
     """A parameter tensor of ``d`` (its dtype and device are the draws'), unwrapping
     ``Independent`` and transformed distributions to their base."""
-    while isinstance(d, (dist.Independent, torch.distributions.TransformedDistribution)):
-        d = d.base_dist
+    d = _unwrapped(d, torch.distributions.TransformedDistribution)
     for name in d.arg_constraints:
         value = getattr(d, name, None)
         if isinstance(value, Tensor):
@@ -280,9 +284,7 @@ def prior_icdf(prior, u: Tensor) -> Tensor | None:
         prior: the site's distribution, already broadcast to its plates.
         u: float64 uniforms of shape ``draw_shape(prior)``.
     """
-    base = prior
-    while isinstance(base, dist.Independent):
-        base = base.base_dist
+    base = _unwrapped(prior)
     if isinstance(base, dist.OneHotCategorical):
         probs = base.probs
         idx = _categorical_index(probs, u)
