@@ -1,9 +1,10 @@
 """What `auto`'s measuring step costs: one text-to-3D SVI step, plain and measuring.
 
 A measuring step (the accountant's, every ``every`` steps at first, less often while ``K``
-holds) needs the gradient sums of four quadrants of the draws instead of one gradient. The loss
-takes them in one backward pass with batched cotangents where every op on the path has a
-batching rule, else one backward pass per quadrant. This script times a plain step and a
+holds) needs two contrasts of the draws' gradients besides the gradient itself
+(`carv_pyro.infer.loss.contrast_backward`). The loss takes the three in one backward pass with
+batched cotangents where every op on the path has a batching rule (on CUDA devices), else one
+backward pass each. This script times a plain step and a
 measuring step both ways, interleaved, on the shapes teacher at the main job's size (R = 4 views
 of a 32^3 field):
 
@@ -38,7 +39,7 @@ def time_steps(device: str, K: int, repeats: int, warmup: int = 3) -> dict[str, 
     model = make_model(field, scene, sds, 4, K, torch.Generator().manual_seed(0))
     estimator = carv.Estimator(K=K, proposal="weighted", stratify="per_outer", outer="lattice")
     guide = estimator.guide(model, seed=0)
-    batched = loss_module._batched_piece_grads
+    batched = loss_module._batched_contrasts
     default_devices = loss_module.BATCHED_BACKWARD_DEVICES
     losses = {
         "plain": carv.CARVLoss(accountant=Accountant(every=10**9)),
@@ -55,7 +56,7 @@ def time_steps(device: str, K: int, repeats: int, warmup: int = 3) -> dict[str, 
         for i in range(warmup + repeats):
             for name, loss in losses.items():  # interleaved: machine load hits all alike
                 looped = name == "measuring, looped"
-                loss_module._batched_piece_grads = (lambda *a: None) if looped else batched
+                loss_module._batched_contrasts = (lambda *a: None) if looped else batched
                 # time the batched pass on every device, whatever the library's default there
                 loss_module.BATCHED_BACKWARD_DEVICES = frozenset({torch.device(device).type})
                 for p in field.parameters():
@@ -67,7 +68,7 @@ def time_steps(device: str, K: int, repeats: int, warmup: int = 3) -> dict[str, 
                 if i >= warmup:
                     times[name].append(1000 * (time.perf_counter() - start))
     finally:
-        loss_module._batched_piece_grads = batched
+        loss_module._batched_contrasts = batched
         loss_module.BATCHED_BACKWARD_DEVICES = default_devices
     return times
 

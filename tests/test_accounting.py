@@ -216,7 +216,7 @@ def test_accountant_without_adaptation_leaves_k_and_measures_costs():
 
 
 def test_measured_steps_give_the_same_gradient_as_plain_steps():
-    """The quadrant backward accumulates exactly the plain gradient."""
+    """The contrast backward accumulates exactly the plain gradient."""
     objective = sds("sds")
     model = make_model(objective, R=3, K=4, xi=torch.tensor([0.2, -0.3, 1.0], dtype=torch.float64))
     g_plain = grad_of(carv.CARVLoss(), model, carv.TimestepGuide(proposal="weighted", seed=seed(6)))
@@ -235,9 +235,9 @@ class _Recording(Accountant):
 
 
 @pytest.mark.parametrize("R,K", [(3, 4), (1, 2), (2, 1)])
-def test_batched_quadrant_backward_equals_one_backward_per_quadrant(monkeypatch, R, K):
-    """The measuring step's one batched backward (vmapped cotangents) gives the quadrants and the
-    gradient of one backward per quadrant, including degenerate halves (R = 1, K = 1); an op
+def test_batched_contrast_backward_equals_one_backward_per_contrast(monkeypatch, R, K):
+    """The measuring step's one batched backward (vmapped cotangents) gives the contrasts and the
+    gradient of one backward per contrast, including degenerate halves (R = 1, K = 1); an op
     without a batching rule falls back to the loop."""
     from carv_pyro.infer import loss as loss_module
 
@@ -247,7 +247,7 @@ def test_batched_quadrant_backward_equals_one_backward_per_quadrant(monkeypatch,
     xi = torch.linspace(-0.5, 1.0, R, dtype=torch.float64)
     model = make_model(objective, R=R, K=K, xi=xi)
     used = []
-    batched = loss_module._batched_piece_grads
+    batched = loss_module._batched_contrasts
 
     def spy(*args):
         out = batched(*args)
@@ -255,10 +255,10 @@ def test_batched_quadrant_backward_equals_one_backward_per_quadrant(monkeypatch,
         return out
 
     def measured(fn):
-        monkeypatch.setattr(loss_module, "_batched_piece_grads", fn)
+        monkeypatch.setattr(loss_module, "_batched_contrasts", fn)
         acc = _Recording(every=1)
         g = grad_of(carv.CARVLoss(accountant=acc), model, carv.TimestepGuide(seed=seed(8)))
-        return g, acc.reports[-1].quadrants
+        return g, acc.reports[-1].contrasts
 
     g_batched, q_batched = measured(spy)
     assert used == [True]
@@ -278,6 +278,87 @@ def test_batched_quadrant_backward_equals_one_backward_per_quadrant(monkeypatch,
     g_fallback, q_fallback = measured(batched)
     torch.testing.assert_close(g_fallback, g_looped, rtol=1e-12, atol=0)
     torch.testing.assert_close(q_fallback, q_looped, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("R,K", [(4, 6), (3, 5), (1, 4), (5, 1), (1, 1)])
+def test_the_contrasts_are_the_documented_combinations_of_per_draw_gradients(
+    monkeypatch, batched, R, K
+):
+    """Exact: with per-draw surrogates whose gradients are known in closed form, the two
+    contrasts are the outer halves' difference and the mean inner halves' difference of
+    `contrast_weights`, and the accumulated gradient is the surrogate's (times ``scale``)."""
+    from carv_pyro.infer import loss as loss_module
+    from carv_pyro.layout import TermLayout
+
+    if batched:
+        monkeypatch.setattr(loss_module, "BATCHED_BACKWARD_DEVICES", frozenset({"cpu"}))
+    g = torch.Generator().manual_seed(11)
+    G = torch.randn(R, K, 5, generator=g, dtype=torch.float64)
+    theta = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_()
+    other = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    # per-draw gradient G[r, k] + 0.2 theta; the rest of the surrogate adds its own leaf
+    per_draw = G @ theta + 0.1 * (theta**2).sum()
+    surrogate = per_draw.mean() + (other**2).sum() + 0.5 * (theta**3).sum()
+    layout = TermLayout(torch.Size([R, K]), (), "noise", -1, True)
+    contrasts, sizes = loss_module.contrast_backward(per_draw, layout, surrogate, scale=0.25)
+    grads = G + 0.2 * theta.detach()  # (R, K, 5)
+    (a1, a2), (b1, b2) = sizes
+    assert (a1, a2) == (R // 2, R - R // 2) and (b1, b2) == (K - K // 2, K // 2)
+    rows, cols = (
+        [torch.arange(R)[: R // 2], torch.arange(R)[R // 2 :]],
+        [
+            torch.arange(K)[0::2],
+            torch.arange(K)[1::2],
+        ],
+    )
+    want_outer = torch.zeros(5, dtype=torch.float64)
+    if a1 and a2:
+        want_outer = grads[rows[0]].mean((0, 1)) - grads[rows[1]].mean((0, 1))
+    want_inner = torch.zeros(5, dtype=torch.float64)
+    if b1 and b2:
+        want_inner = (grads[:, cols[0]].mean(1) - grads[:, cols[1]].mean(1)).mean(0)
+    leaves = {id(theta): 0, id(other): 1}
+    assert contrasts.shape == (2, 8)
+    # the leaves' order is the graph's: find theta's block by its size
+    blocks = (
+        (contrasts[:, :5], contrasts[:, 5:])
+        if leaves and contrasts[:, 5:].abs().sum() == 0
+        else (contrasts[:, 3:], contrasts[:, :3])
+    )
+    torch.testing.assert_close(blocks[0][0], want_outer, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocks[0][1], want_inner, rtol=1e-12, atol=1e-12)
+    assert blocks[1].abs().sum() == 0  # a leaf outside the term's graph has no contrast
+    want_theta = 0.25 * (G.mean((0, 1)) + 0.2 * theta.detach() + 1.5 * theta.detach() ** 2)
+    torch.testing.assert_close(theta.grad, want_theta, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(other.grad, 0.25 * 2 * other.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_anova_estimates_are_unbiased_for_the_contrasts_law():
+    """E|D|^2 and E|C|^2 as documented give back V_b and V_w on average (Gaussian per-draw
+    gradients with known components, 4000 steps: each estimate's mean within 5 standard
+    errors)."""
+    from carv_pyro.accounting import anova_estimates
+    from carv_pyro.infer.loss import contrast_weights
+
+    R, K, P, v_b, v_w = 4, 6, 3, 0.3, 2.0
+    outer, inner, sizes = contrast_weights(R, K)
+    g = torch.Generator().manual_seed(5)
+    ws, bs = [], []
+    for _ in range(4000):
+        xi = torch.randn(R, 1, P, generator=g, dtype=torch.float64) * math.sqrt(v_b / P)
+        grads = (
+            1.0 + xi + torch.randn(R, K, P, generator=g, dtype=torch.float64) * math.sqrt(v_w / P)
+        )
+        c = torch.stack(
+            [(outer[..., None] * grads).sum((0, 1)), (inner[..., None] * grads).sum((0, 1))]
+        )
+        w, b = anova_estimates(c, sizes)
+        ws.append(w)
+        bs.append(b)
+    for est, want in ((torch.tensor(ws), v_w), (torch.tensor(bs), v_b)):
+        se = float(est.std()) / math.sqrt(len(est))
+        assert abs(float(est.mean()) - want) <= Z * se, (float(est.mean()), want, se)
 
 
 def test_draws_sizer_sets_the_reserved_plate_only():
@@ -466,9 +547,9 @@ class _Record:
 
 
 def test_measuring_steps_do_not_count_as_step_costs():
-    """A measuring step runs four backward passes through the upstream; its time is not a step's."""
+    """A measuring step runs three backward passes through the upstream; its time is not a step's."""
     record = _Record(2, 4)
-    q = torch.zeros(2, 2, 3, dtype=torch.float64)
+    q = torch.zeros(2, 3, dtype=torch.float64)
     sizes = ((1, 1), (2, 2))
     acc = Accountant()
     acc.observe(StepReport(record, 4.0, 0.2, q, sizes))  # nothing else known yet: kept
@@ -580,6 +661,69 @@ def test_a_settled_choice_is_measured_less_often_and_a_change_resets_the_cadence
     assert measured[6] == 32  # and the next measurement comes `every` steps later
 
 
+def _overhead_run(max_overhead, steps=120, measuring_s=3.0, plain_s=1.0, adapt=False):
+    """Drive an accountant with timed steps: a plain step takes ``plain_s``, a measuring one
+    ``measuring_s`` (the teacher 0.1 s of either, whatever K); returns it and the measured
+    steps."""
+    acc = Accountant(
+        adapt=adapt, every=2, max_every=64, min_measurements=1, max_overhead=max_overhead
+    )
+    measured = []
+    for _ in range(steps):
+        record = _Record(4, acc.inner_size() or 2)
+        q, sizes = None, None
+        if acc.wants_components():
+            measured.append(acc.step)
+            q = torch.stack([torch.full((3,), 0.3), torch.full((3,), 0.2)]).double()
+            sizes = ((2, 2), (record.n_inner // 2, record.n_inner - record.n_inner // 2))
+        acc.observe(StepReport(record, measuring_s if q is not None else plain_s, 0.1, q, sizes))
+        acc.end_step()
+    return acc, measured
+
+
+def test_max_overhead_spaces_the_measuring_steps_by_their_measured_price():
+    """A measuring step that costs 3 plain steps adds 2 plain steps' time: at max_overhead 0.1
+    the next comes after 20 plain steps (the cadence alone: every 2), so each measuring step's
+    extra time is a tenth of the plain steps' after it."""
+    acc, measured = _overhead_run(0.1)
+    # the first measurement has no plain step to compare with: the cadence's 2 steps
+    assert measured == [0, 2] + list(range(23, 120, 21)), measured
+    assert [h.get("measuring_extra") for h in acc.history] == [None] + [pytest.approx(2.0)] * 6
+    for a, b in zip(measured[1:], measured[2:]):
+        assert 2.0 <= 0.1 * 1.0 * (b - a - 1)  # extra seconds <= 0.1 x plain seconds after
+    # without the bound: the cadence alone
+    assert _overhead_run(None)[1] == list(range(0, 120, 2))
+    # a measuring step as cheap as a plain one (one batched pass): the cadence alone
+    assert _overhead_run(0.1, measuring_s=1.0)[1] == list(range(0, 120, 2))
+    # max_every still bounds the interval
+    assert _overhead_run(0.01)[1] == [0, 2, 66]  # (201 steps asked, 64 allowed)
+    # an adapting accountant (whose plain steps follow its K; its first measurement on the
+    # second step, after a plain one) keeps the same spacing from the start
+    assert _overhead_run(0.1, adapt=True)[1] == list(range(1, 120, 21))
+
+
+def test_max_overhead_is_checked_and_an_older_state_has_none():
+    with pytest.raises(ValueError, match="max_overhead"):
+        Accountant(max_overhead=0.0)
+    with pytest.raises(ValueError, match="max_overhead"):
+        Accountant(max_overhead=-1)
+    acc, _ = _overhead_run(0.1, steps=5)
+    state = acc.__getstate__()
+    for name in ("max_overhead", "_measuring_seconds"):
+        state.pop(name)
+    old = Accountant.__new__(Accountant)
+    old.__dict__.update(state)
+    old.observe_measurement(1.0, 0.5)  # an older pickle: no bound, no error
+    assert old._overhead_gap(old._overhead_ratio()) == 0
+
+
+def test_the_auto_preset_bounds_its_measuring_overhead():
+    from carv_pyro.infer.estimator import MEASURING_OVERHEAD
+
+    acc = carv.Estimator.preset("auto").loss().accountant
+    assert acc.adapt and acc.max_overhead == MEASURING_OVERHEAD == 0.1
+
+
 def test_without_adapt_the_cadence_is_fixed_and_history_is_bounded():
     acc = Accountant(every=3, history_size=5)
     acc.last_R, acc.last_K = 2, 2
@@ -648,7 +792,7 @@ def test_the_teachers_measured_cost_curve_lets_k_grow_where_the_teacher_batch_is
         for _ in range(3):
             acc.observe(StepReport(record, 1.0, 0.5))  # plain steps at K = 1
         record.n_inner = 2
-        q = torch.zeros(2, 2, 3, dtype=torch.float64)
+        q = torch.zeros(2, 3, dtype=torch.float64)
         acc.observe(StepReport(record, 3.0, 0.5 if flat else 1.0, q, ((2, 2), (1, 1))))
         assert acc.teacher_costs.keys() == {1, 2} and acc.step_costs.keys() == {1}
         assert acc.cost_of(2) == pytest.approx(want)
@@ -700,12 +844,15 @@ def _drive(acc: Accountant, steps: int, lazy: bool, behind: int = 2, seed_: int 
             times = (step_s, teacher_s)
         q = sizes = None
         if measured:
-            # per-draw gradients with V_w / V_b ~ 16: quadrant sums of K / 2 draws each
-            half = K // 2
-            xi = torch.randn(2, 1, 3, generator=g, dtype=torch.float64) * 0.25
-            q = half * xi + math.sqrt(half) * torch.randn(2, 2, 3, generator=g, dtype=torch.float64)
-            q = q * 2  # two upstream samples a half
-            sizes = ((2, 2), (half, K - half))
+            # the contrasts of per-draw gradients with V_b = 1/16, V_w = 1 per coordinate, four
+            # upstream samples in halves of two (see anova_estimates)
+            b1, b2 = K // 2, K - K // 2
+            v_b, v_w = 1 / 16, 1.0
+            z = torch.randn(2, 3, generator=g, dtype=torch.float64)
+            outer = z[0] * math.sqrt(v_b + v_w / K)  # E|D|^2 = (V_b + V_w / K)(1/2 + 1/2)
+            inner = z[1] * math.sqrt(v_w * (1 / b1 + 1 / b2) / 4) if b1 else 0 * z[1]
+            q = torch.stack([outer, inner])
+            sizes = ((2, 2), (b1, b2))
         before = [w.early_reads for w in watches]
         acc.observe(StepReport(record, *times, q, sizes))
         if lazy and not measured:  # a plain step reads nothing that is not ready

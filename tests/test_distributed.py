@@ -201,6 +201,33 @@ def test_ranks_with_different_cost_curves_choose_the_same_k(tmp_path):
         assert r["teacher_costs"] == pytest.approx({2: 0.25, 4: 0.45})
 
 
+def _overhead_worker(rank: int, world: int, out_dir: str) -> None:
+    """Ranks whose measuring steps cost differently must still measure on the same steps."""
+    torch.set_num_threads(1)
+    kwargs = dict(adapt=False, every=2, max_every=1000, max_overhead=0.1, window=50)
+    acc, local = DistributedAccountant(**kwargs), Accountant(**kwargs)
+    for a in (acc, local):
+        a.last_R, a.last_K = 4, 2
+        a._step_times = {2: deque([1.0])}
+        a._teacher_times = {2: deque([0.1])}
+        a._outer_times.append(0.225)
+        a._inner_times.append(0.0125)
+        # rank 1's measuring step costs more than rank 0's: 3 and 5 plain steps
+        a._measuring_seconds = 3.0 if rank == 0 else 5.0
+        a.observe_measurement(v_within=1.0, v_between=0.1)
+    torch.save(
+        {"next": acc._next_measure, "local_next": local._next_measure}, f"{out_dir}/rank{rank}.pt"
+    )
+
+
+def test_ranks_whose_measuring_steps_cost_differently_measure_on_the_same_steps(tmp_path):
+    launch(_overhead_worker, WORLD, str(tmp_path), backend="gloo", start_method=START)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    # alone, rank 0 would wait 1 + 2 / 0.1 steps and rank 1 1 + 4 / 0.1: pooled, the dearest
+    assert [r["local_next"] for r in res] == [21, 41]
+    assert [r["next"] for r in res] == [41, 41]
+
+
 # -- faults ------------------------------------------------------------------------------------
 
 

@@ -17,14 +17,15 @@ predicted ``Var(R, K) * cost(R, K)``, where ``cost`` is the recent steps' cost w
 teacher call, pooled over every ``K`` (the rest of a step does not depend on ``K``), plus the
 teacher's curve at ``K``.
 
-**How the components are estimated.** One step's draws are split into quadrants: two halves of
-the upstream samples times two interleaved halves of the inner draws. Four vector-Jacobian
-products (instead of one; [`carv_pyro.CARVLoss`][carv_pyro.CARVLoss] runs them when its observer
-asks, as one batched backward pass where every op on the path has a batching rule, else one
-pass each) give the quadrants' gradient sums ``Q_ab``, whose sum is the usual gradient. Within an
-upstream half, the difference of the two inner halves' means has expected squared norm
-``V_w (1/|b_1| + 1/|b_2|) / |a|``; the difference of the two upstream halves' means has
-``(V_b + V_w / K)(1/|a_1| + 1/|a_2|)``. Both give unbiased per-step estimates that
+**How the components are estimated.** On a measuring step the upstream samples are split into
+two halves ``a_1, a_2`` and each one's inner draws into two interleaved halves ``b_1, b_2``.
+Three vector-Jacobian products instead of one ([`carv_pyro.CARVLoss`][carv_pyro.CARVLoss] runs
+them when its observer asks, as one batched backward pass where every op on the path has a
+batching rule, else one pass each) give the step's gradient and two contrasts: the difference
+of the two upstream halves' mean gradients, with expected squared norm
+``(V_b + V_w / K)(1/|a_1| + 1/|a_2|)``, and the mean over the upstream samples of the
+difference of each one's two inner halves' means, with ``V_w (1/|b_1| + 1/|b_2|) / R``
+(`anova_estimates`). Both give unbiased per-step estimates that
 `VarianceComponents` pools (Welford, mergeable across processes). The estimates treat the
 inner draws as exchangeable: with stratified timesteps, draws within an upstream sample are
 negatively correlated and ``V_w`` is over-estimated (conservatively). They treat the upstream
@@ -338,37 +339,35 @@ class VarianceComponents:
         )
 
 
-def anova_estimates(quadrants: Tensor, sizes: tuple[tuple[int, int], tuple[int, int]]):
-    """Per-step unbiased estimates of ``V_w`` and ``V_b`` from quadrant gradient sums.
+def anova_estimates(contrasts: Tensor, sizes: tuple[tuple[int, int], tuple[int, int]]):
+    """Per-step unbiased estimates of ``V_w`` and ``V_b`` from the measuring step's contrasts.
+
+    With the upstream samples in halves ``a_1, a_2`` and each one's inner draws in halves
+    ``b_1, b_2`` (``R = |a_1| + |a_2|``, ``K = |b_1| + |b_2|``), the outer contrast
+    ``D = mean_{a_1} - mean_{a_2}`` of the upstream samples' mean gradients has
+    ``E|D|^2 = (V_b + V_w / K)(1/|a_1| + 1/|a_2|)``, and the inner contrast
+    ``C = mean_r (mean_{b_1} g_r - mean_{b_2} g_r)`` has ``E|C|^2 = V_w (1/|b_1| + 1/|b_2|) / R``.
 
     Args:
-        quadrants: ``(2, 2, P)`` sums of per-draw gradients over (upstream half ``a``) x (inner
-            half ``b``); a zero-sized half is allowed (its estimate is then skipped).
-        sizes: ``((|a_1|, |a_2|), (|b_1|, |b_2|))``.
+        contrasts: ``(2, P)``: ``D`` then ``C`` (see
+            [`contrast_weights`][carv_pyro.infer.loss.contrast_weights]).
+        sizes: ``((|a_1|, |a_2|), (|b_1|, |b_2|))``; a zero-sized half is allowed (that
+            contrast is then skipped).
 
     Returns:
         ``(v_within, v_between)``, each a float or ``None`` when the layout cannot estimate it
         (one upstream sample: no ``V_b``; one inner draw: no ``V_w``).
     """
     (a1, a2), (b1, b2) = sizes
-    q = quadrants.to(torch.float64)
+    c = contrasts.to(torch.float64)
+    R, K = a1 + a2, b1 + b2
     v_within = None
     if b1 > 0 and b2 > 0:
-        ests = []
-        for a, na in ((0, a1), (1, a2)):
-            if na == 0:
-                continue
-            diff = q[a, 0] / (na * b1) - q[a, 1] / (na * b2)
-            ests.append(float(diff.dot(diff)) * na / (1.0 / b1 + 1.0 / b2))
-        v_within = sum(ests) / len(ests)
+        v_within = float(c[1].dot(c[1])) * R / (1.0 / b1 + 1.0 / b2)
     v_between = None
     if a1 > 0 and a2 > 0:
-        k = b1 + b2
-        o1 = (q[0, 0] + q[0, 1]) / (a1 * k)
-        o2 = (q[1, 0] + q[1, 1]) / (a2 * k)
-        diff = o1 - o2
-        v_outer = float(diff.dot(diff)) / (1.0 / a1 + 1.0 / a2)
-        v_between = v_outer - (v_within / k if v_within is not None else 0.0)
+        v_outer = float(c[0].dot(c[0])) / (1.0 / a1 + 1.0 / a2)
+        v_between = v_outer - (v_within / K if v_within is not None else 0.0)
     return v_within, v_between
 
 
@@ -540,13 +539,18 @@ class Accountant:
 
     Pass it to [`CARVLoss`][carv_pyro.CARVLoss] (``CARVLoss(accountant=Accountant(...))``); it is
     the loss's [`LossObserver`][carv_pyro.infer.loss.LossObserver]. Every ``every``-th step the
-    loss runs four backward passes instead of one (one per quadrant, see the module docstring) so
-    that the step also estimates ``V_b`` and ``V_w``; every other step it times the step and its
-    teacher call. Overhead: three extra vector-Jacobian products through the upstream every
-    ``every`` steps. An adapting accountant measures less often while its choice holds: each
-    measurement that leaves ``K`` where it was multiplies the interval by ``backoff`` (up to
-    ``max_every``), and a change of ``K`` resets it to ``every``, so that a short run pays for the
-    measurements that decide ``K`` and a long one does not keep paying for a settled choice.
+    loss runs three backward passes instead of one (the gradient and two contrasts, see the
+    module docstring) so that the step also estimates ``V_b`` and ``V_w``; every other step it
+    times the step and its teacher call. Overhead: two extra vector-Jacobian products through
+    the upstream every ``every`` steps. An adapting accountant measures less often while its
+    choice holds: each measurement that leaves ``K`` where it was multiplies the interval by
+    ``backoff`` (up to ``max_every``), and a change of ``K`` resets it to ``every``, so that a
+    short run pays for the measurements that decide ``K`` and a long one does not keep paying
+    for a settled choice. With ``max_overhead`` the interval is also long enough that the
+    measuring steps' extra seconds (a measuring step's time minus a plain step's) stay below
+    that fraction of the plain steps' time after them: where the upstream's backward is dear
+    (about 0.9 plain steps' worth extra on the 2-core CPU's text-to-3D step) it measures less
+    often than ``every`` would; where a measuring step is nearly free, as often.
 
     With ``adapt=True`` it sets the size of the term's reserved inner plate
     ([`carv_pyro.draws`][carv_pyro.draws]) after each measurement to the ``K`` that minimises
@@ -577,12 +581,16 @@ class Accountant:
         tolerance: with ``adapt``, keep the current ``K`` unless another candidate's predicted
             ``Var * cost`` is lower by more than this fraction (``0``: always move to the
             minimum).
+        max_overhead: the largest fraction of the plain steps' time that measuring may add
+            (``None``: no bound, the cadence is ``every`` and ``backoff``'s alone); never past
+            ``max_every``. The ``auto`` preset uses ``0.1``.
 
     Attributes:
         k: the inner size now in use (``None`` until adapted: the guide's or the model's).
         components: pooled `VarianceComponents` over the window.
         history: the last ``history_size`` per-measurement dicts (step, V_b, V_w, costs, K*, K,
-            predicted ECM), oldest first. ``k_star`` is Cochran's closed form under the linear
+            predicted ECM, and ``measuring_extra``: the measuring step's extra seconds as a
+            fraction of a plain step's), oldest first. ``k_star`` is Cochran's closed form under the linear
             cost ``c_outer + K c_inner``; ``ecm_predicted`` (of the ``K`` in use against
             ``K = 1``) uses the cost model ``K`` is chosen by (`cost_of`: the steps' cost without
             the teacher plus the teacher's cost curve), so on a launch-bound GPU, where a larger
@@ -610,6 +618,7 @@ class Accountant:
         max_every: int | None = None,
         history_size: int = 1000,
         tolerance: float = 0.05,
+        max_overhead: float | None = None,
     ):
         if plate is not None:
             _checks.instance("plate", plate, str, "a plate name or None")
@@ -652,6 +661,8 @@ class Accountant:
         tolerance = _checks.non_negative_float("tolerance", tolerance)
         if tolerance >= 1.0:
             raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+        if max_overhead is not None:
+            max_overhead = _checks.positive_float("max_overhead", max_overhead)
         self.plate = plate
         self.k_range = (lo, hi)
         self.every = every
@@ -664,6 +675,7 @@ class Accountant:
         self.backoff = backoff
         self.max_every = max_every
         self.tolerance = tolerance
+        self.max_overhead = max_overhead
         self.k: int | None = None
         self.step = 0
         self._measurements: deque[_Measurement] = deque(maxlen=window)
@@ -679,6 +691,7 @@ class Accountant:
         self.last_K: int | None = None
         self._checked = False
         self._pending: deque[_Timing] = deque()
+        self._measuring_seconds: float | None = None
 
     # -- the observer protocol ----------------------------------------------------------------
     def inner_size(self) -> int | None:
@@ -752,15 +765,15 @@ class Accountant:
             self._check_layout(record)
         R, K = record.n_outer, record.n_inner
         self.last_R, self.last_K = R, K
-        measured = report.quadrants is not None
+        measured = report.contrasts is not None
         pending = self._timings()
         pending.append(
             _Timing(R, K, record.layout.n_draws, measured, report.step_time, report.teacher_time)
         )
         if measured:
-            # a measuring step reads its quadrant statistics (a synchronisation) anyway
+            # a measuring step reads its contrasts (a synchronisation) anyway
             self._resolve_timings(force=True)
-            v_within, v_between = anova_estimates(report.quadrants, report.quadrant_sizes)
+            v_within, v_between = anova_estimates(report.contrasts, report.contrast_sizes)
             self.observe_measurement(v_within, v_between)
         else:
             self._resolve_timings(force=False)
@@ -782,7 +795,7 @@ class Accountant:
     def _fold_timing(self, timing: _Timing) -> None:
         step_seconds, teacher_seconds = timing.seconds()
         K = timing.K
-        # a measuring step runs four backward passes: its time is not what a step costs, so it
+        # a measuring step runs three backward passes: its time is not what a step costs, so it
         # is kept only while no other timing is known
         if not timing.measured or not self._outer_times:
             rest = max(step_seconds - teacher_seconds, 0.0)
@@ -790,6 +803,8 @@ class Accountant:
             self._inner_times.append(teacher_seconds / timing.n_draws)
         if not timing.measured:
             self._step_times.setdefault(K, deque(maxlen=self.window)).append(step_seconds)
+        else:
+            self._measuring_seconds = step_seconds
         if teacher_seconds > 0:
             # the teacher call costs the same on a measuring step (only the backward differs),
             # and a measuring step at K = 1 runs K = 2: this is how the batch-dependent cost of
@@ -810,6 +825,8 @@ class Accountant:
     # -- updates ------------------------------------------------------------------------------
     def observe_measurement(self, v_within: float | None, v_between: float | None) -> None:
         """Record one step's variance estimates and adapt ``K`` if asked."""
+        # the measuring step's price against the plain steps around it (at the K they ran)
+        overhead = self._overhead_ratio()
         self._measurements.append(_Measurement(self.step, v_within, v_between))
         vc = VarianceComponents()
         for m in self._measurements:
@@ -823,6 +840,8 @@ class Accountant:
             "c_outer": c_outer,
             "c_inner": c_inner,
         }
+        if overhead is not None:
+            entry["measuring_extra"] = overhead
         ok = vc.n_within >= 1 and vc.n_outer >= 1 and math.isfinite(c_outer) and c_inner > 0
         k_before = self.k
         adapted = False
@@ -848,7 +867,32 @@ class Accountant:
             self._interval = min(self._interval * self.backoff, float(self.max_every))
         elif adapted:
             self._interval = float(self.every)
-        self._next_measure = self.step + max(int(round(self._interval)), 1)
+        gap = max(int(round(self._interval)), 1, self._overhead_gap(overhead))
+        self._next_measure = self.step + min(gap, self.max_every)
+
+    def _overhead_ratio(self) -> float | None:
+        """The last measuring step's extra seconds over a plain step's, as a fraction of the
+        plain step's (at the ``K`` in use); ``None`` where either is unknown or the costs are
+        declared."""
+        seconds = self.__dict__.get("_measuring_seconds")  # (an older pickle has none)
+        k = self.k if self.k is not None else self.last_K
+        if seconds is None or k is None or self.costs is not None:
+            return None
+        if not any(self.step_costs.values()):  # no plain step timed: nothing to compare with
+            return None
+        plain = self.cost_of(k)
+        if not (math.isfinite(plain) and plain > 0):
+            return None
+        return max(seconds - plain, 0.0) / plain
+
+    def _overhead_gap(self, ratio: float | None) -> int:
+        """The fewest steps until the next measurement that keep its extra seconds below
+        ``max_overhead`` of the plain steps' time (0: no bound, or nothing timed)."""
+        bound = self.__dict__.get("max_overhead")  # (an older pickle has none)
+        if bound is None or ratio is None:
+            return 0
+        # this measuring step, then enough plain steps to pay for its extra
+        return 1 + math.ceil(ratio / bound - 1e-9)
 
     @staticmethod
     def _robust_between(vc: VarianceComponents) -> float:

@@ -612,7 +612,9 @@ class DistributedAccountant(Accountant):
     ``c_inner`` are the averages over ranks, and the cost of a step at each ``K`` is the
     slowest rank's (a synchronous step waits for it). Every rank then decides from the same
     numbers, so ``K*`` and the adapted ``K`` are the same on every rank (with rank-local cost
-    curves, ranks that timed differently could choose different sizes).
+    curves, ranks that timed differently could choose different sizes). Under ``max_overhead``
+    the next measuring step is spaced by the rank whose measuring step cost the most, so that
+    every rank measures on the same steps.
 
     Takes [`Accountant`][carv_pyro.accounting.Accountant]'s arguments, plus ``group``.
     """
@@ -622,6 +624,7 @@ class DistributedAccountant(Accountant):
         self.group = group
         self._merged_costs: tuple[float, float] | None = None
         self._merged_curves: tuple[dict[int, float], dict[int, float]] | None = None
+        self._merged_overhead: float | None = None
 
     def observe_measurement(self, v_within: float | None, v_between: float | None) -> None:
         """Gather every rank's estimates and costs (collective), then pool them as one
@@ -638,6 +641,7 @@ class DistributedAccountant(Accountant):
             "costs": self._local_costs(),
             "step_costs": super().step_costs,
             "teacher_costs": super().teacher_costs,
+            "overhead": super()._overhead_ratio(),
         }
         gathered: list[Any] = [None] * world
         _collective(
@@ -655,12 +659,22 @@ class DistributedAccountant(Accountant):
             _slowest(r["step_costs"] for r in gathered),
             _slowest(r["teacher_costs"] for r in gathered),
         )
+        # every rank must measure on the same steps: the cadence follows the dearest rank's
+        overheads = [r["overhead"] for r in gathered if r.get("overhead") is not None]
+        self._merged_overhead = max(overheads) if overheads else None
         for r in gathered[:-1]:
             self._measurements.append(_Measurement(self.step, r["v_within"], r["v_between"]))
         super().observe_measurement(gathered[-1]["v_within"], gathered[-1]["v_between"])
 
     def _local_costs(self) -> tuple[float, float]:
         return super().cost_estimates()
+
+    def _overhead_ratio(self) -> float | None:
+        """The largest rank's measuring overhead, as gathered at this measurement (with one
+        process, this one's)."""
+        if rank_and_world(self.group)[1] == 1:
+            return super()._overhead_ratio()
+        return self.__dict__.get("_merged_overhead")
 
     def cost_estimates(self) -> tuple[float, float]:
         """Declared costs, else the rank-averaged costs of the last measurement, else local."""

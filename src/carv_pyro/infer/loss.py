@@ -44,6 +44,8 @@ __all__ = [
     "Particle",
     "StepReport",
     "TermDiagnostics",
+    "contrast_backward",
+    "contrast_weights",
     "log_weights",
     "particle_estimate",
 ]
@@ -76,16 +78,16 @@ class StepReport:
             seconds.
         teacher_time: the teacher call inside it: a stopped stopwatch, seconds, or ``None``
             (not timed: zero seconds).
-        quadrants: ``(2, 2, P)`` float64 sums of per-draw gradients over (upstream half) x
-            (inner half), or ``None`` when the step ran the plain backward.
-        quadrant_sizes: ``((|a_1|, |a_2|), (|b_1|, |b_2|))`` for ``quadrants``.
+        contrasts: ``(2, P)`` float64, the outer and the inner contrast of the term's per-draw
+            gradients (`contrast_backward`), or ``None`` when the step ran the plain backward.
+        contrast_sizes: ``((|a_1|, |a_2|), (|b_1|, |b_2|))``, the halves of ``contrasts``.
     """
 
     record: TermRecord
     step_time: Stopwatch | float
     teacher_time: Stopwatch | float | None
-    quadrants: Tensor | None = None
-    quadrant_sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
+    contrasts: Tensor | None = None
+    contrast_sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     @property
     def step_seconds(self) -> float:
@@ -110,9 +112,9 @@ class LossObserver(Protocol):
     1. ``inner_size()``: the size of the reserved inner plates for this step (``None``: the
        guide's ``K`` or the model's own).
     2. ``select(records)``: the record of the term it observes (``None``: none this step).
-    3. ``wants_components()``: whether this step runs the quadrant backward, which also yields
-       per-step estimates of the variance components (four vector-Jacobian products instead of
-       one, the same accumulated gradient).
+    3. ``wants_components()``: whether this step runs the measuring backward, which also yields
+       per-step estimates of the variance components (three vector-Jacobian products instead
+       of one, the same accumulated gradient: `contrast_backward`).
     4. ``observe(report)``: the step's `StepReport`, once per particle.
     5. ``end_step()``: after the last particle of a step that ran a backward.
     """
@@ -494,7 +496,7 @@ def _leaves_of(*outputs: Tensor) -> list[Tensor]:
     model uses with ``requires_grad``, e.g. a module's weights not registered by
     ``pyro.module``), in a fixed order.
 
-    The measuring step's quadrant backward must fill the same ``.grad``s as a plain step: taking
+    The measuring step's contrast backward must fill the same ``.grad``s as a plain step: taking
     only the traces' Pyro params left every other leaf without its gradient on measuring steps,
     silently (an optimizer over those leaves then skipped or zeroed those steps)."""
     leaves: dict[int, Tensor] = {}
@@ -512,67 +514,11 @@ def _leaves_of(*outputs: Tensor) -> list[Tensor]:
     return list(leaves.values())
 
 
-#: Devices on which the measuring step takes its quadrants in one batched backward pass. Measured
+#: Devices on which the measuring step takes its gradients in one batched backward pass. Measured
 #: on the text-to-3D step (`examples/measuring_step.py`, `benchmarks/measuring_step.md`): on an
-#: H200 the batched pass costs 1.24-1.30x a plain step against 1.85x for one pass per quadrant;
-#: on a 2-core CPU, where the work is FLOP-bound and vmap adds its own, 3.9x against 2.8x.
+#: H200 a batched pass costs about 1.25x a plain step against 1.85x for one pass per quadrant;
+#: on a 2-core CPU, where the work is FLOP-bound and vmap adds its own, the loop is faster.
 BATCHED_BACKWARD_DEVICES: frozenset[str] = frozenset({"cuda"})
-
-
-def _piece_masks(grouped: Tensor, rows, cols, pieces) -> Tensor:
-    """``(len(pieces), n_outer, n_inner)``: one-hot cotangents of the quadrants."""
-    masks = torch.zeros((len(pieces),) + tuple(grouped.shape), dtype=grouped.dtype)
-    for i, (a, b) in enumerate(pieces):
-        masks[i, rows[a][:, None], cols[b][None, :]] = 1.0
-    return masks.to(grouped.device)
-
-
-def _batched_piece_grads(grouped, rows, cols, pieces, rest, params):
-    """The quadrants' (and ``rest``'s) parameter gradients from ONE batched backward pass
-    (``is_grads_batched``: the cotangents are vmapped through the graph), or ``None`` if an op
-    on the path has no batching rule. One pass instead of four or five: on a launch-bound GPU
-    the measuring step then costs about a plain step."""
-    masks = _piece_masks(grouped, rows, cols, pieces)
-    outputs, cotangents = [grouped], [masks]
-    if rest is not None:
-        masks = torch.cat([masks, torch.zeros_like(masks[:1])])
-        rest_cot = torch.zeros(len(pieces) + 1, dtype=rest.dtype, device=rest.device)
-        rest_cot[-1] = 1.0
-        outputs, cotangents = [grouped, rest], [masks, rest_cot.reshape(-1, *rest.shape)]
-    try:
-        with warnings.catch_warnings():
-            # vmap's per-sample fallback warns of its speed; it is still one pass of Python
-            warnings.simplefilter("ignore", UserWarning)
-            batched = torch.autograd.grad(
-                outputs,
-                params,
-                grad_outputs=cotangents,
-                # kept so that a failure part-way leaves the graph for the looped fallback
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-    except (RuntimeError, NotImplementedError):
-        return None
-    zeros = [torch.zeros_like(p) for p in params]
-    return [
-        [zero if g is None else g[i] for zero, g in zip(zeros, batched)]
-        for i in range(masks.shape[0])
-    ]
-
-
-def _looped_piece_grads(grouped, rows, cols, pieces, rest, params):
-    """As `_batched_piece_grads`, one backward pass per piece."""
-    out = []
-    for i, (a, b) in enumerate(pieces):
-        s = grouped[rows[a]][:, cols[b]].sum()
-        last = i == len(pieces) - 1 and rest is None
-        grads = torch.autograd.grad(s, params, retain_graph=not last, allow_unused=True)
-        out.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
-    if rest is not None:
-        grads = torch.autograd.grad(rest, params, allow_unused=True)
-        out.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
-    return out
 
 
 def _halves(n: int, interleaved: bool) -> tuple[Tensor, Tensor]:
@@ -582,63 +528,141 @@ def _halves(n: int, interleaved: bool) -> tuple[Tensor, Tensor]:
     return idx[: n // 2], idx[n // 2 :]
 
 
-def quadrant_backward(
+def contrast_weights(
+    n_outer: int, n_inner: int
+) -> tuple[Tensor | None, Tensor | None, tuple[tuple[int, int], tuple[int, int]]]:
+    """The cotangents of the measuring step's two contrasts, and the halves' sizes.
+
+    The upstream samples are split into two contiguous halves ``a_1, a_2`` and the inner draws
+    into two interleaved halves ``b_1, b_2``. The outer contrast is the difference of the two
+    upstream halves' mean gradients, the inner contrast the mean over the upstream samples of
+    the difference of each one's two inner halves' means (see
+    [`anova_estimates`][carv_pyro.accounting.anova_estimates]).
+
+    Returns:
+        ``(outer, inner, sizes)``: ``(n_outer, n_inner)`` weights on the per-draw gradients
+        (``None`` where a half is empty: one upstream sample, one inner draw) and
+        ``((|a_1|, |a_2|), (|b_1|, |b_2|))``.
+    """
+    a1, a2 = _halves(n_outer, interleaved=False)
+    b1, b2 = _halves(n_inner, interleaved=True)
+    sizes = ((len(a1), len(a2)), (len(b1), len(b2)))
+    outer = inner = None
+    if len(a1) and len(a2):
+        outer = torch.zeros(n_outer, n_inner, dtype=torch.float64)
+        outer[a1] = 1.0 / (len(a1) * n_inner)
+        outer[a2] = -1.0 / (len(a2) * n_inner)
+    if len(b1) and len(b2):
+        inner = torch.zeros(n_outer, n_inner, dtype=torch.float64)
+        inner[:, b1] = 1.0 / (n_outer * len(b1))
+        inner[:, b2] = -1.0 / (n_outer * len(b2))
+    return outer, inner, sizes
+
+
+def _flat(grads, leaves) -> Tensor:
+    """One float64 host vector of ``grads`` (``None``: zeros of the leaf's size)."""
+    return torch.cat(
+        [
+            torch.zeros(p.numel(), dtype=torch.float64)
+            if g is None
+            else g.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+            for p, g in zip(leaves, grads)
+        ]
+    )
+
+
+def _batched_contrasts(grouped, weights, surrogate, scale, leaves):
+    """The contrasts and the step's gradient from ONE batched backward pass
+    (``is_grads_batched``: the cotangents are vmapped through the graph), with the gradient
+    accumulated into the leaves' ``.grad``; ``None`` if an op on the path has no batching
+    rule (then nothing is accumulated)."""
+    n = len(weights)
+    # the surrogate's own cotangent gives the plain gradient (every term, every site) in the
+    # same pass; the contrasts weight the per-draw surrogates only
+    cot_grouped = torch.stack(
+        [torch.zeros_like(grouped)] + [w.to(grouped.device, grouped.dtype) for w in weights]
+    )
+    cot_surrogate = torch.zeros(n + 1, dtype=surrogate.dtype, device=surrogate.device)
+    cot_surrogate[0] = scale
+    try:
+        with warnings.catch_warnings():
+            # vmap's per-sample fallback warns of its speed; it is still one pass of Python
+            warnings.simplefilter("ignore", UserWarning)
+            batched = torch.autograd.grad(
+                [grouped, surrogate],
+                leaves,
+                grad_outputs=[cot_grouped, cot_surrogate.reshape(-1, *surrogate.shape)],
+                # kept so that a failure part-way leaves the graph for the looped fallback
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+    except (RuntimeError, NotImplementedError):
+        return None
+    for p, g in zip(leaves, batched):
+        if g is not None:
+            p.grad = g[0] if p.grad is None else p.grad + g[0]
+    return [_flat([None if g is None else g[i + 1] for g in batched], leaves) for i in range(n)]
+
+
+def _looped_contrasts(grouped, weights, surrogate, scale, leaves):
+    """As `_batched_contrasts`, one backward pass per contrast, then the plain backward."""
+    out = []
+    for w in weights:
+        s = (grouped * w.to(grouped.device, grouped.dtype)).sum()
+        out.append(
+            _flat(torch.autograd.grad(s, leaves, retain_graph=True, allow_unused=True), leaves)
+        )
+    # exactly what a plain step runs (and the graph is freed after it)
+    (surrogate * scale).backward()
+    return out
+
+
+def contrast_backward(
     per_draw: Tensor,
     layout: TermLayout,
-    rest: Tensor | None,
-    params: list[Tensor],
+    surrogate: Tensor,
     scale: float,
 ) -> tuple[Tensor, tuple[tuple[int, int], tuple[int, int]]]:
-    """Accumulate a step's gradient into ``.grad`` by quadrants; return their sums.
+    """Accumulate a step's gradient into ``.grad`` and return the two contrasts of the term's
+    per-draw gradients that estimate its variance components.
 
-    The draws are split into two halves of the upstream samples times two interleaved halves of
-    the inner draws; four vector-Jacobian products give the quadrants' gradient sums, whose total
-    divided by the number of draws is the usual gradient. They (and the rest's) are taken in one
-    backward pass with batched cotangents where the graph's ops allow it, else one pass each;
-    both give the same sums.
+    Three vector-Jacobian products instead of one: the surrogate's (the step's gradient) and
+    the outer and inner contrasts of `contrast_weights`. On a CPU they run as one backward pass
+    each (the plain one last, as a plain step runs it), elsewhere as one batched pass where the
+    graph's ops allow it. Three is the fewest that estimate both components from one step: the
+    gradient and one contrast each for ``V_b + V_w / K`` and ``V_w`` (the quadrant split this
+    replaced ran four, five with another term in the surrogate).
 
     Args:
         per_draw: the observed term's ``batch_shape`` per-draw surrogates.
         layout: its layout.
-        rest: the rest of the surrogate (other terms, observed sites) or ``None``.
-        params: the unconstrained parameters to differentiate.
+        surrogate: the particle's whole surrogate (its gradient is the step's).
         scale: factor on the accumulated gradient (``1 / num_particles``).
 
     Returns:
-        ``(quadrants (2, 2, P) float64 sums of per-draw gradients, sizes)``.
+        ``(contrasts, sizes)``: ``(2, P)`` float64 on the host, the outer contrast then the
+        inner (a row of zeros where its halves are empty), over the leaves of the surrogate's
+        graph; and ``((|a_1|, |a_2|), (|b_1|, |b_2|))``.
     """
     grouped = layout.group(per_draw)  # (n_outer, n_inner)
-    n_outer, n_inner = grouped.shape
-    rows = _halves(n_outer, interleaved=False)
-    cols = _halves(n_inner, interleaved=True)
-    n = layout.n_draws
-    pieces = [(a, b) for a in range(2) for b in range(2) if len(rows[a]) and len(cols[b])]
-    has_rest = rest is not None and rest.requires_grad
-    grads = None
-    if grouped.device.type in BATCHED_BACKWARD_DEVICES:
-        grads = _batched_piece_grads(
-            grouped, rows, cols, pieces, rest if has_rest else None, params
-        )
-    if grads is None:  # a CPU, or an op without a batching rule: one backward per piece
-        grads = _looped_piece_grads(grouped, rows, cols, pieces, rest if has_rest else None, params)
-    total = [torch.zeros_like(p) for p in params]
-    sums = []
-    for i, piece in enumerate(pieces):
-        flat = []
-        for j, g in enumerate(grads[i]):
-            total[j] += g / n
-            flat.append(g.reshape(-1))
-        sums.append((piece, torch.cat(flat).to(torch.float64)))
-    if has_rest:
-        for j, g in enumerate(grads[len(pieces)]):
-            total[j] += g
-    for p, g in zip(params, total):
-        g = g * scale
-        p.grad = g if p.grad is None else p.grad + g
-    q = torch.zeros(2, 2, sum(p.numel() for p in params), dtype=torch.float64)
-    for (a, b), g in sums:
-        q[a, b] = g.cpu()
-    return q, ((len(rows[0]), len(rows[1])), (len(cols[0]), len(cols[1])))
+    outer, inner, sizes = contrast_weights(*grouped.shape)
+    weights = [w for w in (outer, inner) if w is not None]
+    # every leaf a plain backward fills (a module not registered with Pyro, a site of another
+    # term): the contrasts are zero on those outside the term's graph
+    leaves = _leaves_of(surrogate)
+    contrasts = None
+    if weights and grouped.device.type in BATCHED_BACKWARD_DEVICES:
+        contrasts = _batched_contrasts(grouped, weights, surrogate, scale, leaves)
+    if contrasts is None:  # a CPU, or an op without a batching rule
+        contrasts = _looped_contrasts(grouped, weights, surrogate, scale, leaves)
+    P = sum(p.numel() for p in leaves)
+    out = torch.zeros(2, P, dtype=torch.float64)
+    it = iter(contrasts)
+    for row, w in enumerate((outer, inner)):
+        if w is not None:
+            out[row] = next(it)
+    return out, sizes
 
 
 # -- the loss -------------------------------------------------------------------------------
@@ -889,14 +913,10 @@ class CARVLoss(ELBO):
             report_q = None
             if backward and part.requires_grad:
                 if record is not None and acc.wants_components():
-                    rest = particle.surrogate - particle.per_draw[record.name].sum() / (
-                        record.layout.n_draws
-                    )
-                    report_q = quadrant_backward(
+                    report_q = contrast_backward(
                         particle.per_draw[record.name],
                         record.layout,
-                        rest,
-                        _leaves_of(particle.per_draw[record.name], rest),
+                        particle.surrogate,
                         1.0 / n_particles,
                     )
                 else:
@@ -913,8 +933,8 @@ class CARVLoss(ELBO):
                         record=record,
                         step_time=(watch if on_device else host).stop(),
                         teacher_time=record.teacher_time,
-                        quadrants=None if report_q is None else report_q[0],
-                        quadrant_sizes=None if report_q is None else report_q[1],
+                        contrasts=None if report_q is None else report_q[0],
+                        contrast_sizes=None if report_q is None else report_q[1],
                     )
                 )
         if acc is not None and backward:
