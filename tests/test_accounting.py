@@ -8,6 +8,7 @@ of their own standard errors (about 20 such comparisons in the file: a Bonferron
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import threading
@@ -709,7 +710,7 @@ def test_max_overhead_is_checked_and_an_older_state_has_none():
         Accountant(max_overhead=-1)
     acc, _ = _overhead_run(0.1, steps=5)
     state = acc.__getstate__()
-    for name in ("max_overhead", "_measuring_seconds"):
+    for name in ("max_overhead", "_measuring_times"):
         state.pop(name)
     old = Accountant.__new__(Accountant)
     old.__dict__.update(state)
@@ -976,35 +977,102 @@ def test_seconds_of_and_is_ready_read_stopwatches_seconds_and_none():
     assert is_ready(None) and seconds_of(None) == 0.0
 
 
+def _cosine_model(objective, amplitude, views=8, two_plates=False):
+    """``x = theta + a cos(2 pi u) d`` with ``u ~ U(0, 1)`` over the views: i.i.d.
+    ``V_b = c^2 |d|^2 a^2 / 2``, and a lattice of 4 or 8 points cancels the cosine exactly."""
+
+    def model():
+        theta = pyro.param("theta", THETA0.clone())
+        with contextlib.ExitStack() as stack:
+            if two_plates:
+                stack.enter_context(pyro.plate("batch", 2, dim=-3))
+            with pyro.plate("views", views, dim=-2):
+                u = pyro.sample("u", dist.Uniform(torch.tensor(0.0, dtype=torch.float64), 1.0))
+                x = theta + amplitude * torch.cos(2 * math.pi * u).unsqueeze(-1) * DIRECTION
+                with carv.draws(4, "noise", dim=-1):
+                    carv.teacher_term("sds", objective, x)
+
+    return model
+
+
+def _measured_v_between(model, outer, steps=60):
+    acc = Accountant(every=1, window=steps)
+    loss = carv.CARVLoss(accountant=acc)
+    guide = carv.Estimator(outer=outer).guide(seed=seed(30))
+    svi = SVI(model, guide, pyro.optim.SGD({"lr": 0.0}), loss=loss)
+    for _ in range(steps):
+        svi.step()
+    return acc.components.mean_between, acc.components.stderr()[1], guide
+
+
 @pytest.mark.parametrize("outer", [None, "lattice"])
-def test_under_an_outer_design_the_accountant_measures_the_iid_v_between(outer):
-    """A documented limitation (docs/concepts.md): the quadrant split treats the ``R`` upstream
-    draws as independent, so under a design it measures the spread of single draws. The latent
-    ``u ~ U(0, 1)`` enters as ``4 cos(2 pi u)``: i.i.d. ``V_b = 8 c^2 |d|^2``, and a lattice of
-    8 cancels the cosine exactly (the design leaves ``V_b = 0``). Pooled over 60 measuring
-    steps the accountant reads about the i.i.d. value either way (8/7 of it under the lattice:
-    random halves of one set of 8 points); a fix that measures what the design leaves would
-    read 0 under the lattice and change this test."""
+def test_under_an_outer_design_the_accountant_measures_what_the_design_leaves(outer):
+    """On a measuring step the guide draws the term's outer plate as two independent
+    half-designs, so the outer contrast measures the ``V_b`` a design of ``R / 2`` leaves: 0
+    under the lattice for a latent it cancels (a lattice of 4 cancels the cosine as one of 8
+    does), the i.i.d. value without a design. Pooled over 60 measuring steps (the first, with
+    no earlier step to name the plate, is of the whole design)."""
     objective = sds("sds")
     c = sds_constant(objective)
     amplitude = 4.0  # V_b well above V_w / K, so 60 measurements resolve it
     vb_iid = c * c * float((DIRECTION**2).sum()) * amplitude**2 / 2
+    vb, se, guide = _measured_v_between(_cosine_model(objective, amplitude), outer)
+    if outer is None:
+        assert abs(vb - vb_iid) < Z * se and se < 0.25 * vb_iid, (vb, vb_iid, se)
+    else:
+        assert guide.outer.halved == ["u"]
+        assert abs(vb) < Z * se and se < 0.05 * vb_iid, (vb, vb_iid, se)
 
-    def model():
-        theta = pyro.param("theta", THETA0.clone())
-        with pyro.plate("views", 8, dim=-2):
-            u = pyro.sample("u", dist.Uniform(torch.tensor(0.0, dtype=torch.float64), 1.0))
-            x = theta + amplitude * torch.cos(2 * math.pi * u).unsqueeze(-1) * DIRECTION
-            with carv.draws(4, "noise", dim=-1):
-                carv.teacher_term("sds", objective, x)
 
-    acc = Accountant(every=1, window=60)
-    loss = carv.CARVLoss(accountant=acc)
-    guide = carv.Estimator(outer=outer).guide(seed=seed(30))
-    svi = SVI(model, guide, pyro.optim.SGD({"lr": 0.0}), loss=loss)
-    for _ in range(60):
-        svi.step()
-    vb, se = acc.components.mean_between, acc.components.stderr()[1]
-    want = vb_iid * (8 / 7 if outer == "lattice" else 1.0)
-    assert abs(vb - want) < Z * se and se < 0.25 * want, (vb, want, se)
-    assert vb > 0.3 * vb_iid  # not the 0 the lattice leaves (6 standard errors away)
+def test_a_term_with_two_outer_plates_is_measured_as_one_design():
+    """Where the halves of a measuring step's contrast are not one plate's (two outer plates)
+    the guide draws the design whole, and the accountant reads about the i.i.d. ``V_b`` (8/7
+    of it under a lattice of 8: random halves of one set of points) as documented."""
+    objective = sds("sds")
+    c = sds_constant(objective)
+    amplitude = 4.0
+    vb_iid = c * c * float((DIRECTION**2).sum()) * amplitude**2 / 2
+    vb, se, guide = _measured_v_between(
+        _cosine_model(objective, amplitude, two_plates=True), "lattice"
+    )
+    assert guide.outer.halved == []
+    assert vb > 0.3 * vb_iid and se < 0.25 * vb_iid, (vb, vb_iid, se)
+
+
+@pytest.mark.parametrize("outer", ["lattice", "stratified", "sobol", "antithetic"])
+def test_half_designs_keep_every_draw_s_prior_law_and_halves_independent(outer):
+    """Each half of a measuring step's design is a design of its own (its draws have the
+    prior's law: the Kolmogorov-Smirnov distance of the 4000 draws under 3 / sqrt(4000), which
+    i.i.d. draws exceed with probability below 1e-7, and a design's negatively dependent draws
+    less often), the two halves are drawn from independent seeds, and the lattice's halves are
+    lattices."""
+    from pyro.poutine.indep_messenger import CondIndepStackFrame
+
+    from carv_pyro.infer.outer import OuterDesigner, outer_design
+    from carv_pyro.infer.samplers import RandomSource
+
+    designer = OuterDesigner(outer_design(outer), RandomSource(seed=seed(31)))
+    prior = dist.Uniform(torch.zeros(8, 1, dtype=torch.float64), 1.0)
+    frames = (CondIndepStackFrame("views", -2, 8, 0),)
+    draws = []
+    for _ in range(500):
+        designer.begin(halves="views")
+        u = designer.draw("u", prior, frames)
+        assert designer.halved == ["u"]
+        draws.append(u.reshape(8))
+    u = torch.stack(draws)  # (500, 8)
+    flat, _ = u.reshape(-1).sort()
+    ecdf = torch.arange(1, flat.numel() + 1, dtype=torch.float64) / flat.numel()
+    assert float((ecdf - flat).abs().max()) < 3 / math.sqrt(flat.numel())
+    if outer == "lattice":
+        for half in (u[:, :4], u[:, 4:]):
+            gaps = torch.diff(half.sort(dim=1).values, dim=1)
+            torch.testing.assert_close(gaps, torch.full_like(gaps, 0.25))
+        # the halves' shifts are independent: their offsets mod 1/4 are uncorrelated
+        a, b = u[:, :4].min(1).values * 4, u[:, 4:].min(1).values * 4
+        r = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+        assert abs(r) < 5 / math.sqrt(500)
+    # without halves the same designer draws one design of 8
+    designer.begin()
+    designer.draw("u", prior, frames)
+    assert designer.halved == []

@@ -213,7 +213,7 @@ def _overhead_worker(rank: int, world: int, out_dir: str) -> None:
         a._outer_times.append(0.225)
         a._inner_times.append(0.0125)
         # rank 1's measuring step costs more than rank 0's: 3 and 5 plain steps
-        a._measuring_seconds = 3.0 if rank == 0 else 5.0
+        a._measuring_times.append(3.0 if rank == 0 else 5.0)
         a.observe_measurement(v_within=1.0, v_between=0.1)
     torch.save(
         {"next": acc._next_measure, "local_next": local._next_measure}, f"{out_dir}/rank{rank}.pt"

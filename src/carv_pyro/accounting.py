@@ -28,13 +28,17 @@ difference of each one's two inner halves' means, with ``V_w (1/|b_1| + 1/|b_2|)
 (`anova_estimates`). Both give unbiased per-step estimates that
 `VarianceComponents` pools (Welford, mergeable across processes). The estimates treat the
 inner draws as exchangeable: with stratified timesteps, draws within an upstream sample are
-negatively correlated and ``V_w`` is over-estimated (conservatively). They treat the upstream
-samples as independent too: under an outer design (`carv_pyro.infer.outer`) the two halves are
-parts of one design, and the estimate is about the i.i.d. ``V_b`` (the spread of single
-upstream samples), not the smaller one the design leaves (under scrambled Sobol points, whose
-halves are balanced themselves, lower), so ``K`` is chosen as without the design; a design that
-leaves a fraction ``f`` of ``V_b`` has a ``K*`` ``1 / sqrt(f)`` times larger. `DesignSplit`
-measures ``f`` offline.
+negatively correlated and ``V_w`` is over-estimated (conservatively). They treat the two upstream
+halves as independent: under an outer design (`carv_pyro.infer.outer`) the loss therefore asks
+the guide to draw the term's outer plate on a measuring step as two independent designs, one per
+half, so the outer contrast measures the ``V_b`` a design of ``R / 2`` leaves (at least what the
+whole design leaves, for a design whose leftover falls with its size; 0 under the lattice for a
+latent a lattice of ``R / 2`` cancels), and ``K`` is chosen for the design, not for i.i.d.
+draws. Where the halves are not one plate's (a term with several outer plates, a sharded or
+subsampled plate, vectorized particles) the design is drawn whole and the estimate is about the
+i.i.d. ``V_b`` (the spread of single upstream samples); a design that leaves a fraction ``f`` of
+``V_b`` then has a ``K*`` ``1 / sqrt(f)`` times the one chosen. `DesignSplit` measures ``f``
+offline.
 
 This module is statistics only: it imports nothing of the estimator. The `Accountant` meets
 the loss through the [`LossObserver`][carv_pyro.infer.loss.LossObserver] protocol.
@@ -547,10 +551,11 @@ class Accountant:
     ``backoff`` (up to ``max_every``), and a change of ``K`` resets it to ``every``, so that a
     short run pays for the measurements that decide ``K`` and a long one does not keep paying
     for a settled choice. With ``max_overhead`` the interval is also long enough that the
-    measuring steps' extra seconds (a measuring step's time minus a plain step's) stay below
-    that fraction of the plain steps' time after them: where the upstream's backward is dear
-    (about 0.9 plain steps' worth extra on the 2-core CPU's text-to-3D step) it measures less
-    often than ``every`` would; where a measuring step is nearly free, as often.
+    measuring steps' extra seconds (the recent measuring steps' median time minus a plain
+    step's) stay below that fraction of the plain steps' time after them: where the
+    upstream's backward is dear (about 0.9 plain steps' worth extra on the 2-core CPU's
+    text-to-3D step) it measures less often than ``every`` would; where a measuring step is
+    nearly free, as often.
 
     With ``adapt=True`` it sets the size of the term's reserved inner plate
     ([`carv_pyro.draws`][carv_pyro.draws]) after each measurement to the ``K`` that minimises
@@ -589,8 +594,8 @@ class Accountant:
         k: the inner size now in use (``None`` until adapted: the guide's or the model's).
         components: pooled `VarianceComponents` over the window.
         history: the last ``history_size`` per-measurement dicts (step, V_b, V_w, costs, K*, K,
-            predicted ECM, and ``measuring_extra``: the measuring step's extra seconds as a
-            fraction of a plain step's), oldest first. ``k_star`` is Cochran's closed form under the linear
+            predicted ECM, and ``measuring_extra``: the recent measuring steps' median extra
+            seconds as a fraction of a plain step's), oldest first. ``k_star`` is Cochran's closed form under the linear
             cost ``c_outer + K c_inner``; ``ecm_predicted`` (of the ``K`` in use against
             ``K = 1``) uses the cost model ``K`` is chosen by (`cost_of`: the steps' cost without
             the teacher plus the teacher's cost curve), so on a launch-bound GPU, where a larger
@@ -691,7 +696,9 @@ class Accountant:
         self.last_K: int | None = None
         self._checked = False
         self._pending: deque[_Timing] = deque()
-        self._measuring_seconds: float | None = None
+        # the recent measuring steps' seconds (a single one is noisy on a GPU: 0-4 plain
+        # steps' worth extra in one race, where the median was 0.3)
+        self._measuring_times: deque[float] = deque(maxlen=5)
 
     # -- the observer protocol ----------------------------------------------------------------
     def inner_size(self) -> int | None:
@@ -804,7 +811,7 @@ class Accountant:
         if not timing.measured:
             self._step_times.setdefault(K, deque(maxlen=self.window)).append(step_seconds)
         else:
-            self._measuring_seconds = step_seconds
+            self._measuring_times.append(step_seconds)
         if teacher_seconds > 0:
             # the teacher call costs the same on a measuring step (only the backward differs),
             # and a measuring step at K = 1 runs K = 2: this is how the batch-dependent cost of
@@ -871,13 +878,14 @@ class Accountant:
         self._next_measure = self.step + min(gap, self.max_every)
 
     def _overhead_ratio(self) -> float | None:
-        """The last measuring step's extra seconds over a plain step's, as a fraction of the
-        plain step's (at the ``K`` in use); ``None`` where either is unknown or the costs are
-        declared."""
-        seconds = self.__dict__.get("_measuring_seconds")  # (an older pickle has none)
+        """The recent measuring steps' median extra seconds over a plain step's, as a fraction
+        of the plain step's (at the ``K`` in use); ``None`` where either is unknown or the
+        costs are declared."""
+        times = self.__dict__.get("_measuring_times")  # (an older pickle has none)
         k = self.k if self.k is not None else self.last_K
-        if seconds is None or k is None or self.costs is not None:
+        if not times or k is None or self.costs is not None:
             return None
+        seconds = statistics.median(times)
         if not any(self.step_costs.values()):  # no plain step timed: nothing to compare with
             return None
         plain = self.cost_of(k)

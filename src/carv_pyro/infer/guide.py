@@ -254,6 +254,7 @@ class TimestepGuide(GuideMessenger):
         *,
         inner_size: int | None = None,
         wrap: Callable[[Callable], Callable] | None = None,
+        outer_halves: str | None = None,
     ):
         """Run ``model`` under the guide and return ``(model_trace, guide_trace)``.
 
@@ -264,6 +265,10 @@ class TimestepGuide(GuideMessenger):
             inner_size: size of the reserved inner plates for this run (default `K`).
             wrap: applied to the model and to the upstream guide before they run (e.g. a
                 vectorized particle plate).
+            outer_halves: with an outer design, draw the sites of this plate as two
+                independent designs, one for each contiguous half of the plate (see
+                [`OuterDesigner.begin`][carv_pyro.infer.outer.OuterDesigner.begin]); the loss
+                asks for it on a measuring step.
 
         Returns:
             The two traces, as ``GuideMessenger.get_traces`` gives them, with the upstream
@@ -280,7 +285,7 @@ class TimestepGuide(GuideMessenger):
         self.args_kwargs = args, kwargs
         self._size = size
         if self.outer is not None:
-            self.outer.begin()
+            self.outer.begin(halves=outer_halves)
         self._fixed_noise = False
         try:
             fit = self.control_variates

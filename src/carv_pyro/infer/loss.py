@@ -829,10 +829,29 @@ class CARVLoss(ELBO):
         inner = acc.inner_size() if acc is not None else None
         return guide.run(model, args, kwargs, inner_size=inner)
 
+    def _outer_halves(self, guide: TimestepGuide) -> str | None:
+        """On a measuring step under an outer design: the observed term's outer plate (as the
+        last step's record names it), whose design the guide then draws as two independent
+        halves, so that the step's outer contrast measures the ``V_b`` the design leaves
+        rather than the spread of single draws; ``None`` otherwise (no design, not measuring,
+        no earlier step, or a term with several outer plates)."""
+        acc = self.accountant
+        if acc is None or guide.outer is None or not self.last_records:
+            return None
+        if not acc.wants_components():
+            return None
+        record = acc.select(self.last_records)
+        if record is None:
+            return None
+        layout = record.layout
+        outer = [f for f in layout.plates if f.name != layout.inner_plate and f.size > 1]
+        return outer[0].name if len(outer) == 1 else None
+
     def _particle_traces(self, model, guide, args, kwargs):
         guide = as_timestep_guide(guide)
         acc = self.accountant
         inner = acc.inner_size() if acc is not None else None
+        halves = self._outer_halves(guide)
         if self.vectorize_particles and self.num_particles > 1:
             if self.max_plate_nesting == float("inf"):
                 with poutine.block():
@@ -850,7 +869,8 @@ class CARVLoss(ELBO):
             yield guide, guide.run(model, args, kwargs, inner_size=inner, wrap=particles), 1
             return
         for _ in range(self.num_particles):
-            yield guide, guide.run(model, args, kwargs, inner_size=inner), self.num_particles
+            run = guide.run(model, args, kwargs, inner_size=inner, outer_halves=halves)
+            yield guide, run, self.num_particles
 
     # -- the estimator ---------------------------------------------------------------------
     def _run(self, model, guide, args, kwargs, backward: bool):

@@ -326,6 +326,7 @@ class OuterDesigner:
     Attributes:
         designed: the names of the sites whose values in the last run are the design's (a draw
             that a handler then replaced by data is not one of them).
+        halved: the names of the sites the last run drew as two independent half-designs.
     """
 
     def __init__(
@@ -338,17 +339,32 @@ class OuterDesigner:
         self.source = source
         self.sites = sites
         self.designed: list[str] = []
+        self.halved: list[str] = []
+        self.halves: str | None = None
         self._columns: dict[tuple, int] = {}
         self._seeds: dict[tuple, int] = {}
         self._indices: dict[str, Tensor] = {}
         self._warned: set[str] = set()
 
-    def begin(self) -> None:
-        """Start a run: fresh seeds and columns for every plate."""
+    def begin(self, halves: str | None = None) -> None:
+        """Start a run: fresh seeds and columns for every plate.
+
+        Args:
+            halves: a plate whose sites this run draws as two independent designs, one of its
+                first ``n // 2`` rows and one of the rest (each draw still has its prior's law):
+                the accountant's measuring step contrasts those two halves, and only between
+                independent halves does the contrast measure the ``V_b`` a design leaves (of a
+                design of ``n / 2``: for a design whose leftover falls with its size, at least
+                what the whole design leaves). Only a site whose one plate this is, drawn whole
+                (not sharded or subsampled), and whose halves the design can fill (even halves
+                for ``"antithetic"``), is split; the others are drawn as usual.
+        """
         self._columns.clear()
         self._seeds.clear()
         self._indices.clear()
         self.designed = []
+        self.halved = []
+        self.halves = halves
 
     def record_subsample(self, name: str, indices: Tensor) -> None:
         """Remember the indices a (sharded or subsampled) plate yielded in this run."""
@@ -408,7 +424,22 @@ class OuterDesigner:
         self._columns[key] = start + d
         if key not in self._seeds:
             self._seeds[key] = self.source.integer_seed()
-        u = self.design.uniforms(n, range(start, start + d), self.source, self._seeds[key])
+        columns = range(start, start + d)
+        if self._splits(plates, full, shape, plate_pos):
+            # two independent designs, each of its own seed: the measuring step's halves
+            half = key + ("second half",)
+            if half not in self._seeds:
+                self._seeds[half] = self.source.integer_seed()
+            n1 = n // 2
+            u = torch.cat(
+                [
+                    self.design.uniforms(n1, columns, self.source, self._seeds[key]),
+                    self.design.uniforms(n - n1, columns, self.source, self._seeds[half]),
+                ]
+            )
+            self.halved.append(name)
+        else:
+            u = self.design.uniforms(n, columns, self.source, self._seeds[key])
         sizes = {letters[p]: full[f.dim] for p, f in zip(plate_pos, plates)}
         sizes.update({letters[p]: shape[p] for p in rest_pos})
         pattern = "({}) ({}) -> {}".format(
@@ -439,6 +470,16 @@ class OuterDesigner:
             return None
         self.designed.append(name)
         return value
+
+    def _splits(self, plates, full, shape, plate_pos) -> bool:
+        """Whether this site is drawn as two half-designs (see `begin`)."""
+        halves = self.__dict__.get("halves")  # (a designer pickled before halves had none)
+        if halves is None or len(plates) != 1 or plates[0].name != halves:
+            return False
+        n = full[plates[0].dim]
+        if n < 2 or shape[plate_pos[0]] != n:  # one draw, or a shard of the plate
+            return False
+        return not self.design.needs_even or (n // 2) % 2 == 0 and (n - n // 2) % 2 == 0
 
     def __repr__(self) -> str:
         return f"OuterDesigner({self.design!r}, sites={self.sites})"
