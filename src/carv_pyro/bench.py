@@ -446,7 +446,7 @@ def variance_components(
     """The ONE set of variance components the bench reports, with its source.
 
     Two estimates are at hand. The accountant's (``report``, from
-    [`measure`][carv_pyro.measure.measure]) pools unbiased per-step estimates (the quadrant
+    [`measure`][carv_pyro.measure.measure]) pools unbiased per-step estimates (the contrast
     ANOVA of `carv_pyro.accounting`, and the step-to-step spread) over
     its own repeats, with standard errors, and involves no reference; it is also what ``K*``,
     the best ``K`` and ``ECM pred`` are computed from. `components_from_rows` solves two
@@ -469,7 +469,7 @@ def variance_components(
         se_w, se_b = report.stderr
         return {
             "source": "accountant",
-            "how": f"measure(): quadrant ANOVA and step-to-step spread of plain reuse at "
+            "how": f"measure(): contrast ANOVA and step-to-step spread of plain reuse at "
             f"R = {report.R}, K = {report.K}, at the bench's checkpoint; no reference involved",
             "R": report.R,
             "K": report.K,

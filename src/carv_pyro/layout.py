@@ -10,7 +10,7 @@ cheap ``(t, eps)`` resamples that share one upstream sample. The rule, from the 
 
 Every other enclosing plate is an *outer* plate. The draws group as ``(n_outer, n_inner)``:
 `TermLayout.group` moves the inner dim last with einops, so per-upstream-sample operations
-(stratification, antithetic pairs, the accountant's quadrants) read as what they are.
+(stratification, antithetic pairs, the accountant's contrasts) read as what they are.
 
 This module is on the ground floor: it imports nothing of ours.
 """

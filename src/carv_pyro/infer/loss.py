@@ -516,8 +516,8 @@ def _leaves_of(*outputs: Tensor) -> list[Tensor]:
 
 #: Devices on which the measuring step takes its gradients in one batched backward pass. Measured
 #: on the text-to-3D step (`examples/measuring_step.py`, `benchmarks/measuring_step.md`): on an
-#: H200 a batched pass costs about 1.25x a plain step against 1.85x for one pass per quadrant;
-#: on a 2-core CPU, where the work is FLOP-bound and vmap adds its own, the loop is faster.
+#: H200 the batched pass costs 1.13-1.18x a plain step against 1.38-1.49x for one pass each; on a
+#: 2-core CPU, where the work is FLOP-bound and vmap adds its own, 2.3-2.5x against 1.9x.
 BATCHED_BACKWARD_DEVICES: frozenset[str] = frozenset({"cuda"})
 
 
