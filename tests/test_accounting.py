@@ -1010,8 +1010,7 @@ def test_under_an_outer_design_the_accountant_measures_what_the_design_leaves(ou
     """On a measuring step the guide draws the term's outer plate as two independent
     half-designs, so the outer contrast measures the ``V_b`` a design of ``R / 2`` leaves: 0
     under the lattice for a latent it cancels (a lattice of 4 cancels the cosine as one of 8
-    does), the i.i.d. value without a design. Pooled over 60 measuring steps (the first, with
-    no earlier step to name the plate, is of the whole design)."""
+    does), the i.i.d. value without a design. Pooled over 60 measuring steps."""
     objective = sds("sds")
     c = sds_constant(objective)
     amplitude = 4.0  # V_b well above V_w / K, so 60 measurements resolve it
@@ -1056,7 +1055,7 @@ def test_half_designs_keep_every_draw_s_prior_law_and_halves_independent(outer):
     frames = (CondIndepStackFrame("views", -2, 8, 0),)
     draws = []
     for _ in range(500):
-        designer.begin(halves="views")
+        designer.begin(halves=True)
         u = designer.draw("u", prior, frames)
         assert designer.halved == ["u"]
         draws.append(u.reshape(8))

@@ -254,7 +254,7 @@ class TimestepGuide(GuideMessenger):
         *,
         inner_size: int | None = None,
         wrap: Callable[[Callable], Callable] | None = None,
-        outer_halves: str | None = None,
+        outer_halves: bool = False,
     ):
         """Run ``model`` under the guide and return ``(model_trace, guide_trace)``.
 
@@ -265,8 +265,8 @@ class TimestepGuide(GuideMessenger):
             inner_size: size of the reserved inner plates for this run (default `K`).
             wrap: applied to the model and to the upstream guide before they run (e.g. a
                 vectorized particle plate).
-            outer_halves: with an outer design, draw the sites of this plate as two
-                independent designs, one for each contiguous half of the plate (see
+            outer_halves: with an outer design, draw each site of one plate as two independent
+                designs, one for each contiguous half of the plate (see
                 [`OuterDesigner.begin`][carv_pyro.infer.outer.OuterDesigner.begin]); the loss
                 asks for it on a measuring step.
 

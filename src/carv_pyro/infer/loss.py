@@ -829,23 +829,14 @@ class CARVLoss(ELBO):
         inner = acc.inner_size() if acc is not None else None
         return guide.run(model, args, kwargs, inner_size=inner)
 
-    def _outer_halves(self, guide: TimestepGuide) -> str | None:
-        """On a measuring step under an outer design: the observed term's outer plate (as the
-        last step's record names it), whose design the guide then draws as two independent
-        halves, so that the step's outer contrast measures the ``V_b`` the design leaves
-        rather than the spread of single draws; ``None`` otherwise (no design, not measuring,
-        no earlier step, or a term with several outer plates)."""
+    def _outer_halves(self, guide: TimestepGuide) -> bool:
+        """Whether the guide draws this step's outer design in two independent halves: on a
+        measuring step under an outer design, so that the step's outer contrast measures the
+        ``V_b`` the design leaves rather than the spread of single draws. (A function of the
+        accountant's state alone, which a checkpoint holds: a resumed run splits the same
+        steps.)"""
         acc = self.accountant
-        if acc is None or guide.outer is None or not self.last_records:
-            return None
-        if not acc.wants_components():
-            return None
-        record = acc.select(self.last_records)
-        if record is None:
-            return None
-        layout = record.layout
-        outer = [f for f in layout.plates if f.name != layout.inner_plate and f.size > 1]
-        return outer[0].name if len(outer) == 1 else None
+        return acc is not None and guide.outer is not None and acc.wants_components()
 
     def _particle_traces(self, model, guide, args, kwargs):
         guide = as_timestep_guide(guide)

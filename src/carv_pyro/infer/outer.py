@@ -340,24 +340,25 @@ class OuterDesigner:
         self.sites = sites
         self.designed: list[str] = []
         self.halved: list[str] = []
-        self.halves: str | None = None
+        self.halves = False
         self._columns: dict[tuple, int] = {}
         self._seeds: dict[tuple, int] = {}
         self._indices: dict[str, Tensor] = {}
         self._warned: set[str] = set()
 
-    def begin(self, halves: str | None = None) -> None:
+    def begin(self, halves: bool = False) -> None:
         """Start a run: fresh seeds and columns for every plate.
 
         Args:
-            halves: a plate whose sites this run draws as two independent designs, one of its
-                first ``n // 2`` rows and one of the rest (each draw still has its prior's law):
-                the accountant's measuring step contrasts those two halves, and only between
-                independent halves does the contrast measure the ``V_b`` a design leaves (of a
-                design of ``n / 2``: for a design whose leftover falls with its size, at least
-                what the whole design leaves). Only a site whose one plate this is, drawn whole
-                (not sharded or subsampled), and whose halves the design can fill (even halves
-                for ``"antithetic"``), is split; the others are drawn as usual.
+            halves: draw each site that spans exactly one plate as two independent designs,
+                one of the plate's first ``n // 2`` rows and one of the rest (each draw still
+                has its prior's law). The accountant's measuring step contrasts the two halves
+                of a term's upstream samples, and only between independent halves does the
+                contrast measure the ``V_b`` a design leaves (of a design of ``n / 2``: for a
+                design whose leftover falls with its size, at least what the whole design
+                leaves). A site over several plates, over a sharded or subsampled plate, or
+                whose halves the design cannot fill (odd halves for ``"antithetic"``) is drawn
+                whole.
         """
         self._columns.clear()
         self._seeds.clear()
@@ -473,8 +474,7 @@ class OuterDesigner:
 
     def _splits(self, plates, full, shape, plate_pos) -> bool:
         """Whether this site is drawn as two half-designs (see `begin`)."""
-        halves = self.__dict__.get("halves")  # (a designer pickled before halves had none)
-        if halves is None or len(plates) != 1 or plates[0].name != halves:
+        if not self.__dict__.get("halves") or len(plates) != 1:  # (an older pickle has none)
             return False
         n = full[plates[0].dim]
         if n < 2 or shape[plate_pos[0]] != n:  # one draw, or a shard of the plate
