@@ -30,8 +30,8 @@ difference of each one's two inner halves' means, with ``V_w (1/|b_1| + 1/|b_2|)
 inner draws as exchangeable: with stratified timesteps, draws within an upstream sample are
 negatively correlated and ``V_w`` is over-estimated (conservatively). They treat the two upstream
 halves as independent: under an outer design (`carv_pyro.infer.outer`) the loss therefore asks
-the guide to draw the term's outer plate on a measuring step as two independent designs, one per
-half, so the outer contrast measures the ``V_b`` a design of ``R / 2`` leaves (at least what the
+the guide to draw each site of one plate on a measuring step as two independent designs, one per
+half of the plate, so the outer contrast measures the ``V_b`` a design of ``R / 2`` leaves (at least what the
 whole design leaves, for a design whose leftover falls with its size; 0 under the lattice for a
 latent a lattice of ``R / 2`` cancels), and ``K`` is chosen for the design, not for i.i.d.
 draws. Where the halves are not one plate's (a term with several outer plates, a sharded or
