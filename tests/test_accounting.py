@@ -716,6 +716,10 @@ def test_max_overhead_is_checked_and_an_older_state_has_none():
     old.__dict__.update(state)
     old.observe_measurement(1.0, 0.5)  # an older pickle: no bound, no error
     assert old._overhead_gap(old._overhead_ratio()) == 0
+    # and it folds a measuring step's timing in (the deque it lacked is made)
+    q = torch.zeros(2, 3, dtype=torch.float64)
+    old.observe(StepReport(_Record(4, 2), 3.0, 0.1, q, ((2, 2), (1, 1))))
+    assert list(old._measuring_times) == [3.0]
 
 
 def test_the_auto_preset_bounds_its_measuring_overhead():

@@ -26,19 +26,19 @@ of the two upstream halves' mean gradients, with expected squared norm
 ``(V_b + V_w / K)(1/|a_1| + 1/|a_2|)``, and the mean over the upstream samples of the
 difference of each one's two inner halves' means, with ``V_w (1/|b_1| + 1/|b_2|) / R``
 (`anova_estimates`). Both give unbiased per-step estimates that
-`VarianceComponents` pools (Welford, mergeable across processes). The estimates treat the
-inner draws as exchangeable: with stratified timesteps, draws within an upstream sample are
-negatively correlated and ``V_w`` is over-estimated (conservatively). They treat the two upstream
-halves as independent: under an outer design (`carv_pyro.infer.outer`) the loss therefore asks
-the guide to draw each site of one plate on a measuring step as two independent designs, one per
-half of the plate, so the outer contrast measures the ``V_b`` a design of ``R / 2`` leaves (at least what the
-whole design leaves, for a design whose leftover falls with its size; 0 under the lattice for a
-latent a lattice of ``R / 2`` cancels), and ``K`` is chosen for the design, not for i.i.d.
-draws. Where the halves are not one plate's (a term with several outer plates, a sharded or
-subsampled plate, vectorized particles) the design is drawn whole and the estimate is about the
-i.i.d. ``V_b`` (the spread of single upstream samples); a design that leaves a fraction ``f`` of
-``V_b`` then has a ``K*`` ``1 / sqrt(f)`` times the one chosen. `DesignSplit` measures ``f``
-offline.
+`VarianceComponents` pools (Welford, mergeable across processes). The estimates treat the inner
+draws as exchangeable: with stratified timesteps, draws within an upstream sample are negatively
+correlated and ``V_w`` is over-estimated (conservatively). They treat the two upstream halves as
+independent: under an outer design (`carv_pyro.infer.outer`) the loss therefore asks the guide
+to draw each site of one plate on a measuring step as two independent designs, one per half of
+the plate, so the outer contrast measures the ``V_b`` a design of ``R / 2`` leaves (at least
+what the whole design leaves, for a design whose leftover falls with its size; 0 under the
+lattice for a latent a lattice of ``R / 2`` cancels), and ``K`` is chosen for the design, not
+for i.i.d. draws. Where the halves are not one plate's (a term with several outer plates, a
+sharded or subsampled plate, vectorized particles) the design is drawn whole and the estimate is
+about the i.i.d. ``V_b`` (the spread of single upstream samples); a design that leaves a
+fraction ``f`` of ``V_b`` then has a ``K*`` ``1 / sqrt(f)`` times the one chosen. `DesignSplit`
+measures ``f`` offline.
 
 This module is statistics only: it imports nothing of the estimator. The `Accountant` meets
 the loss through the [`LossObserver`][carv_pyro.infer.loss.LossObserver] protocol.
@@ -595,12 +595,12 @@ class Accountant:
         components: pooled `VarianceComponents` over the window.
         history: the last ``history_size`` per-measurement dicts (step, V_b, V_w, costs, K*, K,
             predicted ECM, and ``measuring_extra``: the recent measuring steps' median extra
-            seconds as a fraction of a plain step's), oldest first. ``k_star`` is Cochran's closed form under the linear
-            cost ``c_outer + K c_inner``; ``ecm_predicted`` (of the ``K`` in use against
-            ``K = 1``) uses the cost model ``K`` is chosen by (`cost_of`: the steps' cost without
-            the teacher plus the teacher's cost curve), so on a launch-bound GPU, where a larger
-            ``K`` is nearly free, ``k_star`` can sit below the ``K`` chosen while
-            ``ecm_predicted`` is above one.
+            seconds as a fraction of a plain step's), oldest first. ``k_star`` is Cochran's
+            closed form under the linear cost ``c_outer + K c_inner``; ``ecm_predicted`` (of
+            the ``K`` in use against ``K = 1``) uses the cost model ``K`` is chosen by
+            (`cost_of`: the steps' cost without the teacher plus the teacher's cost curve), so
+            on a launch-bound GPU, where a larger ``K`` is nearly free, ``k_star`` can sit
+            below the ``K`` chosen while ``ecm_predicted`` is above one.
         step_costs: ``{K: median seconds of a step}`` at the sizes run so far.
 
     Raises:
@@ -810,8 +810,8 @@ class Accountant:
             self._inner_times.append(teacher_seconds / timing.n_draws)
         if not timing.measured:
             self._step_times.setdefault(K, deque(maxlen=self.window)).append(step_seconds)
-        else:
-            self._measuring_times.append(step_seconds)
+        else:  # (an accountant restored from an older state has no such deque yet)
+            self.__dict__.setdefault("_measuring_times", deque(maxlen=5)).append(step_seconds)
         if teacher_seconds > 0:
             # the teacher call costs the same on a measuring step (only the backward differs),
             # and a measuring step at K = 1 runs K = 2: this is how the batch-dependent cost of
