@@ -302,7 +302,7 @@ def test_the_contrasts_are_the_documented_combinations_of_per_draw_gradients(
     per_draw = G @ theta + 0.1 * (theta**2).sum()
     surrogate = per_draw.mean() + (other**2).sum() + 0.5 * (theta**3).sum()
     layout = TermLayout(torch.Size([R, K]), (), "noise", -1, True)
-    contrasts, sizes = loss_module.contrast_backward(per_draw, layout, surrogate, scale=0.25)
+    contrasts, sizes = loss_module.contrast_backward(per_draw, layout, 0.25 * surrogate)
     grads = G + 0.2 * theta.detach()  # (R, K, 5)
     (a1, a2), (b1, b2) = sizes
     assert (a1, a2) == (R // 2, R - R // 2) and (b1, b2) == (K - K // 2, K // 2)

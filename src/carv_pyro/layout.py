@@ -29,6 +29,7 @@ __all__ = [
     "DRAWS_KEY",
     "TermLayout",
     "flatten_draws",
+    "halves",
     "to_device",
     "unflatten_draws",
 ]
@@ -49,6 +50,21 @@ def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
     if tensor.device == device or device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def halves(n: int, interleaved: bool = False) -> tuple[Tensor, Tensor]:
+    """The two halves of ``n`` draws that the accountant's measuring step contrasts: the first
+    ``n // 2`` and the rest (upstream samples, which an outer design then draws as two
+    independent designs), or, ``interleaved``, the even and the odd indices (inner draws).
+
+    Returns:
+        Two index tensors, ``(n // 2,)`` and ``(n - n // 2,)`` (interleaved: ``(n - n // 2,)``
+        and ``(n // 2,)``).
+    """
+    idx = torch.arange(n)
+    if interleaved:
+        return idx[0::2], idx[1::2]
+    return idx[: n // 2], idx[n // 2 :]
 
 
 def _event_pattern(event_ndim: int) -> str:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._deferred import take_ready
-from ..layout import TermLayout
+from ..layout import TermLayout, halves
 from ..timing import Stopwatch, is_ready, seconds_of
 from .guide import EXACT_KEY, TimestepGuide
 from .primitives import ROLE_KEY, TERM_KEY, TermRecord
@@ -521,13 +521,6 @@ def _leaves_of(*outputs: Tensor) -> list[Tensor]:
 BATCHED_BACKWARD_DEVICES: frozenset[str] = frozenset({"cuda"})
 
 
-def _halves(n: int, interleaved: bool) -> tuple[Tensor, Tensor]:
-    idx = torch.arange(n)
-    if interleaved:
-        return idx[0::2], idx[1::2]
-    return idx[: n // 2], idx[n // 2 :]
-
-
 def contrast_weights(
     n_outer: int, n_inner: int
 ) -> tuple[Tensor | None, Tensor | None, tuple[tuple[int, int], tuple[int, int]]]:
@@ -544,8 +537,8 @@ def contrast_weights(
         (``None`` where a half is empty: one upstream sample, one inner draw) and
         ``((|a_1|, |a_2|), (|b_1|, |b_2|))``.
     """
-    a1, a2 = _halves(n_outer, interleaved=False)
-    b1, b2 = _halves(n_inner, interleaved=True)
+    a1, a2 = halves(n_outer)
+    b1, b2 = halves(n_inner, interleaved=True)
     sizes = ((len(a1), len(a2)), (len(b1), len(b2)))
     outer = inner = None
     if len(a1) and len(a2):
@@ -571,7 +564,7 @@ def _flat(grads, leaves) -> Tensor:
     )
 
 
-def _batched_contrasts(grouped, weights, surrogate, scale, leaves):
+def _batched_contrasts(grouped, weights, surrogate, leaves):
     """The contrasts and the step's gradient from ONE batched backward pass
     (``is_grads_batched``: the cotangents are vmapped through the graph), with the gradient
     accumulated into the leaves' ``.grad``; ``None`` if an op on the path has no batching
@@ -583,7 +576,7 @@ def _batched_contrasts(grouped, weights, surrogate, scale, leaves):
         [torch.zeros_like(grouped)] + [w.to(grouped.device, grouped.dtype) for w in weights]
     )
     cot_surrogate = torch.zeros(n + 1, dtype=surrogate.dtype, device=surrogate.device)
-    cot_surrogate[0] = scale
+    cot_surrogate[0] = 1.0
     try:
         with warnings.catch_warnings():
             # vmap's per-sample fallback warns of its speed; it is still one pass of Python
@@ -605,7 +598,7 @@ def _batched_contrasts(grouped, weights, surrogate, scale, leaves):
     return [_flat([None if g is None else g[i + 1] for g in batched], leaves) for i in range(n)]
 
 
-def _looped_contrasts(grouped, weights, surrogate, scale, leaves):
+def _looped_contrasts(grouped, weights, surrogate, leaves):
     """As `_batched_contrasts`, one backward pass per contrast, then the plain backward."""
     out = []
     for w in weights:
@@ -614,7 +607,7 @@ def _looped_contrasts(grouped, weights, surrogate, scale, leaves):
             _flat(torch.autograd.grad(s, leaves, retain_graph=True, allow_unused=True), leaves)
         )
     # exactly what a plain step runs (and the graph is freed after it)
-    (surrogate * scale).backward()
+    surrogate.backward()
     return out
 
 
@@ -622,7 +615,6 @@ def contrast_backward(
     per_draw: Tensor,
     layout: TermLayout,
     surrogate: Tensor,
-    scale: float,
 ) -> tuple[Tensor, tuple[tuple[int, int], tuple[int, int]]]:
     """Accumulate a step's gradient into ``.grad`` and return the two contrasts of the term's
     per-draw gradients that estimate its variance components.
@@ -637,8 +629,8 @@ def contrast_backward(
     Args:
         per_draw: the observed term's ``batch_shape`` per-draw surrogates.
         layout: its layout.
-        surrogate: the particle's whole surrogate (its gradient is the step's).
-        scale: factor on the accumulated gradient (``1 / num_particles``).
+        surrogate: the particle's share of the step's surrogate (``1 / num_particles`` of its
+            whole surrogate): its gradient is accumulated, as a plain step's backward does.
 
     Returns:
         ``(contrasts, sizes)``: ``(2, P)`` float64 on the host, the outer contrast then the
@@ -653,9 +645,9 @@ def contrast_backward(
     leaves = _leaves_of(surrogate)
     contrasts = None
     if weights and grouped.device.type in BATCHED_BACKWARD_DEVICES:
-        contrasts = _batched_contrasts(grouped, weights, surrogate, scale, leaves)
+        contrasts = _batched_contrasts(grouped, weights, surrogate, leaves)
     if contrasts is None:  # a CPU, or an op without a batching rule
-        contrasts = _looped_contrasts(grouped, weights, surrogate, scale, leaves)
+        contrasts = _looped_contrasts(grouped, weights, surrogate, leaves)
     P = sum(p.numel() for p in leaves)
     out = torch.zeros(2, P, dtype=torch.float64)
     it = iter(contrasts)
@@ -925,10 +917,7 @@ class CARVLoss(ELBO):
             if backward and part.requires_grad:
                 if record is not None and acc.wants_components():
                     report_q = contrast_backward(
-                        particle.per_draw[record.name],
-                        record.layout,
-                        particle.surrogate,
-                        1.0 / n_particles,
+                        particle.per_draw[record.name], record.layout, part
                     )
                 else:
                     part.backward()

@@ -55,6 +55,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from ..layout import halves as split_halves
 from ..layout import to_device
 from .samplers import _SOBOL_BITS, RandomSource, scrambled_sobol_ints, sobol_directions
 
@@ -351,14 +352,14 @@ class OuterDesigner:
 
         Args:
             halves: draw each site that spans exactly one plate as two independent designs,
-                one of the plate's first ``n // 2`` rows and one of the rest (each draw still
-                has its prior's law). The accountant's measuring step contrasts the two halves
-                of a term's upstream samples, and only between independent halves does the
-                contrast measure the ``V_b`` a design leaves (of a design of ``n / 2``: for a
-                design whose leftover falls with its size, at least what the whole design
-                leaves). A site over several plates, over a sharded or subsampled plate, or
-                whose halves the design cannot fill (odd halves for ``"antithetic"``) is drawn
-                whole.
+                one for each half of [`halves`][carv_pyro.layout.halves]: the plate's first
+                ``n // 2`` rows and the rest (each draw still has its prior's law). The
+                accountant's measuring step contrasts the same two halves of a term's upstream
+                samples, and only between independent halves does the contrast measure the
+                ``V_b`` a design leaves (of a design of ``n / 2``: for a design whose leftover
+                falls with its size, at least what the whole design leaves). A site over several
+                plates, over a sharded or subsampled plate, or whose halves the design cannot
+                fill (odd halves for ``"antithetic"``) is drawn whole.
         """
         self._columns.clear()
         self._seeds.clear()
@@ -431,11 +432,11 @@ class OuterDesigner:
             half = key + ("second half",)
             if half not in self._seeds:
                 self._seeds[half] = self.source.integer_seed()
-            n1 = n // 2
+            first, second = (len(h) for h in split_halves(n))  # the accountant's outer halves
             u = torch.cat(
                 [
-                    self.design.uniforms(n1, columns, self.source, self._seeds[key]),
-                    self.design.uniforms(n - n1, columns, self.source, self._seeds[half]),
+                    self.design.uniforms(first, columns, self.source, self._seeds[key]),
+                    self.design.uniforms(second, columns, self.source, self._seeds[half]),
                 ]
             )
             self.halved.append(name)
@@ -474,12 +475,12 @@ class OuterDesigner:
 
     def _splits(self, plates, full, shape, plate_pos) -> bool:
         """Whether this site is drawn as two half-designs (see `begin`)."""
-        if not self.__dict__.get("halves") or len(plates) != 1:  # (an older pickle has none)
+        if not self.halves or len(plates) != 1:
             return False
         n = full[plates[0].dim]
         if n < 2 or shape[plate_pos[0]] != n:  # one draw, or a shard of the plate
             return False
-        return not self.design.needs_even or (n // 2) % 2 == 0 and (n - n // 2) % 2 == 0
+        return not self.design.needs_even or all(len(h) % 2 == 0 for h in split_halves(n))
 
     def __repr__(self) -> str:
         return f"OuterDesigner({self.design!r}, sites={self.sites})"
