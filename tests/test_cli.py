@@ -164,6 +164,10 @@ def test_race_arguments(capsys, tmp_path, no_work):
     assert "--lrs" in err
     err = _error(capsys, ["race", "torus", *out, "--budget-s", "0"])
     assert "--budget-s" in err
+    err = _error(capsys, ["race", "torus", *out, "--estimators", "baseline,auto:K=zero"])
+    assert "--estimators" in err and "'auto:K=zero'" in err and "integer" in err
+    err = _error(capsys, ["race", "torus", *out, "--estimators", "auto,auto:K=4", "--lrs", "x=1"])
+    assert "--lrs" in err and "['auto', 'auto:K=4']" in err
 
 
 def test_bench_arguments_are_parsed_in_cli(capsys):
@@ -246,10 +250,15 @@ def test_race_quick_writes_json_and_plot(capsys, tmp_path, monkeypatch):
     )
     js, png = tmp_path / "race.json", tmp_path / "race.png"
     argv = ["race", "3", "--teacher", "digits", "--quick", "--seeds", "2", "--budget-s", "1"]
-    argv += ["--estimators", "baseline,auto", "--out", str(tmp_path / "r"), "--quiet"]
+    argv += ["--estimators", "baseline,auto,auto:K=2:outer=none", "--out", str(tmp_path / "r")]
+    argv += ["--lrs", "auto:K=2:outer=none=0.2", "--quiet"]
     assert cli.main([*argv, "--json", str(js), "--plot", str(png)]) == 0
     results = json.loads(js.read_text())
-    assert set(results["estimators"]) == {"baseline", "auto"}
+    assert list(results["estimators"]) == ["baseline", "auto", "auto:K=2:outer=none"]
+    variant = results["estimators"]["auto:K=2:outer=none"]
+    assert variant["lr"] == 0.2 and variant["settings"]["outer"] is None
+    assert variant["settings"]["K"] == 2 and variant["settings"]["adapt"]
+    assert (tmp_path / "r" / "auto+K=2+outer=none_seed100").is_dir()
     assert results["target"]["metric"] == "p" and png.stat().st_size > 10_000
     assert "time to target" in capsys.readouterr().out
 

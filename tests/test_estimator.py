@@ -210,6 +210,40 @@ def test_presets_are_one_table_and_mean_one_thing():
     assert auto.adapt and isinstance(auto.loss().accountant, carv.Accountant)
 
 
+def test_an_estimator_spec_changes_a_presets_fields_and_is_named_by_the_spec():
+    est = carv.Estimator.from_spec("auto:K=4:outer=none:k_range=2-16")
+    assert est == carv.Estimator.preset("auto").replace(
+        K=4, outer=None, k_range=(2, 16), name="auto:K=4:outer=none:k_range=2-16"
+    )
+    assert carv.Estimator.from_spec("carv") is carv.PRESETS["carv"]
+    cv = carv.Estimator.from_spec("carv:control_variates=true:stratify=global")
+    assert cv.control_variates and cv.stratify == "global" and cv.proposal == "weighted"
+    assert carv.Estimator.from_spec("baseline:outer=lattice").K == 1
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("fast", "unknown estimator 'fast'"),
+        ("", "PRESET"),
+        ("auto:K", "FIELD=VALUE"),
+        ("auto:speed=2", "FIELD=VALUE with FIELD one of"),
+        ("auto:K=four", "K: expected an integer, got 'four'"),
+        ("auto:K=4:K=8", "sets 'K' twice"),
+        ("auto:adapt=yes", "adapt: expected true or false"),
+        ("auto:k_range=32", "k_range: expected LO-HI"),
+        ("auto:K=64", "outside k_range"),
+        ("carv:outer=grid", "outer must be one of"),
+        ("baseline:K=2", "K = 1"),
+    ],
+)
+def test_a_bad_estimator_spec_names_the_spec_and_what_is_wrong(spec, match):
+    with pytest.raises(ValueError, match=match) as info:
+        carv.Estimator.from_spec(spec)
+    if spec:
+        assert repr(spec) in str(info.value)
+
+
 def test_estimator_settings_round_trip():
     est = carv.Estimator.preset("auto")
     settings = est.settings()

@@ -192,10 +192,11 @@ def _add_dream(subparsers: Any) -> None:
     p.add_argument("--steps", type=_positive_int, help="SVI steps (default 300)")
     p.add_argument(
         "--estimator",
-        choices=_estimator_names(),
-        help="gradient estimator (default auto: K and costs measured online; baseline = one "
-        "t ~ p(t) per view, threestudio's; reuse = K prior draws per view; carv = K "
-        "importance-sampled, stratified draws)",
+        metavar="PRESET[:FIELD=VALUE...]",
+        help=f"gradient estimator, one of {', '.join(_estimator_names())} (default auto: K and "
+        "costs measured online; baseline = one t ~ p(t) per view, threestudio's; reuse = K prior "
+        "draws per view; carv = K importance-sampled, stratified draws), with fields changed "
+        "as in auto:K=4 or carv:outer=lattice",
     )
     p.add_argument("--seed", type=_non_negative_int, help="random seed (default 0)")
     p.add_argument(
@@ -253,9 +254,12 @@ def _estimator(name: str | None, K: int | None, parser: argparse.ArgumentParser)
     from .infer.estimator import Estimator
 
     try:
+        spec = name or "auto"
+        est = Estimator.from_spec(spec)
         if K is None:
-            return Estimator.preset(name or "auto")
-        return Estimator.preset(name or "auto", K=K)
+            return est
+        Estimator.preset(spec.split(":")[0].strip(), K=K)  # the preset's check: baseline is K = 1
+        return est.replace(K=K)
     except ValueError as err:
         parser.error(f"--estimator/--K: {err}")
 
@@ -451,7 +455,8 @@ def _add_race(subparsers: Any) -> None:
     p.add_argument(
         "--estimators",
         default="baseline,reuse,carv,auto",
-        help="comma-separated presets; the first is the baseline (default baseline,reuse,carv,auto)",
+        help="comma-separated presets, each with fields changed if wanted (auto:K=4, "
+        "carv:outer=lattice); the first is the baseline (default baseline,reuse,carv,auto)",
     )
     p.add_argument(
         "--lrs",
@@ -483,7 +488,8 @@ def _parse_lrs(text: str | None, names: list[str], parser: argparse.ArgumentPars
         return None
     out = {}
     for part in text.split(","):
-        name, _, value = part.partition("=")
+        # the rate follows the last "=": an estimator spec has "=" of its own (auto:K=4=0.3)
+        name, _, value = part.rpartition("=")
         name = name.strip()
         if name not in names:
             parser.error(f"--lrs: {name!r} is not one of the racing estimators {names}")
@@ -497,10 +503,13 @@ def _parse_lrs(text: str | None, names: list[str], parser: argparse.ArgumentPars
 def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _check_device(args, parser)
     names = [n.strip() for n in args.estimators.split(",") if n.strip()]
-    known = _estimator_names()
+    from .infer.estimator import Estimator
+
     for n in names:
-        if n not in known:
-            parser.error(f"--estimators: unknown estimator {n!r}; expected some of {known}")
+        try:
+            Estimator.from_spec(n)
+        except ValueError as err:
+            parser.error(f"--estimators: {err}")
     if len(set(names)) != len(names) or not names:
         parser.error(f"--estimators: give distinct estimators, got {args.estimators!r}")
     lrs = _parse_lrs(args.lrs, names, parser)
@@ -534,7 +543,10 @@ def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         base = base.replace(resolution=min(base.resolution, 16), R=min(base.R, 2), eval_views=4)
         args.budget_s = min(args.budget_s, 4.0)
         args.seeds = min(args.seeds, 2)
-    estimators = [_estimator(n, args.K if n != "baseline" else None, parser) for n in names]
+    estimators = [
+        _estimator(n, args.K if n.split(":")[0].strip() != "baseline" else None, parser)
+        for n in names
+    ]
     progress = not args.quiet
     sweep = None
     try:

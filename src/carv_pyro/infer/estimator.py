@@ -185,6 +185,45 @@ class Estimator:
             )
         return est.replace(**overrides) if overrides else est
 
+    @classmethod
+    def from_spec(cls, spec: str) -> Estimator:
+        """An estimator from a preset name with fields changed, as the command line writes it.
+
+        ``"PRESET"`` or ``"PRESET:FIELD=VALUE:FIELD=VALUE..."``, e.g. ``"auto:K=4"`` (auto
+        starting at ``K = 4``) or ``"carv:outer=lattice"``. Values are parsed by the field:
+        integers for ``K``, ``true``/``false`` for ``adapt`` and ``control_variates``,
+        ``LO-HI`` for ``k_range``, ``none`` for an absent ``K``, ``stratify`` or ``outer``.
+        A spec with fields is named by the whole spec, so that races and reports tell the
+        variants apart.
+
+        Raises:
+            ValueError: naming the spec and the unknown preset, field or value.
+        """
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"an estimator spec is PRESET[:FIELD=VALUE...], got {spec!r}")
+        preset, *parts = [p.strip() for p in spec.strip().split(":")]
+        if not parts:
+            return cls.preset(preset)
+        changes: dict[str, Any] = {}
+        for part in parts:
+            field, eq, value = part.partition("=")
+            field, value = field.strip(), value.strip()
+            if not eq or field not in _SPEC_FIELDS:
+                raise ValueError(
+                    f"estimator spec {spec!r}: {part!r} is not FIELD=VALUE with FIELD one of "
+                    f"{tuple(_SPEC_FIELDS)}"
+                )
+            if field in changes:
+                raise ValueError(f"estimator spec {spec!r} sets {field!r} twice")
+            try:
+                changes[field] = _SPEC_FIELDS[field](value)
+            except ValueError as err:
+                raise ValueError(f"estimator spec {spec!r}: {field}: {err}") from None
+        try:
+            return cls.preset(preset, **changes).replace(name=spec.strip())
+        except ValueError as err:
+            raise ValueError(f"estimator spec {spec!r}: {err}") from None
+
     def settings(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields (a non-string proposal is shown by its repr)."""
         out = dataclasses.asdict(self)
@@ -203,6 +242,43 @@ class Estimator:
         if self.adapt:
             fields += f", adapt=True, k_range={self.k_range}"
         return f"Estimator({self.name!r}: {fields})"
+
+
+def _spec_optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    return lambda v: None if v.lower() == "none" else parse(v)
+
+
+def _spec_int(v: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {v!r}") from None
+
+
+def _spec_bool(v: str) -> bool:
+    if v.lower() not in ("true", "false"):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v.lower() == "true"
+
+
+def _spec_range(v: str) -> tuple[int, int]:
+    lo, dash, hi = v.partition("-")
+    if not dash:
+        raise ValueError(f"expected LO-HI, e.g. 1-32, got {v!r}")
+    return _spec_int(lo), _spec_int(hi)
+
+
+#: How `Estimator.from_spec` parses each field's value.
+_SPEC_FIELDS: dict[str, Callable[[str], Any]] = {
+    "K": _spec_optional(_spec_int),
+    "proposal": str,
+    "stratify": _spec_optional(str),
+    "noise": str,
+    "outer": _spec_optional(str),
+    "control_variates": _spec_bool,
+    "adapt": _spec_bool,
+    "k_range": _spec_range,
+}
 
 
 #: The largest fraction of the plain steps' time that an adapting estimator's measuring steps

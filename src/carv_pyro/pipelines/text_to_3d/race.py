@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -215,7 +216,7 @@ def race(
     bar = tqdm(order, desc=f"race {prompt!r}", unit="run", disable=not progress)
     for name, s in bar:
         bar.set_postfix(estimator=name, seed=s)
-        run_dir = out / f"{name}_seed{s}"
+        run_dir = out / f"{_folder_name(name)}_seed{s}"
         run_folder = RunFolder(run_dir, "dream", "checkpoint.pt")
         marker = run_folder._marker()
         if marker is not None and marker.get("state") == "finished" and resume:
@@ -246,6 +247,13 @@ def race(
     save_race_json(results, out / RACE_FILE)
     folder.mark("finished")
     return results
+
+
+def _folder_name(name: str) -> str:
+    """A run folder's name for an estimator's name: a spec's ``:`` (``auto:K=4``) becomes
+    ``+``, and anything but letters, digits, ``._=+-`` becomes ``_``, so that the folder is a
+    portable file name."""
+    return re.sub(r"[^\w.=+-]", "_", name.replace(":", "+"))
 
 
 def lr_sweep(
