@@ -768,11 +768,12 @@ def test_k_holds_where_var_times_cost_is_flat():
 
 
 def test_an_adapting_accountant_that_starts_at_k_one_measures_v_within():
-    """The auto preset starts at K = 1: its measuring steps must probe K = 2, or V_w is never
-    measured and K never adapts (it once stayed at K = 1, measuring every 10 steps for nothing)."""
+    """auto started at K = 1 (the preset's start until session 10): its measuring steps must
+    probe K = 2, or V_w is never measured and K never adapts (it once stayed at K = 1,
+    measuring every 10 steps for nothing)."""
     objective = sds("sds")
     model = make_model(objective, R=4, K=1, inner="draws")
-    est = carv.Estimator.preset("auto")
+    est = carv.Estimator.from_spec("auto:K=1")
     loss = est.loss()
     loss.accountant.every = 2
     loss.accountant._interval = 2.0

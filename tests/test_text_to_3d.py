@@ -305,18 +305,22 @@ def test_a_signal_mid_run_checkpoints_and_resume_is_bit_identical(tmp_path, sig)
 
 
 @pytest.mark.skipif(not HAVE_SHAPES, reason="the shapes teacher is not built")
-def test_dream_summary_says_what_auto_measured_and_chose(tmp_path):
-    summary = dream(
-        tiny_config(estimator="auto"), tmp_path / "auto", progress=False, scene=tiny_scene()
-    )
+@pytest.mark.parametrize(
+    "spec,start,teacher_sizes", [("auto", 4, {"4"}), ("auto:K=1", 1, {"1", "2"})]
+)
+def test_dream_summary_says_what_auto_measured_and_chose(tmp_path, spec, start, teacher_sizes):
+    est = carv.Estimator.from_spec(spec)
+    summary = dream(tiny_config(estimator=est), tmp_path / "a", progress=False, scene=tiny_scene())
     acc = summary["accounting"]
-    # the first step runs plain (the plate's size is not known before it), the second measures,
-    # probing K = 2 so that V_w is measured too
+    # the first step runs plain (the plate's size is not known before it), the second measures:
+    # V_w from its own inner halves at K = 4, by probing K = 2 at K = 1
     first = acc["measurements"][0]
     assert first["step"] == 1 and math.isfinite(first["v_within"]), first
     assert {"v_between", "v_within", "c_outer", "c_inner", "K"} <= set(first)
-    assert set(acc["teacher_costs_s"]) == {"1", "2"} and "1" in acc["step_costs_s"]
-    assert summary["K"]["first"] == 1 and summary["K"]["steps_at"]["2"] >= 1
+    assert set(acc["teacher_costs_s"]) == teacher_sizes and str(start) in acc["step_costs_s"]
+    assert summary["K"]["first"] == start
+    if start == 1:
+        assert summary["K"]["steps_at"]["2"] >= 1
 
 
 def test_dream_carves_a_shape_that_beats_its_start_with_the_shapes_teacher(tmp_path):

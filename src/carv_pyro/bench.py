@@ -13,8 +13,8 @@ The paper's protocol, for one pipeline at a fixed checkpoint ``theta``:
    measured at the same checkpoint ([`carv_pyro.measure.measure`][carv_pyro.measure.measure]);
 5. next to every row's measured cost, the cost predicted by the cost model the adapting
    accountant learns online ([`Accountant.cost_of`][carv_pyro.accounting.Accountant.cost_of],
-   what ``"auto"`` chooses ``K`` by), learned at the checkpoint as ``"auto"`` starts: plain
-   reuse at ``K = 1`` whose measuring steps probe ``K = 2`` (`cost_model_summary`). The table's
+   what ``"auto"`` chooses ``K`` by), learned at the checkpoint as an adapting estimator
+   started at ``K = 1`` learns it: plain reuse at ``K = 1`` whose measuring steps probe ``K = 2`` (`cost_model_summary`). The table's
    ``model`` column and ``cost/model`` ratio show where that model is right (near 1) and where
    it is wrong: at the ``K`` it extrapolates to from the teacher's two timed sizes, and on rows
    whose options (IS, stratification, QMC, designs, control variates) cost what a model that
@@ -71,7 +71,7 @@ LEGEND: dict[str, str] = {
     "model": "the seconds per estimate that the adapting accountant's learned cost model "
     "(Accountant.cost_of(K), what 'auto' chooses K by) predicts for the row: learned in its own "
     "phase before the rows, from plain reuse at K = 1 whose measuring steps probe K = 2 (as "
-    "'auto' starts), it is the K = 1 step's cost without the teacher plus the teacher's cost "
+    "'auto:K=1' starts), it is the K = 1 step's cost without the teacher plus the teacher's cost "
     "line through the sizes it timed; it knows K only, so rows with other options get the "
     "plain step's prediction; '-' at another R, or where the estimates are no CARVLoss steps "
     "(attribution's per-example features)",

@@ -29,7 +29,7 @@ from .outer import OUTER
 from .proposals import PROPOSALS
 from .samplers import NOISE, STRATIFY
 
-__all__ = ["MEASURING_OVERHEAD", "PRESETS", "Estimator", "resolve_estimator"]
+__all__ = ["AUTO_START", "MEASURING_OVERHEAD", "PRESETS", "Estimator", "resolve_estimator"]
 
 
 @dataclass(frozen=True)
@@ -287,6 +287,12 @@ _SPEC_FIELDS: dict[str, Callable[[str], Any]] = {
 #: about every 11 steps at first; where it costs less, as often as ``every`` allows.
 MEASURING_OVERHEAD = 0.1
 
+#: Where the ``auto`` preset's ``K`` starts, before anything is measured: the middle of the
+#: sizes it settles at (K = 2 on the 2-core CPU, 2-8 on an H200). Started at K = 1 it spent its
+#: first 19 steps there and reached the baseline's final IoU on the H200 at 0.72x the
+#: baseline's time, against 0.65x started at 4 (9 seeds, `benchmarks/time_to_quality.md`).
+AUTO_START = 4
+
 #: The named estimators. ``K`` is each preset's default; pipelines may change it with
 #: ``Estimator.preset(name, K=...)`` (the name is kept), except for the baseline.
 PRESETS: dict[str, Estimator] = {
@@ -296,7 +302,7 @@ PRESETS: dict[str, Estimator] = {
     "carv": Estimator(K=8, proposal="weighted", stratify="per_outer", name="carv"),
     "adaptive": Estimator(K=8, proposal="adaptive", stratify="per_outer", name="adaptive"),
     "auto": Estimator(
-        K=1,
+        K=AUTO_START,
         proposal="weighted",
         stratify="auto",
         outer="lattice",

@@ -155,7 +155,7 @@ class FixedCheckpointBench:
         model, args, kwargs = self.model_for(config, self.seed + 50)
         guide = config_estimator(config).guide(model, seed=self.seed + 51)
         # k_range=(1, 1): an adapting accountant (so measuring steps probe K = 2) that stays at
-        # K = 1, as auto does until its measurements say otherwise; backoff=1: a fixed cadence
+        # K = 1, as auto:K=1 does until its measurements say otherwise; backoff=1: a fixed cadence
         accountant = Accountant(
             every=every,
             adapt=True,
