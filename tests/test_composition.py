@@ -239,6 +239,30 @@ def test_poutine_condition_on_t_and_eps_evaluates_the_term_there():
         theta.grad = None
 
 
+@pytest.mark.parametrize("outer", [None, "lattice"])
+def test_poutine_replay_of_a_guide_trace_reproduces_its_estimate(outer):
+    """Replay keeps the guide's draws and their importance weights: replaying one step's model
+    trace under a fresh guide with other seeds gives that step's gradient, bit for bit (the
+    weights are those of the proposal, not one; a replay that dropped them would differ)."""
+    objective = sds("sds")
+    model = make_model(objective, R, K)
+    est = carv.Estimator.preset("carv", K=None, outer=outer)
+    pyro.param("theta", THETA0.clone())
+    torch.manual_seed(seed(12))  # outer=None draws xi from the prior, by torch's generator
+    model_trace, _ = est.guide(seed=seed(13)).run(model)
+    torch.manual_seed(seed(12))
+    step = grad_of(carv.CARVLoss(), model, est.guide(seed=seed(13)))
+    replayed = poutine.replay(model, trace=model_trace)
+    again = grad_of(carv.CARVLoss(), replayed, est.guide(seed=seed(14)))
+    torch.testing.assert_close(again, step, rtol=0, atol=0)
+    other = grad_of(carv.CARVLoss(), model, est.guide(seed=seed(14)))
+    assert not torch.equal(other, step)
+    # the same draws with weight one, as condition evaluates them, give another gradient
+    data = {n: model_trace.nodes[n]["value"] for n in ("xi", "sds.t", "sds.eps")}
+    fixed = grad_of(carv.CARVLoss(), poutine.condition(model, data=data), est.guide())
+    assert not torch.allclose(fixed, step)
+
+
 def test_condition_with_a_wrong_shape_is_a_clear_error():
     model = poutine.condition(make_model(sds("sds"), R, K), data={"sds.t": torch.tensor(3)})
     with pytest.raises(ValueError, match="site 'sds.t' has shape"):
