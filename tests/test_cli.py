@@ -168,6 +168,8 @@ def test_race_arguments(capsys, tmp_path, no_work):
     assert "--estimators" in err and "'auto:K=zero'" in err and "integer" in err
     err = _error(capsys, ["race", "torus", *out, "--estimators", "auto,auto:K=4", "--lrs", "x=1"])
     assert "--lrs" in err and "['auto', 'auto:K=4']" in err
+    err = _error(capsys, ["race", "torus", *out, "--estimators", "baseline,auto:K=4", "--K", "8"])
+    assert "sets K itself" in err and "--K" in err
 
 
 def test_bench_arguments_are_parsed_in_cli(capsys):

@@ -14,11 +14,12 @@ The paper's protocol, for one pipeline at a fixed checkpoint ``theta``:
 5. next to every row's measured cost, the cost predicted by the cost model the adapting
    accountant learns online ([`Accountant.cost_of`][carv_pyro.accounting.Accountant.cost_of],
    what ``"auto"`` chooses ``K`` by), learned at the checkpoint as an adapting estimator
-   started at ``K = 1`` learns it: plain reuse at ``K = 1`` whose measuring steps probe ``K = 2`` (`cost_model_summary`). The table's
-   ``model`` column and ``cost/model`` ratio show where that model is right (near 1) and where
-   it is wrong: at the ``K`` it extrapolates to from the teacher's two timed sizes, and on rows
-   whose options (IS, stratification, QMC, designs, control variates) cost what a model that
-   knows only ``K`` does not see.
+   started at ``K = 1`` learns it: plain reuse at ``K = 1`` whose measuring steps probe
+   ``K = 2`` (`cost_model_summary`). The table's ``model`` column and ``cost/model`` ratio
+   show where that model is right (near 1) and where it is wrong: at the ``K`` it
+   extrapolates to from the teacher's two timed sizes, and on rows whose options (IS,
+   stratification, QMC, designs, control variates) cost what a model that knows only ``K``
+   does not see.
 
 A pipeline plugs in with a small adapter: ``configs()``, ``estimate(config) -> (P,)`` gradient,
 ``reference(n) -> (P,)``, ``extras() -> dict`` (end-to-end comparisons) and, optionally,

@@ -258,6 +258,8 @@ def _estimator(name: str | None, K: int | None, parser: argparse.ArgumentParser)
         est = Estimator.from_spec(spec)
         if K is None:
             return est
+        if any(part.partition("=")[0].strip() == "K" for part in spec.split(":")[1:]):
+            raise ValueError(f"{spec!r} sets K itself; give K in the spec or with --K, not both")
         Estimator.preset(spec.split(":")[0].strip(), K=K)  # the preset's check: baseline is K = 1
         return est.replace(K=K)
     except ValueError as err:
