@@ -250,7 +250,9 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
-def _estimator(name: str | None, K: int | None, parser: argparse.ArgumentParser) -> Any:
+def _estimator(
+    name: str | None, K: int | None, parser: argparse.ArgumentParser, flag: str = "--estimator"
+) -> Any:
     from .infer.estimator import Estimator
 
     try:
@@ -263,7 +265,7 @@ def _estimator(name: str | None, K: int | None, parser: argparse.ArgumentParser)
         Estimator.preset(spec.split(":")[0].strip(), K=K)  # the preset's check: baseline is K = 1
         return est.replace(K=K)
     except ValueError as err:
-        parser.error(f"--estimator/--K: {err}")
+        parser.error(f"{flag}/--K: {err}")
 
 
 def _dream_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
@@ -505,13 +507,13 @@ def _parse_lrs(text: str | None, names: list[str], parser: argparse.ArgumentPars
 def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _check_device(args, parser)
     names = [n.strip() for n in args.estimators.split(",") if n.strip()]
-    from .infer.estimator import Estimator
-
-    for n in names:
-        try:
-            Estimator.from_spec(n)
-        except ValueError as err:
-            parser.error(f"--estimators: {err}")
+    # --K sizes every estimator but the baseline (K = 1 by definition)
+    estimators = [
+        _estimator(
+            n, args.K if n.split(":")[0].strip() != "baseline" else None, parser, "--estimators"
+        )
+        for n in names
+    ]
     if len(set(names)) != len(names) or not names:
         parser.error(f"--estimators: give distinct estimators, got {args.estimators!r}")
     lrs = _parse_lrs(args.lrs, names, parser)
@@ -545,10 +547,6 @@ def _run_race(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         base = base.replace(resolution=min(base.resolution, 16), R=min(base.R, 2), eval_views=4)
         args.budget_s = min(args.budget_s, 4.0)
         args.seeds = min(args.seeds, 2)
-    estimators = [
-        _estimator(n, args.K if n.split(":")[0].strip() != "baseline" else None, parser)
-        for n in names
-    ]
     progress = not args.quiet
     sweep = None
     try:
